@@ -1,0 +1,64 @@
+"""Flags shared by the subcommands that extract features (extract, search, match, ...)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from delf_tf.config import ExtractionConfig
+from delf_tf.extraction.extractor import InProcessExtractor, build_extractor
+
+
+def define_extractor_flags(flag_values: flags.FlagValues) -> None:
+    """--model, --weights, --seed, --config, --pca and per-field overrides."""
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string(
+        "model", None, "a trained DelfModel (.keras) or an exported SavedModel directory", **define
+    )
+    flags.DEFINE_string(
+        "weights",
+        "random",
+        "backbone weights when --model is not given: random (seeded by --seed), imagenet "
+        "(needs internet or the Keras cache), or a local ResNet50 .h5/.weights.h5/.keras file",
+        **define,
+    )
+    flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
+    flags.DEFINE_string("config", None, "ExtractionConfig JSON file", **define)
+    flags.DEFINE_string(
+        "pca", None, "PCA .npz from `delf fit-pca` (not with a SavedModel)", **define
+    )
+    flags.DEFINE_float(
+        "score_threshold",
+        None,
+        "minimum attention score (config default 100.0, for trained models; an untrained "
+        "attention head scores far below it, so use 0 with random or imagenet weights)",
+        **define,
+    )
+    flags.DEFINE_integer("max_features", None, "top-K features per image (default 1000)", **define)
+    flags.DEFINE_integer(
+        "max_image_size",
+        None,
+        "long side limit before the pyramid, -1 keeps (default 1024)",
+        **define,
+    )
+
+
+def extractor_from_flags(flag_values: flags.FlagValues) -> InProcessExtractor:
+    config = ExtractionConfig.load(flag_values.config) if flag_values.config else None
+    overrides = {
+        name: flag_values[name].value
+        for name in ("score_threshold", "max_features", "max_image_size")
+        if flag_values[name].value is not None
+    }
+    return build_extractor(
+        model=flag_values.model,
+        weights=flag_values.weights,
+        seed=flag_values.seed,
+        config=config,
+        overrides=overrides,
+        pca=flag_values.pca,
+    )
+
+
+def weights_are_trained(extractor: InProcessExtractor) -> bool:
+    """False when the features come from a randomly initialised model."""
+    return "weights=random" not in extractor.describe().get("model", "")

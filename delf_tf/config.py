@@ -1,0 +1,141 @@
+"""Frozen configuration dataclasses with a JSON round trip.
+
+Every default of the pipeline is named here once, with the value of the DELF
+paper (Noh et al., ICCV 2017) or its reference implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="JsonConfig")
+
+# Image pyramid of the paper: 7 scales, a factor sqrt(2) apart, 0.25 .. 2.0.
+DEFAULT_SCALES: tuple[float, ...] = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+
+
+class JsonConfig:
+    """Mixin: JSON (de)serialisation for frozen dataclasses with strict field checks."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown field(s) {unknown} for {cls.__name__}; "
+                f"known fields are {sorted(fields)}"
+            )
+        kwargs = {}
+        for name, value in data.items():
+            default = getattr(cls, name, None)
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from error
+
+    @classmethod
+    def from_json(cls: type[T], text: str, source: str = "config") -> T:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source}: not valid JSON ({error})") from error
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read config ({error.strerror})") from error
+        return cls.from_json(text, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(JsonConfig):
+    """Architecture of the DELF Keras model.
+
+    Attributes:
+      num_classes: classes of the two training heads; 0 builds an extraction-only
+        model without classifiers.
+      attention_hidden_units: channels of the first 1x1 conv of the attention head.
+      weight_decay: L2 penalty `weight_decay * sum(w**2)` on every conv / dense
+        kernel, added to `model.losses` (0 disables it).
+    """
+
+    num_classes: int = 0
+    attention_hidden_units: int = 512
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.attention_hidden_units < 1:
+            raise ValueError(
+                f"attention_hidden_units must be >= 1, got {self.attention_hidden_units}"
+            )
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionConfig(JsonConfig):
+    """Every knob of the in-graph multi-scale extraction, with the paper's defaults.
+
+    Attributes:
+      max_image_size: the long side is resized down to this before the pyramid
+        (-1 keeps the image as it is). Images are never upscaled by this step.
+      scales: pyramid scales applied to the (possibly downsized) image.
+      score_threshold: keep locations whose attention score is >= this. 100.0 is
+        the reference value for trained models; an untrained attention head
+        scores far below it, so use 0 with random or ImageNet weights.
+      max_features: keep at most this many features (top scores over all scales).
+      iou_threshold: NMS on receptive-field boxes when < 1.0; 1.0 disables NMS.
+      pca_dim: descriptor size after PCA (used only when PCA parameters are given;
+        whether to whiten is recorded in the PCA file, see `delf fit-pca --whiten`).
+    """
+
+    max_image_size: int = 1024
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    score_threshold: float = 100.0
+    max_features: int = 1000
+    iou_threshold: float = 1.0
+    pca_dim: int = 40
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be a non-empty list of positive numbers: {self.scales}")
+        if self.max_image_size == 0 or self.max_image_size < -1:
+            raise ValueError(f"max_image_size must be positive or -1, got {self.max_image_size}")
+        if self.max_features < 1:
+            raise ValueError(f"max_features must be >= 1, got {self.max_features}")
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
+        if self.pca_dim < 1:
+            raise ValueError(f"pca_dim must be >= 1, got {self.pca_dim}")

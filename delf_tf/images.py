@@ -1,0 +1,96 @@
+"""Robust image decoding to RGB uint8 [H, W, 3].
+
+JPEG, PNG, BMP, TIFF, WebP and GIF (first frame) through Pillow. EXIF
+orientation is applied. Grayscale, palette, CMYK and 16-bit inputs are converted
+to 8-bit RGB; an alpha channel is dropped (the colour values are kept as they
+are, as `tf.io.decode_png(channels=3)` does, so the served model sees the same
+pixels). Every failure raises ImageError naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own default bound: larger images are treated as decompression bombs.
+DEFAULT_MAX_PIXELS = 89_478_485
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+class ImageError(ValueError):
+    """An image could not be decoded; the message starts with the file's name."""
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Reads and decodes an image file to uint8 [H, W, 3] RGB (EXIF orientation applied)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageError(f"{path}: cannot read file ({error.strerror})") from error
+    return decode_image(data, name=str(path), max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decodes encoded image bytes to uint8 [H, W, 3] RGB; `name` appears in errors."""
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as error:
+            raise ImageError(f"{name}: not an image (unrecognised format)") from error
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageError(f"{name}: refused as a decompression bomb ({error})") from error
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageError(f"{name}: truncated or corrupt image data ({error})") from error
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name}: refused as a decompression bomb: {width}x{height} = "
+                f"{width * height} pixels > limit {max_pixels}"
+            )
+        if width == 0 or height == 0:
+            raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb_uint8(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageError(f"{name}: truncated or corrupt image data ({error})") from error
+
+
+def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) gray: map the 16-bit range to 8 bits.
+        values = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        gray = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under `root` (recursive, sorted), or [root] if it is a file."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or directory")
+    return sorted(
+        path for path in root.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    )

@@ -1,0 +1,126 @@
+"""The DELF Keras model: ResNet50-conv4 backbone, attention head, two classifier heads."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+from keras import layers, ops
+
+from delf_tf.config import ModelConfig
+from delf_tf.model.attention import AttentionHead, attention_pool
+from delf_tf.model.backbone import (
+    FEATURE_DEPTH,
+    build_backbone,
+    load_backbone_weights,
+    preprocess_images,
+)
+
+
+@keras.saving.register_keras_serializable(package="delf_tf")
+class DelfModel(keras.Model):
+    """DELF: dense conv4 features scored by an attention head.
+
+    Calling the model on RGB images float32 [B, H, W, 3] in [0, 255] returns a dict:
+      features: float32 [B, h, w, 1024], h = ceil(H / 16), w = ceil(W / 16);
+      attention: float32 [B, h, w, 1], softplus scores;
+      descriptor_logits: float32 [B, num_classes] (global average pooling + dense),
+        only when num_classes > 0;
+      attention_logits: float32 [B, num_classes] (attention pooling + dense),
+        only when num_classes > 0.
+    `attention_stop_gradient=True` (the default) keeps the attention losses from
+    changing the backbone, as in the paper's second training stage.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 0,
+        attention_hidden_units: int = 512,
+        weight_decay: float = 1e-4,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.config = ModelConfig(
+            num_classes=num_classes,
+            attention_hidden_units=attention_hidden_units,
+            weight_decay=weight_decay,
+        )
+        self.backbone = build_backbone()
+        self.attention = AttentionHead(attention_hidden_units, name="attention")
+        self.descriptor_classifier = None
+        self.attention_classifier = None
+        if num_classes > 0:
+            self.descriptor_classifier = layers.Dense(num_classes, name="descriptor_classifier")
+            self.attention_classifier = layers.Dense(num_classes, name="attention_classifier")
+        self.build((None, None, None, 3))
+
+    @property
+    def feature_depth(self) -> int:
+        return FEATURE_DEPTH
+
+    def build(self, input_shape):
+        feature_shape = (None, None, None, FEATURE_DEPTH)
+        self.attention.build(feature_shape)
+        for head in (self.descriptor_classifier, self.attention_classifier):
+            if head is not None:
+                head.build((None, FEATURE_DEPTH))
+        if self.config.weight_decay > 0:
+            decay = keras.regularizers.L2(self.config.weight_decay)
+            for variable in self._decayed_kernels():
+                variable.regularizer = decay
+        self.built = True
+
+    def _decayed_kernels(self):
+        """Conv and dense kernels (not biases, not batch-norm parameters)."""
+        kernels = []
+        for layer in self._flatten_layers(include_self=False):
+            kernel = getattr(layer, "kernel", None)
+            if isinstance(layer, (layers.Conv2D, layers.Dense)) and kernel is not None:
+                kernels.append(kernel)
+        return kernels
+
+    def features_and_attention(self, images, training=False, attention_stop_gradient=True):
+        """RGB float [B, H, W, 3] -> (features [B, h, w, 1024], attention [B, h, w, 1])."""
+        features = self.backbone(preprocess_images(images), training=training)
+        attention_input = ops.stop_gradient(features) if attention_stop_gradient else features
+        return features, self.attention(attention_input, training=training)
+
+    def call(self, images, training=False, attention_stop_gradient=True):
+        features, attention = self.features_and_attention(
+            images, training=training, attention_stop_gradient=attention_stop_gradient
+        )
+        outputs = {"features": features, "attention": attention}
+        if self.descriptor_classifier is not None:
+            pooled = ops.mean(features, axis=(1, 2))
+            attention_features = (
+                ops.stop_gradient(features) if attention_stop_gradient else features
+            )
+            outputs["descriptor_logits"] = self.descriptor_classifier(pooled)
+            outputs["attention_logits"] = self.attention_classifier(
+                attention_pool(attention_features, attention)
+            )
+        return outputs
+
+    def get_config(self):
+        return {**super().get_config(), **self.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_delf_model(
+    config: ModelConfig | None = None,
+    weights: str | os.PathLike | None = None,
+    seed: int | None = None,
+) -> DelfModel:
+    """A DelfModel with backbone `weights` (None/"random", "imagenet" or a local file).
+
+    `seed` makes the random initialisation of every layer reproducible.
+    """
+    config = config or ModelConfig()
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = DelfModel(**config.to_dict(), name="delf")
+    load_backbone_weights(model.backbone, weights)
+    return model

@@ -1,0 +1,46 @@
+"""Shared fixtures: one seeded random DelfModel per session, tiny images, CPU only."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import skimage.data  # noqa: E402
+import skimage.transform  # noqa: E402
+
+from delf_tf.config import ExtractionConfig  # noqa: E402
+
+SMALL_SCALES = (0.5, 1.0)
+
+
+@pytest.fixture(scope="session")
+def delf_model():
+    from delf_tf.model import build_delf_model
+
+    return build_delf_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """Two pyramid levels, no downsizing, every location kept: fast and threshold-free."""
+    return ExtractionConfig(
+        scales=SMALL_SCALES, score_threshold=0.0, max_features=200, max_image_size=-1
+    )
+
+
+@pytest.fixture(scope="session")
+def extractor(delf_model, small_config):
+    from delf_tf.extraction import InProcessExtractor
+
+    return InProcessExtractor.from_model(delf_model, small_config)
+
+
+@pytest.fixture(scope="session")
+def astronaut_small():
+    """uint8 [128, 128, 3] RGB photograph from scikit-image."""
+    image = skimage.transform.resize(skimage.data.astronaut(), (128, 128), anti_aliasing=True)
+    return (image * 255).round().astype(np.uint8)

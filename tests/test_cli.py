@@ -1,0 +1,91 @@
+"""`delf extract` and `delf fit-pca` end to end, in process (same code as the console script)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from delf_tf.cli import main
+from delf_tf.features import FeatureStore, LocalFeatures
+
+FAST = ["--score_threshold=0", "--max_image_size=64", "--max_features=50"]
+
+
+@pytest.fixture()
+def image_folder(tmp_path, astronaut_small):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(astronaut_small).save(root / "a.jpg")
+    Image.fromarray(astronaut_small[:, ::-1]).save(root / "sub" / "b.png")
+    (root / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, capsys):
+    out = tmp_path / "features"
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output={out}", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "broken.jpg" in printed and "untrained" in printed
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["extracted"] == 2 and summary["failed"] == 1
+    store = FeatureStore.open(out)
+    assert list(store.stored_keys()) == ["a.jpg", "sub/b.png"]
+    with np.load(out / "sub" / "b.png.npz", allow_pickle=False) as data:
+        assert sorted(data.files) == ["descriptors", "keypoints", "scales", "scores"]
+        assert data["descriptors"].shape == (50, 1024)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["fingerprint"]) == 64
+    first = store.load("a.jpg")
+
+    # A second run skips what exists and gives the same features (seeded weights).
+    (out / "a.jpg.npz").unlink()
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output={out}", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["extracted"] == 1 and summary["skipped_existing"] == 1
+    np.testing.assert_array_equal(store.load("a.jpg").descriptors, first.descriptors)
+
+    # Another model (seed) refuses to write into this store.
+    with pytest.raises(ValueError, match="holds features of extractor"):
+        main(["delf", "extract", f"--images={image_folder}", f"--output={out}", "--seed=1", *FAST])
+
+
+def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys):
+    out = tmp_path / "one"
+    assert (
+        main(["delf", "extract", f"--images={image_folder / 'a.jpg'}", f"--output={out}", *FAST])
+        == 0
+    )
+    assert isinstance(LocalFeatures.load(out / "a.jpg.npz"), LocalFeatures)
+    capsys.readouterr()
+    pca_path = tmp_path / "pca.npz"
+    assert (
+        main(
+            ["delf", "fit-pca", f"--features={out}", "--dim=8", "--whiten", f"--output={pca_path}"]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dim"] == 8 and report["whiten"] is True
+    reduced = tmp_path / "reduced"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"pca_dim": 8, "scales": [1.0]}))
+    args = [
+        f"--images={image_folder / 'a.jpg'}",
+        f"--output={reduced}",
+        f"--pca={pca_path}",
+        f"--config={config}",
+        *FAST,
+    ]
+    assert main(["delf", "extract", *args]) == 0
+    features = LocalFeatures.load(reduced / "a.jpg.npz")
+    assert features.descriptors.shape[1] == 8
+    np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, atol=1e-5)
+
+
+def test_usage_and_flag_errors(capsys):
+    assert main(["delf", "--help"]) == 0
+    assert "extract" in capsys.readouterr().out
+    assert main(["delf", "nonsense"]) == 2
+    assert main(["delf", "extract", "--images=x"]) == 2  # --output missing
+    assert "output" in capsys.readouterr().err

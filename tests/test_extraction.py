@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+import skimage.transform
+
+from delf_tf.config import ExtractionConfig
+from delf_tf.extraction import ExtractionModule, InProcessExtractor, PcaParams, fit_pca
+
+
+def test_output_contract(extractor, astronaut_small):
+    features = extractor.extract(astronaut_small)
+    n = len(features)
+    assert 0 < n <= 200
+    assert features.keypoints.shape == (n, 2) and features.keypoints.dtype == np.float32
+    assert features.descriptors.shape == (n, 1024)
+    np.testing.assert_allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, atol=1e-5)
+    assert np.all(np.diff(features.scores) <= 0), "sorted by decreasing score"
+    assert set(np.round(features.scales, 4)) <= {2.0, 1.0}  # 1 / scale for scales 0.5, 1.0
+
+
+def test_keypoints_lie_inside_the_image(extractor):
+    image = np.random.default_rng(0).integers(0, 255, (70, 150, 3), dtype=np.uint8)
+    features = extractor.extract(image, scales=(0.5, 1.0, 2.0), max_features=10_000)
+    x, y = features.keypoints[:, 0], features.keypoints[:, 1]
+    assert x.min() >= 0 and y.min() >= 0 and x.max() <= 149 and y.max() <= 69
+    # Every level's full grid is kept (threshold 0): ceil(size / 16) per axis.
+    assert len(features) == sum(
+        int(np.ceil(round(70 * s) / 16)) * int(np.ceil(round(150 * s) / 16)) for s in (0.5, 1, 2)
+    )
+
+
+def test_keypoints_follow_a_rescaled_image(extractor, astronaut_small):
+    """Image at 2x seen at pyramid scale 0.5 == image at 1x seen at scale 1.0."""
+    big = skimage.transform.resize(astronaut_small, (256, 256), order=1)
+    big = (big * 255).round().astype(np.uint8)
+    small = extractor.extract(astronaut_small, scales=(1.0,), max_features=10_000)
+    large = extractor.extract(big, scales=(0.5,), max_features=10_000)
+    assert len(small) == len(large) == 64
+    order_small = np.lexsort(small.keypoints.T)
+    order_large = np.lexsort(large.keypoints.T)
+    # Continuous coordinates double: x_big + 0.5 == 2 * (x_small + 0.5).
+    np.testing.assert_allclose(
+        large.keypoints[order_large] + 0.5, 2 * (small.keypoints[order_small] + 0.5), atol=1e-3
+    )
+    np.testing.assert_allclose(large.scales, 2.0)
+    np.testing.assert_allclose(small.scales, 1.0)
+
+
+def test_threshold_and_top_k(extractor, astronaut_small):
+    everything = extractor.extract(astronaut_small, max_features=10_000)
+    assert len(everything) == 64 + 16  # 128 px at scales 1.0 and 0.5
+    top = extractor.extract(astronaut_small, max_features=7)
+    np.testing.assert_array_equal(top.scores, everything.scores[:7])
+    threshold = float(np.median(everything.scores))
+    kept = extractor.extract(astronaut_small, max_features=10_000, score_threshold=threshold)
+    assert len(kept) == int(np.sum(everything.scores >= threshold))
+    assert kept.scores.min() >= threshold
+    none = extractor.extract(astronaut_small, score_threshold=1e9)
+    assert len(none) == 0 and none.descriptors.shape == (0, 1024)
+
+
+def test_same_image_twice_gives_identical_output(extractor, astronaut_small):
+    first = extractor.extract(astronaut_small)
+    second = extractor.extract(astronaut_small.copy())
+    for name in ("keypoints", "scales", "scores", "descriptors"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+def test_image_downsized_to_max_image_size(delf_model, astronaut_small):
+    config = ExtractionConfig(scales=(1.0,), score_threshold=0.0, max_image_size=64)
+    features = InProcessExtractor.from_model(delf_model, config).extract(astronaut_small)
+    assert len(features) == 16  # 128 px -> 64 px -> 4 x 4 grid
+    np.testing.assert_allclose(features.scales, 2.0)  # relative to the original image
+    assert features.keypoints.max() <= 127
+
+
+@pytest.mark.parametrize("shape", [(5, 5, 3), (1, 300, 3), (15, 15, 3)])
+def test_too_small_images_give_zero_features(extractor, shape):
+    features = extractor.extract(np.full(shape, 128, np.uint8))
+    assert len(features) == 0
+
+
+def test_nms_removes_overlapping_boxes(delf_model, astronaut_small):
+    base = dict(scales=(1.0,), score_threshold=0.0, max_image_size=-1, max_features=1000)
+    plain = InProcessExtractor.from_model(delf_model, ExtractionConfig(**base))
+    nms = InProcessExtractor.from_model(delf_model, ExtractionConfig(**base, iou_threshold=0.5))
+    a, b = plain.extract(astronaut_small), nms.extract(astronaut_small)
+    # 291-px boxes 16 px apart overlap far beyond IoU 0.5: NMS keeps few.
+    assert 0 < len(b) < len(a) / 4
+    assert b.scores[0] == a.scores[0]
+
+
+def test_pca_in_graph_matches_numpy(delf_model, extractor, astronaut_small):
+    raw = extractor.extract(astronaut_small)
+    rng = np.random.default_rng(0)
+    training = rng.normal(size=(300, 1024))
+    for whiten in (False, True):
+        pca = fit_pca(training, dim=64, whiten=whiten)
+        config = extractor.config.replace(pca_dim=40)
+        reduced = InProcessExtractor.from_model(delf_model, config, pca).extract(astronaut_small)
+        expected = (raw.descriptors - pca.mean) @ pca.projection[:40].T
+        if whiten:
+            expected /= np.sqrt(pca.variances[:40])
+        expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+        np.testing.assert_allclose(reduced.descriptors, expected, atol=1e-4)
+        np.testing.assert_array_equal(reduced.keypoints, raw.keypoints)
+
+
+def test_fit_pca_matches_numpy_svd(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32))
+    pca = fit_pca(data, dim=8)
+    centered = data - data.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centered, full_matrices=False)
+    np.testing.assert_allclose(pca.variances, singular[:8] ** 2 / (len(data) - 1), rtol=1e-4)
+    # Same axes up to sign.
+    np.testing.assert_allclose(np.abs(np.sum(pca.projection * vt[:8], axis=1)), 1.0, atol=1e-4)
+    path = tmp_path / "pca.npz"
+    pca.save(path)
+    loaded = PcaParams.load(path)
+    np.testing.assert_array_equal(loaded.projection, pca.projection)
+    assert loaded.whiten is False
+
+
+def test_pca_of_wrong_depth_is_refused(delf_model):
+    pca = fit_pca(np.random.default_rng(0).normal(size=(50, 16)), dim=4)
+    with pytest.raises(ValueError, match="16-D"):
+        ExtractionModule(delf_model, ExtractionConfig(pca_dim=4), pca)
+
+
+def test_fingerprint_names_the_descriptor_space(delf_model, small_config):
+    a = ExtractionModule(delf_model, small_config).fingerprint
+    b = ExtractionModule(delf_model, small_config.replace(score_threshold=50.0)).fingerprint
+    pca = fit_pca(np.random.default_rng(0).normal(size=(50, 1024)), dim=8)
+    c = ExtractionModule(delf_model, small_config.replace(pca_dim=8), pca).fingerprint
+    assert a == b != c
