@@ -227,6 +227,24 @@ def test_load_json(tmp_path):
         load_json(tmp_path / "bad.json")
 
 
+def test_exif_rotated_query_warns(tmp_path, caplog):
+    labels = {"r1": "arch", "r2": "arch"}
+    _write_images(tmp_path / "images", labels)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    with Image.open(tmp_path / "images" / "r1.jpg") as image:
+        image.load()
+        image.save(tmp_path / "images" / "r1.jpg", exif=exif)
+    spec = {"labels": labels, "queries": [{"id": "r1", "bbox": [0, 0, 10, 25]}, "r2"]}
+    (tmp_path / "groundtruth.json").write_text(json.dumps(spec))
+    dataset = load_dataset("json", tmp_path)
+    with caplog.at_level("WARNING"):
+        crop = dataset.query_image(dataset.queries[0])
+        whole = dataset.query_image(dataset.queries[1])
+    assert crop.shape == (25, 10, 3) and whole.shape == (20, 30, 3)
+    assert any("EXIF orientation" in record.getMessage() for record in caplog.records)
+
+
 def test_image_id_from_store_key():
     assert image_id_from_key("jpg/all_souls_000013.jpg") == "all_souls_000013"
     assert image_id_from_key("paris/defense/paris_defense_000001.jpg") == "paris_defense_000001"

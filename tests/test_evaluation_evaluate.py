@@ -80,6 +80,8 @@ def test_unknown_ids_and_bad_rankings(dataset):
         dataset, lambda image, q: ["zz", "a", "b"], allow_unknown_ids=True, progress=False
     )
     assert result.queries[0].metrics["easy"].ranks.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="q1: rank_fn returned an image id twice"):
+        evaluate(dataset, lambda image, q: ["a", "b", "a"], progress=False)
     with pytest.raises(TypeError, match="image ids"):
         evaluate(dataset, lambda image, q: [1, 2], progress=False)
     with pytest.raises(ValueError, match="no setup"):

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
+from PIL import Image
 
 from delf_tf.evaluation.safe_pickle import safe_load
 from delf_tf.images import list_images, load_image
@@ -34,6 +36,7 @@ DATASET_KINDS: tuple[str, ...] = ("oxford5k", "paris6k", "roxford5k", "rparis6k"
 # Image folders looked for under a dataset directory, in this order.
 IMAGE_DIR_NAMES: tuple[str, ...] = ("jpg", "images", "oxbuild_images")
 JSON_GROUNDTRUTH = "groundtruth.json"
+EXIF_ORIENTATION = 0x0112
 
 BBox = tuple[float, float, float, float]
 
@@ -121,8 +124,26 @@ class RetrievalDataset:
 
     def query_image(self, query: Query) -> np.ndarray:
         """The query image as the protocol wants it extracted: uint8 [h, w, 3], cropped to its box."""
-        image = load_image(self.path(query.image_id))
-        return image if query.bbox is None else crop_to_bbox(image, query.bbox)
+        path = self.path(query.image_id)
+        image = load_image(path)
+        if query.bbox is None:
+            return image
+        if _exif_orientation(path) not in (None, 1):
+            logging.warning(
+                "%s: EXIF orientation is applied before cropping; the box of query %s may "
+                "refer to the stored (unrotated) pixels",
+                path,
+                query.name,
+            )
+        return crop_to_bbox(image, query.bbox)
+
+
+def _exif_orientation(path: Path) -> int | None:
+    try:
+        with Image.open(path) as image:
+            return image.getexif().get(EXIF_ORIENTATION)
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def image_id_from_key(key: str | os.PathLike) -> str:

@@ -183,6 +183,8 @@ def evaluate(
         ranking = rank_fn(image, query.image_id)
         seconds = time.perf_counter() - start
         ids, scores = _split_ranking(ranking, f"query {query.name}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"query {query.name}: rank_fn returned an image id twice")
         keep = []
         for position, image_id in enumerate(ids):
             if image_id in database:

@@ -235,8 +235,10 @@ def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
         return _finalize(unpickler.load())
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{source}: {error}") from None
-    except (pickle.UnpicklingError, EOFError, IndexError, KeyError, TypeError, ValueError) as error:
-        raise UnsafePickleError(f"{source}: not a valid pickle of plain data ({error})") from error
+    except Exception as error:  # truncated or malformed data of any kind
+        raise UnsafePickleError(
+            f"{source}: not a valid pickle of plain data ({error!r})"
+        ) from error
 
 
 def safe_load(path: str | os.PathLike) -> Any:

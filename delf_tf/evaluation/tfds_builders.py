@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from delf_tf.evaluation.datasets import RetrievalDataset, load_dataset
+from delf_tf.evaluation.datasets import REVISITED_SETUPS, RetrievalDataset, load_dataset
 
 _CITATION = """@inproceedings{radenovic2018revisiting,
   title={Revisiting Oxford and Paris: Large-Scale Image Retrieval Benchmarking},
@@ -73,6 +73,8 @@ class _RevisitedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         dataset = load_dataset(self.name, dl_manager.manual_dir)
+        if dataset.setups != REVISITED_SETUPS:
+            raise ValueError(f"{dl_manager.manual_dir}: gnd_{self.name} has no easy/hard lists")
         return {
             "database": self._generate_examples(dataset, queries=False),
             "query": self._generate_examples(dataset, queries=True),
