@@ -1,0 +1,1 @@
+"""Retrieval evaluation: ground truth (datasets), AP / mAP / mP@k (metrics), runs (evaluate)."""
