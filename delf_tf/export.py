@@ -216,6 +216,11 @@ def existing_versions(model_dir: str | os.PathLike) -> list[int]:
     return sorted(int(child.name) for child in model_dir.iterdir() if child.name.isdigit())
 
 
+def next_version(model_dir: str | os.PathLike) -> int:
+    """One above the highest existing version of `model_dir` (1 for a new model)."""
+    return (existing_versions(model_dir) or [0])[-1] + 1
+
+
 def export_saved_model(
     extraction: ExtractionModule,
     export_base: str | os.PathLike,
@@ -235,7 +240,7 @@ def export_saved_model(
         raise ValueError(f"invalid model name {model_name!r}")
     model_dir = Path(export_base) / model_name
     if version is None:
-        version = (existing_versions(model_dir) or [0])[-1] + 1
+        version = next_version(model_dir)
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
     final = model_dir / str(version)
