@@ -7,8 +7,8 @@ client read). Signatures (method `tensorflow/serving/predict`), both calling
 `ExtractionModule.extract`, the same traced function that runs in process:
 
 `serving_default` (batchable: every input and output has the batch dimension first)
-  image_bytes: string [B], encoded JPEG / PNG / GIF / BMP (EXIF orientation applied
-    in the graph, see `delf_tf.extraction.image_bytes`).
+  image_bytes: string [B], encoded JPEG / PNG / GIF (EXIF orientation applied in
+    the graph, see `delf_tf.extraction.image_bytes`).
   -> keypoints float32 [B, K, 2], scales float32 [B, K], scores float32 [B, K],
      descriptors float32 [B, K, D], zero-padded past num_features;
      num_features int32 [B]; valid bool [B]: False for an image that could not be
@@ -42,7 +42,7 @@ import tensorflow as tf
 from delf_tf.config import ExtractionConfig, ModelConfig
 from delf_tf.extraction.extractor import EXPORT_INFO_ASSET
 from delf_tf.extraction.graph import ExtractionModule
-from delf_tf.extraction.image_bytes import decode_batch
+from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif_orientation
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
 from delf_tf.model.delf import DelfModel, build_delf_model
@@ -120,6 +120,7 @@ class ServingModule(tf.Module):
 
         def one_image(i, *arrays):
             image = tf.reshape(pixels[offsets[i] : offsets[i] + sizes[i]], shapes[i])
+            image = apply_orientation(image, exif_orientation(image_bytes[indices[i]]))
             found = self.extraction.extract(
                 image, self._max_features, self._threshold, self._scales
             )

@@ -8,7 +8,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from delf_tf.extraction.image_bytes import decode_image_bytes, exif_orientation
+from delf_tf.extraction.image_bytes import (
+    decode_batch,
+    decode_image_bytes,
+    exif_orientation,
+    header_size,
+)
 from delf_tf.images import decode_image
 
 decode = tf.function(decode_image_bytes, input_signature=[tf.TensorSpec([], tf.string)])
@@ -53,10 +58,30 @@ def test_big_endian_exif_after_other_segments(photo):
     np.testing.assert_array_equal(decode(data).numpy(), decode_image(data))
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "BMP"])
-def test_other_formats(photo, fmt):
-    data = encoded(photo, fmt)
-    np.testing.assert_array_equal(decode(data).numpy(), decode_image(data))
+def test_gif_decoded_and_other_formats_refused(photo):
+    gif = encoded(photo, "GIF")
+    np.testing.assert_array_equal(decode(gif).numpy(), decode_image(gif))
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(
+        buffer, "GIF", save_all=True, append_images=[Image.fromarray(photo[::-1])]
+    )
+    for data in (encoded(photo, "BMP"), encoded(photo, "WEBP"), buffer.getvalue()):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            decode(data)
+
+
+def test_header_size_without_decoding(photo):
+    size_of = tf.function(header_size, input_signature=[tf.TensorSpec([], tf.string)])
+    for data in (
+        encoded(photo, "JPEG", quality=80, subsampling=2),
+        encoded(photo, "JPEG", progressive=True),  # SOF2
+        encoded(photo, "JPEG", 6),  # APP1 before SOF: size as stored
+        encoded(photo, "PNG"),
+        encoded(photo, "GIF"),
+    ):
+        assert size_of(data).numpy().tolist() == [48, 80]
+    for junk in (b"", b"\xff\xd8\xff", b"\xff\xd8\xff\xe1\xff\xff", b"GIF8", b"\x89PNG\r\n\x1a\n"):
+        assert size_of(junk).numpy().tolist() == [0, 0]  # never an error, whatever the bytes
 
 
 def test_jpeg_pixels_equal_pillow_for_every_subsampling(photo):
@@ -73,3 +98,13 @@ def test_bad_bytes_fail(photo):
     for data in (b"", b"plain text", jpeg[:-200], png[:60], huge):
         with pytest.raises(tf.errors.InvalidArgumentError):
             decode(data)
+
+
+def test_decode_batch_drops_failures_and_keeps_indices(photo):
+    good = encoded(photo, "PNG")
+    rotated = encoded(photo, "JPEG", 6)
+    batch = tf.constant([good, b"junk", rotated, good[:100], b"", rotated[:-100]])
+    indices, pixels, shapes = tf.function(decode_batch)(batch)
+    assert indices.numpy().tolist() == [0, 2]
+    assert shapes.numpy().tolist() == [[48, 80, 3], [48, 80, 3]]  # as stored, not yet rotated
+    np.testing.assert_array_equal(pixels.numpy()[: 48 * 80 * 3].reshape(48, 80, 3), photo)

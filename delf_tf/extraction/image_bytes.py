@@ -9,13 +9,19 @@ pixels `delf_tf.images.decode_image` gives for the same bytes:
   a PNG eXIf chunk) is parsed from the bytes and applied as Pillow's
   `ImageOps.exif_transpose` does;
 - grey and palette images become RGB, an alpha channel is dropped.
-Formats: JPEG, PNG, GIF (first frame), BMP. Differences from Pillow that remain:
-16-bit PNGs (TF keeps the high byte, Pillow rounds v / 257), CMYK JPEGs (refused
-here), an orientation given only in XMP (Pillow reads it, this does not).
+Formats: JPEG, PNG, single-frame GIF (one `DecodeJpeg` op decodes all three).
+Differences from Pillow that remain: BMP, WebP, animated GIFs and CMYK JPEGs are
+refused here; 16-bit PNGs keep the high byte (Pillow rounds v / 257); an
+orientation given only in XMP is ignored (Pillow reads it).
 
 `decode_image_bytes` fails (InvalidArgumentError) on unknown formats, images over
-`max_pixels` (checked from the header, before decoding) and corrupt data;
-`decode_batch` turns such failures into per-item `valid = False` instead.
+`max_pixels` (read from the header, before any decoding) and corrupt data.
+`decode_batch` gives per-item validity instead: the header checks run in the
+graph, and decoding runs inside a `tf.data` pipeline with `ignore_errors`, the
+one standard way to survive a kernel error, so a corrupt image never fails the
+other images of its batch. (The pipeline's map function is that single decode
+op: `tf.data` re-instantiates it per request, which costs a few milliseconds per
+op, so control flow stays outside it.)
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from delf_tf.images import DEFAULT_MAX_PIXELS
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GIF_MAGIC = b"GIF8"
-BMP_MAGIC = b"BM"
 ORIENTATION_TAG = 0x0112
 # Bounds on the header walks (segments / chunks / IFD entries looked at).
 MAX_SEGMENTS = 64
@@ -85,30 +90,46 @@ def _tiff_orientation(data: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
     return tf.where(found, value, 1)
 
 
-def _jpeg_exif_start(data: tf.Tensor) -> tf.Tensor:
-    """Byte offset of the TIFF header of the first APP1 "Exif" segment, or -1."""
-    size = tf.strings.length(data)
+def _jpeg_walk(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Walks the JPEG segments up to SOS.
 
-    def step(i, position, start):
+    Returns (exif_start int32 []: byte offset of the TIFF header of the first APP1
+    "Exif" segment, or -1; size int64 [2]: (height, width) of the first SOF
+    segment, or zeros).
+    """
+    data_size = tf.strings.length(data)
+
+    def step(i, position, start, size):
         header = _read(data, position, 4)
         marker = header[1]
         standalone = (marker == 0x01) | ((marker >= 0xD0) & (marker <= 0xD7)) | (marker == 0xFF)
         length = 256 * header[2] + header[3]
-        is_exif = (marker == 0xE1) & tf.reduce_all(
-            tf.equal(_read(data, position + 4, 6), [0x45, 0x78, 0x69, 0x66, 0, 0])  # Exif\0\0
+        is_exif = (
+            (start < 0)
+            & (marker == 0xE1)
+            & tf.reduce_all(
+                tf.equal(_read(data, position + 4, 6), [0x45, 0x78, 0x69, 0x66, 0, 0])  # Exif\0\0
+            )
         )
         start = tf.where(is_exif, position + 10, start)
+        # Start of frame: C0-CF except C4 (DHT), C8 (JPG), CC (DAC).
+        is_frame = ((marker >= 0xC0) & (marker <= 0xCF) & (marker != 0xC4) & (marker != 0xC8)) & (
+            marker != 0xCC
+        )
+        dims = _read(data, position + 5, 4)
+        frame = tf.cast(tf.stack([256 * dims[0] + dims[1], 256 * dims[2] + dims[3]]), tf.int64)
+        size = tf.where(is_frame & tf.reduce_all(tf.equal(size, 0)), frame, size)
         stop = (header[0] != 0xFF) | (marker == 0xDA) | (marker == 0xD9)  # SOS, EOI
         advance = tf.where(marker == 0xFF, 1, tf.where(standalone, 2, 2 + length))
-        position = tf.where(stop | is_exif, size, position + advance)
-        return i + 1, position, start
+        position = tf.where(stop, data_size, position + advance)
+        return i + 1, position, start, size
 
-    _, _, start = tf.while_loop(
-        lambda i, position, start: (i < MAX_SEGMENTS) & (position + 4 <= size),
+    _, _, start, size = tf.while_loop(
+        lambda i, position, start, size: (i < MAX_SEGMENTS) & (position + 4 <= data_size),
         step,
-        (tf.constant(0), tf.constant(2), tf.constant(-1)),
+        (tf.constant(0), tf.constant(2), tf.constant(-1), tf.zeros([2], tf.int64)),
     )
-    return start
+    return start, size
 
 
 def _png_exif_start(data: tf.Tensor) -> tf.Tensor:
@@ -144,7 +165,7 @@ def exif_orientation(data: tf.Tensor) -> tf.Tensor:
     data = tf.convert_to_tensor(data, tf.string)
     start = tf.case(
         [
-            (_starts_with(data, JPEG_MAGIC), lambda: _jpeg_exif_start(data)),
+            (_starts_with(data, JPEG_MAGIC), lambda: _jpeg_walk(data)[0]),
             (_starts_with(data, PNG_MAGIC), lambda: _png_exif_start(data)),
         ],
         default=lambda: tf.constant(-1),
@@ -169,82 +190,72 @@ def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 
 
 def header_size(data: tf.Tensor) -> tf.Tensor:
-    """(height, width) int64 [2] read from the header, without decoding; (0, 0) if unknown."""
-    little = tf.constant(True)
-    big = tf.constant(False)
+    """(height, width) int64 [2] from the header, without decoding; (0, 0) if unknown.
 
-    def jpeg():
-        return tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64)
+    Never fails, whatever the bytes: every read is bounds-checked.
+    """
+    big = tf.constant(False)
 
     def png():  # IHDR: width, height as big-endian uint32 at bytes 16..24
         return tf.stack([_uint32(_read(data, 20, 4), big), _uint32(_read(data, 16, 4), big)])
 
     def gif():  # logical screen: width, height as little-endian uint16 at bytes 6..10
         size = _read(data, 6, 4)
+        little = tf.constant(True)
         return tf.cast(tf.stack([_uint16(size[2:4], little), _uint16(size[0:2], little)]), tf.int64)
-
-    def bmp():  # BITMAPINFOHEADER: width, height as little-endian int32 at bytes 18..26
-        width = _uint32(_read(data, 18, 4), little)
-        height = _uint32(_read(data, 22, 4), little)
-        height = tf.where(height >= 1 << 31, (1 << 32) - height, height)  # top-down rows
-        return tf.stack([height, width])
 
     return tf.case(
         [
-            (_starts_with(data, JPEG_MAGIC), jpeg),
+            (_starts_with(data, JPEG_MAGIC), lambda: _jpeg_walk(data)[1]),
             (_starts_with(data, PNG_MAGIC), png),
             (_starts_with(data, GIF_MAGIC), gif),
-            (_starts_with(data, BMP_MAGIC), bmp),
         ],
         default=lambda: tf.zeros([2], tf.int64),
     )
 
 
+def acceptable(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
+    """bool []: a JPEG, PNG or GIF header declaring 1 .. max_pixels pixels (nothing decoded)."""
+    size = header_size(data)
+    pixels = size[0] * size[1]
+    return (pixels > 0) & (pixels <= max_pixels)
+
+
+def _decode(data: tf.Tensor) -> tf.Tensor:
+    """JPEG (Pillow's DCT), PNG or single-frame GIF string [] -> uint8 [H, W, 3] as stored."""
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+
 def decode_image_bytes(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP string [] -> RGB uint8 [H, W, 3], EXIF orientation applied.
+    """Encoded JPEG/PNG/GIF string [] -> RGB uint8 [H, W, 3], EXIF orientation applied.
 
     Raises InvalidArgumentError (at run time) for other formats, images of more than
     `max_pixels` pixels (checked before decoding) and corrupt or truncated data.
     """
     data = tf.convert_to_tensor(data, tf.string)
-    is_jpeg = _starts_with(data, JPEG_MAGIC)
-    known = (
-        is_jpeg
-        | _starts_with(data, PNG_MAGIC)
-        | _starts_with(data, GIF_MAGIC)
-        | _starts_with(data, BMP_MAGIC)
+    check = tf.debugging.Assert(
+        acceptable(data, max_pixels),
+        ["not a JPEG, PNG or GIF image, or height x width is 0 or over", max_pixels],
     )
-    check_format = tf.debugging.Assert(
-        known, ["not a JPEG, PNG, GIF or BMP image (unrecognised magic bytes)"]
-    )
-    with tf.control_dependencies([check_format]):
-        size = header_size(data)
-    pixels = size[0] * size[1]
-    check_size = tf.debugging.Assert(
-        (pixels > 0) & (pixels <= max_pixels),
-        ["image refused: height x width", size, "is empty or over the limit of", max_pixels],
-    )
-    with tf.control_dependencies([check_size]):
-        image = tf.cond(
-            is_jpeg,
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-        )
-    image = tf.ensure_shape(image, [None, None, 3])
+    with tf.control_dependencies([check]):
+        image = tf.ensure_shape(_decode(data), [None, None, 3])
     return apply_orientation(image, exif_orientation(data))
 
 
 def decode_batch(images: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Decodes encoded images string [B], skipping those that fail.
+    """Decodes encoded images string [B], skipping those that cannot be decoded.
 
     Returns (indices int32 [M], pixels uint8 [sum of H*W*3], shapes int32 [M, 3]):
-    the items that decoded, in order, their pixels flattened one after the other.
-    Failures are dropped through `tf.data.Dataset.ignore_errors`, so one corrupt
-    image never fails the others of its batch.
+    the items that decoded, in order, their pixels (as stored: apply
+    `apply_orientation(image, exif_orientation(images[index]))`) flattened one
+    after the other. Items failing `acceptable` are not decoded at all; decoding
+    errors drop the item (`tf.data` `ignore_errors`) instead of failing the batch.
     """
+    ok = tf.map_fn(lambda data: acceptable(data, max_pixels), images, fn_output_signature=tf.bool)
+    candidates = tf.where(ok, images, "")  # an empty string fails to decode: dropped
 
     def decode(index, data):
-        image = decode_image_bytes(data, max_pixels)
+        image = _decode(data)
         return index, tf.reshape(image, [-1]), tf.shape(image)
 
     def append(state, item):
@@ -253,7 +264,7 @@ def decode_batch(images: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS):
             for k, part in enumerate((item[0][None], item[1], item[2][None]))
         )
 
-    dataset = tf.data.Dataset.from_tensor_slices((tf.range(tf.shape(images)[0]), images))
+    dataset = tf.data.Dataset.from_tensor_slices((tf.range(tf.shape(images)[0]), candidates))
     dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     initial = (tf.zeros([0], tf.int32), tf.zeros([0], tf.uint8), tf.zeros([0, 3], tf.int32))
     return dataset.ignore_errors().reduce(initial, append)
