@@ -21,7 +21,6 @@ import re
 import signal
 import threading
 from concurrent import futures
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
@@ -263,7 +262,7 @@ class _RestHandler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, answer) -> None:
         data = json.dumps(answer, default=_json_default).encode("utf-8")
-        self.send_response(status if status in HTTPStatus._value2member_map_ else 500)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:

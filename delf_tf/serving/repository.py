@@ -56,9 +56,7 @@ def sources_from_config_file(path: str | Path) -> list[ModelSource]:
         raise ValueError(f"{path}: not a readable ModelServerConfig ({error})") from error
     sources = []
     for model in config.model_config_list.config:
-        base = Path(model.base_path)
-        if not base.is_absolute():
-            base = path.parent / base
+        base = Path(model.base_path)  # relative paths: from the working directory, as TF Serving
         policy = model.model_version_policy
         kind = policy.WhichOneof("policy_choice") or "latest"
         sources.append(
