@@ -110,11 +110,12 @@ class ServingModule(tf.Module):
         )
 
     def _serve_image_bytes(self, image_bytes):
+        """string [B] -> padded features [B, K, ...], num_features, valid, fingerprint [B]."""
         batch = tf.shape(image_bytes)[0]
         k = self.extraction.config.max_features
         depth = self.extraction.descriptor_dim
         indices, pixels, shapes = decode_batch(image_bytes, self.max_pixels)
-        sizes = tf.reduce_prod(shapes, axis=1)
+        sizes = tf.reduce_prod(tf.cast(shapes, tf.int64), axis=1)  # a batch may pass 2**31 bytes
         offsets = tf.cumsum(sizes, exclusive=True)
         count = tf.shape(indices)[0]
 

@@ -1,6 +1,6 @@
 """In-graph decoding of encoded images, the served counterpart of `delf_tf.images`.
 
-Standard TF ops only (string slicing, `decode_raw`, `decode_jpeg`/`decode_image`,
+Standard TF ops only (string slicing, `decode_raw`, `decode_jpeg`, `tf.data`,
 `tf.image` flips and rotations), so TF Serving runs it as it is. It gives the
 pixels `delf_tf.images.decode_image` gives for the same bytes:
 - JPEG is decoded with `dct_method="INTEGER_ACCURATE"` (libjpeg's ISLOW, what
