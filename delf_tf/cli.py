@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract DELF features of an image or a folder into a feature store"),
     "fit-pca": ("fit_pca", "learn PCA (mean, projection, variances) from raw descriptors"),
     "demo": ("demo", "extract features of images that ship with scikit-image (no download)"),
+    "export": ("export", "export a SavedModel that TF Serving serves as it is"),
+    "serve": ("serve", "TF Serving's gRPC/REST APIs over exported models (dev and CI stand-in)"),
 }
 
 

@@ -84,6 +84,13 @@ def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes, lossless (a decoder gets the very same pixels back)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def list_images(root: str | os.PathLike) -> list[Path]:
     """Image files under `root` (recursive, sorted), or [root] if it is a file."""
     root = Path(root)

@@ -44,3 +44,42 @@ def astronaut_small():
     """uint8 [128, 128, 3] RGB photograph from scikit-image."""
     image = skimage.transform.resize(skimage.data.astronaut(), (128, 128), anti_aliasing=True)
     return (image * 255).round().astype(np.uint8)
+
+
+# --- serving (export, TF Serving client, dev server) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def serving_config():
+    """Tiny export settings: K = 50 features, two scales, long side <= 128 px, no threshold."""
+    return ExtractionConfig(
+        max_features=50, scales=SMALL_SCALES, max_image_size=128, score_threshold=0.0
+    )
+
+
+@pytest.fixture(scope="session")
+def serving_reference(delf_model, serving_config):
+    """The in-process extractor an export of `delf_model` with `serving_config` must match."""
+    from delf_tf.extraction import InProcessExtractor
+
+    return InProcessExtractor.from_model(delf_model, serving_config)
+
+
+@pytest.fixture(scope="session")
+def exported_model(delf_model, serving_config, tmp_path_factory):
+    """Path of `<base>/delf/1/`: one export per session of `delf_model` with `serving_config`."""
+    from delf_tf.export import export_model
+
+    return export_model(delf_model, tmp_path_factory.mktemp("exports"), serving_config)
+
+
+@pytest.fixture(scope="session")
+def local_server(exported_model):
+    """`delf serve`'s LocalServer over the export, gRPC and REST on free loopback ports."""
+    from delf_tf.serving.local_server import LocalServer
+    from delf_tf.serving.repository import ModelRepository, ModelSource
+
+    repository = ModelRepository([ModelSource("delf", exported_model.parent)])
+    server = LocalServer(repository, grpc_port=0, rest_port=0, poll_seconds=0).start()
+    yield server
+    server.stop()

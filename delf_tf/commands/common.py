@@ -5,11 +5,14 @@ from __future__ import annotations
 from absl import flags
 
 from delf_tf.config import ExtractionConfig
-from delf_tf.extraction.extractor import InProcessExtractor, build_extractor
+from delf_tf.extraction.extractor import Extractor, build_extractor
+
+# Settings of the in-process extractor; with --server the served export's own apply.
+_LOCAL_ONLY_FLAGS = ("model", "pca", "config", "score_threshold", "max_features", "max_image_size")
 
 
 def define_extractor_flags(flag_values: flags.FlagValues) -> None:
-    """--model, --weights, --seed, --config, --pca and per-field overrides."""
+    """--model, --weights, --seed, --config, --pca, per-field overrides; --server for TF Serving."""
     define = {"flag_values": flag_values}
     flags.DEFINE_string(
         "model", None, "a trained DelfModel (.keras) or an exported SavedModel directory", **define
@@ -40,9 +43,33 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
         "long side limit before the pyramid, -1 keeps (default 1024)",
         **define,
     )
+    flags.DEFINE_string(
+        "server",
+        None,
+        "HOST:PORT of TF Serving (or `delf serve`): extract there instead of in process, "
+        "with the served export's own settings",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "protocol",
+        "grpc",
+        ["grpc", "rest"],
+        "API of --server (gRPC port 8500, REST 8501)",
+        **define,
+    )
+    flags.DEFINE_string("model_name", "delf", "model name on --server", **define)
 
 
-def extractor_from_flags(flag_values: flags.FlagValues) -> InProcessExtractor:
+def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
+    if flag_values.server:
+        given = [f"--{name}" for name in _LOCAL_ONLY_FLAGS if flag_values[name].present]
+        if given:
+            raise ValueError(f"--server uses the served model and its settings; drop {given}")
+        from delf_tf.serving.client import ServingExtractor
+
+        return ServingExtractor(
+            flag_values.server, model_name=flag_values.model_name, protocol=flag_values.protocol
+        )
     config = ExtractionConfig.load(flag_values.config) if flag_values.config else None
     overrides = {
         name: flag_values[name].value
@@ -59,6 +86,6 @@ def extractor_from_flags(flag_values: flags.FlagValues) -> InProcessExtractor:
     )
 
 
-def weights_are_trained(extractor: InProcessExtractor) -> bool:
+def weights_are_trained(extractor: Extractor) -> bool:
     """False when the features come from a randomly initialised model."""
     return "weights=random" not in extractor.describe().get("model", "")

@@ -1,0 +1,85 @@
+"""`delf export`: write a SavedModel that TF Serving serves as it is (see delf_tf.export)."""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from delf_tf.config import ExtractionConfig, ModelConfig
+from delf_tf.export import IMAGE_SIGNATURE, SERVING_SIGNATURE, export_model, load_delf_model
+from delf_tf.extraction.pca import PcaParams
+from delf_tf.model.delf import build_delf_model
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string(
+        "model",
+        None,
+        "a trained DelfModel: a .keras file, or a training checkpoint (a directory or prefix "
+        "of tf.train.Checkpoint(model=<DelfModel>); its architecture from --model_config or "
+        "the model_config.json beside it). Without it a fresh model is built from --weights",
+        **define,
+    )
+    flags.DEFINE_string(
+        "weights",
+        "random",
+        "backbone weights when --model is not given: random (seeded by --seed), imagenet, or "
+        "a local ResNet50 .h5/.weights.h5/.keras file",
+        **define,
+    )
+    flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
+    flags.DEFINE_string(
+        "model_config", None, "ModelConfig JSON of a checkpoint given by --model", **define
+    )
+    flags.DEFINE_string("pca", None, "PCA .npz from `delf fit-pca`, applied in the graph", **define)
+    flags.DEFINE_string(
+        "config", None, "ExtractionConfig JSON (default: the paper's settings)", **define
+    )
+    flags.DEFINE_string(
+        "export_base", None, "writes <export_base>/<model_name>/<version>/", **define
+    )
+    flags.DEFINE_string("model_name", "delf", "model name (TF Serving's --model_name)", **define)
+    flags.DEFINE_integer(
+        "version", None, "version number (default: one above the highest existing)", **define
+    )
+    flags.mark_flag_as_required("export_base", **define)
+
+
+def run(flag_values: flags.FlagValues) -> int:
+    if flag_values.model and flag_values["weights"].present:
+        raise SystemExit("delf export: --weights applies only without --model")
+    if flag_values.model:
+        model_config = (
+            ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
+        )
+        model = load_delf_model(flag_values.model, model_config)
+    else:
+        model = build_delf_model(weights=flag_values.weights, seed=flag_values.seed)
+        if flag_values.weights == "random":
+            print("note: untrained (random) weights: the export shows the pipeline, not quality")
+    config = ExtractionConfig.load(flag_values.config) if flag_values.config else ExtractionConfig()
+    pca = PcaParams.load(flag_values.pca) if flag_values.pca else None
+    path = export_model(
+        model,
+        flag_values.export_base,
+        config=config,
+        pca=pca,
+        model_name=flag_values.model_name,
+        version=flag_values.version,
+    )
+    info = json.loads((path / "assets" / "extraction_config.json").read_text())
+    print(
+        json.dumps(
+            {
+                "export": str(path),
+                "model_name": flag_values.model_name,
+                "version": int(path.name),
+                "fingerprint": info["fingerprint"],
+                "descriptor_dim": info["descriptor_dim"],
+                "signatures": [SERVING_SIGNATURE, IMAGE_SIGNATURE],
+            }
+        )
+    )
+    return 0

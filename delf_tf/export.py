@@ -1,0 +1,352 @@
+"""Export the one extraction graph as a SavedModel that TF Serving serves as it is.
+
+Layout: `<export_base>/<model_name>/<version>/` with saved_model.pb, variables/ and
+assets/extraction_config.json (the ExtractionConfig, the fingerprint, the
+descriptor size: what `InProcessExtractor.from_saved_model` and the serving
+client read). Signatures (method `tensorflow/serving/predict`), both calling
+`ExtractionModule.extract`, the same traced function that runs in process:
+
+`serving_default` (batchable: every input and output has the batch dimension first)
+  image_bytes: string [B], encoded JPEG / PNG / GIF (EXIF orientation applied in
+    the graph, see `delf_tf.extraction.image_bytes`).
+  -> keypoints float32 [B, K, 2], scales float32 [B, K], scores float32 [B, K],
+     descriptors float32 [B, K, D], zero-padded past num_features;
+     num_features int32 [B]; valid bool [B]: False for an image that could not be
+     decoded (unknown format, corrupt, over the pixel limit), which then has zero
+     features while the other items of the batch are extracted as usual;
+     fingerprint string [B]: the descriptor-space identity, the same in every row.
+  K = max_features of the export's ExtractionConfig, whose threshold and scales apply.
+
+`extract_image` (one raw image per call, not batchable)
+  image: uint8 [H, W, 3] RGB; max_features int32 []; score_threshold float32 [];
+  scales float32 [S]. The last three have defaults, the config's values, recorded
+  in SignatureDef.defaults: TF Serving builds whose Predict honours them, and
+  `delf serve`, let a request send `image` alone; older TF Serving builds need all
+  four (the delf client always sends all four, filling them from the metadata).
+  -> keypoints float32 [N, 2], scales float32 [N], scores float32 [N],
+     descriptors float32 [N, D], fingerprint string [].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from delf_tf.config import ExtractionConfig, ModelConfig
+from delf_tf.extraction.extractor import EXPORT_INFO_ASSET
+from delf_tf.extraction.graph import ExtractionModule
+from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif_orientation
+from delf_tf.extraction.pca import PcaParams
+from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
+from delf_tf.model.delf import DelfModel, build_delf_model
+
+SERVING_SIGNATURE = "serving_default"
+IMAGE_SIGNATURE = "extract_image"
+BATCH_OUTPUTS = (
+    "keypoints",
+    "scales",
+    "scores",
+    "descriptors",
+    "num_features",
+    "valid",
+    "fingerprint",
+)
+EXPORT_FORMAT_VERSION = 1
+# Ops that would tie the export to a Python process or a special build.
+FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaLaunch", "_XlaRun"})
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+class ServingModule(tf.Module):
+    """What is saved: the ExtractionModule plus the two serving signatures.
+
+    `extract` is `ExtractionModule.extract` itself (kept under that name for
+    `InProcessExtractor.from_saved_model`); the signatures call it per image.
+    """
+
+    def __init__(self, extraction: ExtractionModule, max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__(name="delf_serving")
+        self.extraction = extraction
+        self.extract = extraction.extract
+        self.max_pixels = max_pixels
+        config = extraction.config
+        self._fingerprint = tf.constant(extraction.fingerprint)
+        self._max_features = tf.constant(config.max_features, tf.int32)
+        self._threshold = tf.constant(config.score_threshold, tf.float32)
+        self._scales = tf.constant(config.scales, tf.float32)
+        self.serve_image_bytes = tf.function(
+            self._serve_image_bytes,
+            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+            autograph=False,
+        )
+        defaults = extraction.default_arguments()
+
+        def extract_image(
+            image,
+            max_features=defaults["max_features"],
+            score_threshold=defaults["score_threshold"],
+            scales=defaults["scales"],
+        ):
+            outputs = dict(extraction.extract(image, max_features, score_threshold, scales))
+            outputs["fingerprint"] = tf.identity(self._fingerprint)
+            return outputs
+
+        self.extract_image = tf.function(
+            extract_image,
+            input_signature=[
+                tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
+                tf.TensorSpec([], tf.int32, name="max_features"),
+                tf.TensorSpec([], tf.float32, name="score_threshold"),
+                tf.TensorSpec([None], tf.float32, name="scales"),
+            ],
+            autograph=False,
+        )
+
+    def _serve_image_bytes(self, image_bytes):
+        """string [B] -> padded features [B, K, ...], num_features, valid, fingerprint [B]."""
+        batch = tf.shape(image_bytes)[0]
+        k = self.extraction.config.max_features
+        depth = self.extraction.descriptor_dim
+        indices, pixels, shapes = decode_batch(image_bytes, self.max_pixels)
+        sizes = tf.reduce_prod(tf.cast(shapes, tf.int64), axis=1)  # a batch may pass 2**31 bytes
+        offsets = tf.cumsum(sizes, exclusive=True)
+        count = tf.shape(indices)[0]
+
+        def one_image(i, *arrays):
+            image = tf.reshape(pixels[offsets[i] : offsets[i] + sizes[i]], shapes[i])
+            image = apply_orientation(image, exif_orientation(image_bytes[indices[i]]))
+            found = self.extraction.extract(
+                image, self._max_features, self._threshold, self._scales
+            )
+            n = tf.shape(found["scores"])[0]
+            padded = (
+                tf.pad(found["keypoints"], [[0, k - n], [0, 0]]),
+                tf.pad(found["scales"], [[0, k - n]]),
+                tf.pad(found["scores"], [[0, k - n]]),
+                tf.pad(found["descriptors"], [[0, k - n], [0, 0]]),
+                n,
+            )
+            return (i + 1,) + tuple(a.write(i, p) for a, p in zip(arrays, padded, strict=True))
+
+        element_shapes = ([k, 2], [k], [k], [k, depth], [])
+        dtypes = (tf.float32,) * 4 + (tf.int32,)
+        arrays = tuple(
+            tf.TensorArray(dtype, size=count, element_shape=shape)
+            for dtype, shape in zip(dtypes, element_shapes, strict=True)
+        )
+        _, *arrays = tf.while_loop(lambda i, *_: i < count, one_image, (tf.constant(0),) + arrays)
+        where = indices[:, None]
+        stacked = [a.stack() for a in arrays]
+        outputs = {
+            name: tf.scatter_nd(where, value, tf.concat([[batch], tf.constant(shape, tf.int32)], 0))
+            for name, value, shape in zip(
+                ("keypoints", "scales", "scores", "descriptors", "num_features"),
+                stacked,
+                element_shapes,
+                strict=True,
+            )
+        }
+        outputs["valid"] = tf.scatter_nd(where, tf.ones([count], tf.int32), [batch]) > 0
+        outputs["fingerprint"] = tf.fill([batch], self._fingerprint)
+        return outputs
+
+
+def load_delf_model(path: str | os.PathLike, model_config: ModelConfig | None = None) -> DelfModel:
+    """A DelfModel from a `.keras` file or a training checkpoint.
+
+    A checkpoint is a `tf.train.Checkpoint(model=<DelfModel>)` written by
+    `save()`/`write()`: a directory (its latest checkpoint, or the only `.index`
+    prefix in it) or a prefix path. Its architecture is `model_config`, else the
+    `model_config.json` (ModelConfig) beside it, else ModelConfig(). Classifier
+    heads are not needed for extraction and are left out; every backbone and
+    attention variable must be found in the checkpoint.
+    """
+    path = Path(path)
+    if path.suffix == ".keras":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such model file")
+        model = keras.saving.load_model(path, compile=False)
+        if not isinstance(model, DelfModel):
+            raise ValueError(f"{path}: holds a {type(model).__name__}, not a DelfModel")
+        return model
+    prefix = _checkpoint_prefix(path)
+    folder = Path(prefix).parent
+    if model_config is None:
+        config_file = folder / MODEL_CONFIG_FILE
+        model_config = ModelConfig.load(config_file) if config_file.is_file() else ModelConfig()
+    model = build_delf_model(model_config.replace(num_classes=0))
+    status = tf.train.Checkpoint(model=model).read(prefix)
+    try:
+        status.expect_partial().assert_existing_objects_matched()
+    except AssertionError as error:
+        raise ValueError(
+            f"{prefix}: the checkpoint does not hold every DelfModel variable under the key "
+            f"'model' ({error})"
+        ) from error
+    return model
+
+
+def _checkpoint_prefix(path: Path) -> str:
+    if path.is_dir():
+        latest = tf.train.latest_checkpoint(str(path))
+        if latest:
+            return latest
+        prefixes = sorted(p.with_suffix("") for p in path.glob("*.index"))
+        if len(prefixes) == 1:
+            return str(prefixes[0])
+        raise FileNotFoundError(
+            f"{path}: expected a .keras file or a tf.train.Checkpoint (found "
+            f"{len(prefixes)} .index files and no 'checkpoint' file)"
+        )
+    if Path(f"{path}.index").is_file():
+        return str(path)
+    raise FileNotFoundError(f"{path}: no such .keras file, checkpoint directory or prefix")
+
+
+def existing_versions(model_dir: str | os.PathLike) -> list[int]:
+    """Numeric version subdirectories of `model_dir`, sorted (TF Serving's view of it)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(child.name) for child in model_dir.iterdir() if child.name.isdigit())
+
+
+def next_version(model_dir: str | os.PathLike) -> int:
+    """One above the highest existing version of `model_dir` (1 for a new model)."""
+    return (existing_versions(model_dir) or [0])[-1] + 1
+
+
+def export_saved_model(
+    extraction: ExtractionModule,
+    export_base: str | os.PathLike,
+    model_name: str = "delf",
+    version: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Path:
+    """Writes `<export_base>/<model_name>/<version>/` and returns that path.
+
+    version: default one above the highest existing (1 for a new model). An
+    existing version is never overwritten (FileExistsError). The SavedModel is
+    written to a hidden temporary directory beside it and renamed in when
+    complete, so TF Serving never sees a half-written version and a failed export
+    leaves nothing behind.
+    """
+    if not model_name or "/" in model_name or model_name.startswith("."):
+        raise ValueError(f"invalid model name {model_name!r}")
+    model_dir = Path(export_base) / model_name
+    if version is None:
+        version = next_version(model_dir)
+    if version < 1:
+        raise ValueError(f"version must be >= 1, got {version}")
+    final = model_dir / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final}: version {version} exists; exports are never overwritten")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".export", dir=model_dir))
+    try:
+        module = ServingModule(extraction, max_pixels=max_pixels)
+        signatures = {
+            SERVING_SIGNATURE: module.serve_image_bytes.get_concrete_function(),
+            IMAGE_SIGNATURE: module.extract_image,
+        }
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+        forbidden = graph_ops(staging) & FORBIDDEN_OPS
+        if forbidden or uses_xla(staging):
+            raise RuntimeError(
+                f"the exported graph uses {sorted(forbidden) or 'XLA'}; TF Serving cannot run it"
+            )
+        info = {
+            "format_version": EXPORT_FORMAT_VERSION,
+            "extraction_config": extraction.config.to_dict(),
+            "fingerprint": extraction.fingerprint,
+            "descriptor_dim": int(extraction.descriptor_dim),
+            "model_config": extraction.model.config.to_dict(),
+            "pca": extraction.pca_projection is not None,
+            "max_pixels": max_pixels,
+            "signatures": [SERVING_SIGNATURE, IMAGE_SIGNATURE],
+            "tensorflow_version": tf.__version__,
+        }
+        write_warmup_requests(staging)
+        (staging / "assets").mkdir(exist_ok=True)
+        (staging / "assets" / EXPORT_INFO_ASSET).write_text(json.dumps(info, indent=2) + "\n")
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; TF Serving may run as another user
+        os.rename(staging, final)  # fails rather than replace a version that appeared meanwhile
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def write_warmup_requests(version_dir: str | os.PathLike) -> Path:
+    """`assets.extra/tf_serving_warmup_requests`: one serving_default request (a 64 x 64 PNG).
+
+    TF Serving (and `delf serve`) replay it when loading the version, so the first
+    real request does not pay for the graph's initialisation.
+    """
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    image = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 255 - ramp[:, None]), -1)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = SERVING_SIGNATURE
+    request.inputs["image_bytes"].CopyFrom(
+        tf.make_tensor_proto(np.array([encode_png(image.astype(np.uint8))], dtype=object))
+    )
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )
+    path = Path(version_dir) / "assets.extra" / "tf_serving_warmup_requests"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(log.SerializeToString())
+    return path
+
+
+def export_model(
+    model: DelfModel,
+    export_base: str | os.PathLike,
+    config: ExtractionConfig | None = None,
+    pca: PcaParams | None = None,
+    model_name: str = "delf",
+    version: int | None = None,
+) -> Path:
+    """`export_saved_model` of a DelfModel (+ PCA) with `config` (default ExtractionConfig())."""
+    extraction = ExtractionModule(model, config or ExtractionConfig(), pca)
+    return export_saved_model(extraction, export_base, model_name=model_name, version=version)
+
+
+def read_saved_model_proto(version_dir: str | os.PathLike):
+    """The SavedModel protocol buffer of `<version_dir>/saved_model.pb`."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(version_dir) / "saved_model.pb").read_bytes())
+    return saved_model
+
+
+def graph_ops(version_dir: str | os.PathLike) -> set[str]:
+    """Every op type in a SavedModel: graph nodes and all library functions."""
+    ops = set()
+    for meta_graph in read_saved_model_proto(version_dir).meta_graphs:
+        graph = meta_graph.graph_def
+        ops.update(node.op for node in graph.node)
+        for function in graph.library.function:
+            ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def uses_xla(version_dir: str | os.PathLike) -> bool:
+    """True when a function of the SavedModel must be compiled with XLA (jit_compile)."""
+    for meta_graph in read_saved_model_proto(version_dir).meta_graphs:
+        for function in meta_graph.graph_def.library.function:
+            flag = function.attr.get("_XlaMustCompile")
+            if flag is not None and flag.b:
+                return True
+    return False
