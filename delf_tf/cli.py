@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract DELF features of an image or a folder into a feature store"),
     "fit-pca": ("fit_pca", "learn PCA (mean, projection, variances) from raw descriptors"),
     "demo": ("demo", "extract features of images that ship with scikit-image (no download)"),
+    "train": ("train", "train one DELF stage (descriptor, attention, joint) with tf.data"),
+    "build-tfrecords": ("build_tfrecords", "write labelled images as sharded TFRecords"),
 }
 
 
