@@ -208,7 +208,7 @@ class Trainer:
             total = total + regularization
             scaled = self.optimizer.scale_loss(total)
         gradients = tape.gradient(scaled, self._variables)
-        missing = [v.path for v, g in zip(self._variables, gradients) if g is None]
+        missing = [v.path for v, g in zip(self._variables, gradients, strict=True) if g is None]
         if missing:
             raise ValueError(f"stage {config.stage}: no gradient for {missing[:5]}")
         # Clip the gradient of the whole global batch: sum the replicas' parts first.
