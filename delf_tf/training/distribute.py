@@ -12,11 +12,16 @@ from absl import logging
 
 
 def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
-    """default | mirrored (all local GPUs, else the CPU) | multi_worker (TF_CONFIG) | tpu."""
+    """default | mirrored | multi_worker (TF_CONFIG) | tpu.
+
+    mirrored replicates over all local GPUs, or, without GPUs, over the logical
+    CPU devices (one unless configured, as the tests do).
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             logging.warning("--strategy=multi_worker without TF_CONFIG: a one-worker cluster")
