@@ -41,9 +41,7 @@ def class_folder(tmp_path_factory):
 
 
 def _read_records(pattern: str) -> list[dict]:
-    dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))).map(
-        records.parse_example
-    )
+    dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))).map(records.parse_example)
     return [{k: v.numpy() for k, v in example.items()} for example in dataset]
 
 
@@ -97,7 +95,7 @@ def test_tfrecord_pipeline_batches_shards_and_infers_classes(class_folder, tmp_p
     images, labels = next(iter(data.make_dataset(source, config, training=True)))
     assert images.shape == (4, 32, 32, 3) and images.dtype == tf.float32
     assert labels.dtype == tf.int32 and set(labels.numpy()) <= {0, 1, 2}
-    assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 255.0
+    assert float(tf.reduce_min(images)) >= 0.0 and float(tf.reduce_max(images)) <= 255.0
     # Per-worker sharding: two input pipelines read disjoint halves that cover everything.
     single = config.replace(batch_size=1)
     seen = []
@@ -194,9 +192,7 @@ def test_tfds_builder_prepares_offline_and_feeds_the_pipeline(tmp_path):
     # The Landmarks clean (LC) layout: _train and _val folders.
     clean = tfds.builder("delf_landmarks/landmarks_clean", data_dir=str(data_dir))
     clean.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=str(manual), try_download_gcs=False
-        )
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual), try_download_gcs=False)
     )
     assert clean.info.splits["train"].num_examples == 6
     assert clean.info.splits["validation"].num_examples == 2

@@ -15,7 +15,7 @@ folder with `training/build_tfrecords.py` first.
 from __future__ import annotations
 
 import dataclasses
-import glob
+import os
 import re
 from pathlib import Path
 
@@ -70,11 +70,11 @@ def resolve_source(
     if spec.startswith(TFDS_PREFIX):
         return _tfds_source(spec[len(TFDS_PREFIX) :], spec, config, default_split)
     path = Path(spec)
-    if path.is_dir():
+    if "://" not in spec and path.is_dir():
         return _folder_source(path, spec, class_names)
-    files = sorted(glob.glob(spec))
+    files = sorted(tf.io.gfile.glob(spec))
     if files:
-        label_map = records.read_label_map(Path(files[0]).parent)
+        label_map = records.read_label_map(os.path.dirname(files[0]))
         return DataSource(
             "tfrecord",
             spec,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import keras
 import tensorflow as tf
@@ -52,17 +51,16 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "chief" or (task_type == "worker" and task_id == 0)
 
 
-def write_dir(model_dir: str | os.PathLike, strategy: tf.distribute.Strategy) -> Path:
+def write_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
     """model_dir on the chief; a private scratch folder on the other workers.
 
     Every worker must take part in a multi-worker checkpoint save, but only the
     chief's copy is kept.
     """
-    model_dir = Path(model_dir)
     if is_chief(strategy):
         return model_dir
     task_type, task_id = task_info(strategy)
-    return model_dir / ".workers" / f"{task_type}_{task_id}"
+    return os.path.join(model_dir, ".workers", f"{task_type}_{task_id}")
 
 
 def mixed_precision_policy(strategy: tf.distribute.Strategy) -> str:

@@ -214,12 +214,13 @@ def _write_split(
 
 
 def read_label_map(folder: str | os.PathLike) -> dict | None:
-    """The `label_map.json` in `folder`, or None when there is none."""
-    path = Path(folder) / LABEL_MAP_FILE
-    if not path.is_file():
+    """The `label_map.json` in `folder` (local or gs://), or None when there is none."""
+    path = os.path.join(str(folder), LABEL_MAP_FILE)
+    if not tf.io.gfile.exists(path):
         return None
     try:
-        label_map = json.loads(path.read_text(encoding="utf-8"))
+        with tf.io.gfile.GFile(path) as handle:
+            label_map = json.loads(handle.read())
         int(label_map["num_classes"])
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a label map ({error})") from error

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from delf_tf.atomic import atomic_write_text
+from delf_tf.atomic import atomic_write
 from delf_tf.config import ModelConfig, TrainingConfig
 from delf_tf.model import DelfModel, build_delf_model
 from delf_tf.model.backbone import WeightsError
@@ -172,8 +173,9 @@ class Trainer:
         )
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
-            directory=str(self.write_dir / CHECKPOINT_DIR),
-            max_to_keep=config.keep_checkpoints,
+            directory=os.path.join(self.write_dir, CHECKPOINT_DIR),
+            # Other workers' copies are scratch: keep one.
+            max_to_keep=config.keep_checkpoints if self.is_chief else 1,
         )
         self._variables = self.model.trainable_variables
         self._train_step = tf.function(self._distributed_train_step)
@@ -182,10 +184,11 @@ class Trainer:
 
     def restore(self) -> int:
         """Restores the newest checkpoint of model_dir, if any; returns the step."""
-        latest = self.manager.latest_checkpoint
+        # Every worker restores the chief's newest checkpoint.
+        latest = tf.train.latest_checkpoint(os.path.join(self.config.model_dir, CHECKPOINT_DIR))
         if latest is None:
             return 0
-        _check_same_stage(Path(self.config.model_dir), self.config.stage)
+        _check_same_stage(self.config.model_dir, self.config.stage)
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(self.step.numpy())
         logging.info("restored %s at step %d", latest, step)
@@ -348,7 +351,7 @@ class Trainer:
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 self.manager.save(checkpoint_number=step)
         progress.close()
-        model_path = Path(config.model_dir) / MODEL_FILE
+        model_path = os.path.join(config.model_dir, MODEL_FILE)
         if self.is_chief:
             save_float32_model(self.model, model_path)
         for writer in writers.values():
@@ -388,10 +391,10 @@ class Trainer:
                 "train": tf.summary.create_noop_writer(),
                 "validation": tf.summary.create_noop_writer(),
             }
-        logs = Path(self.config.model_dir)
+        logs = self.config.model_dir
         return {
-            "train": tf.summary.create_file_writer(str(logs / "train")),
-            "validation": tf.summary.create_file_writer(str(logs / "validation")),
+            "train": tf.summary.create_file_writer(os.path.join(logs, "train")),
+            "validation": tf.summary.create_file_writer(os.path.join(logs, "validation")),
         }
 
     def _preview_batch(self) -> tf.Tensor | None:
@@ -413,14 +416,16 @@ class Trainer:
     def _write_run_files(self) -> None:
         if not self.is_chief:
             return
-        model_dir = Path(self.config.model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(model_dir / TRAINING_CONFIG_FILE, self.config.to_json() + "\n")
-        atomic_write_text(model_dir / MODEL_CONFIG_FILE, self.model_config.to_json() + "\n")
+        model_dir = self.config.model_dir
+        tf.io.gfile.makedirs(model_dir)
+        write_text(os.path.join(model_dir, TRAINING_CONFIG_FILE), self.config.to_json() + "\n")
+        write_text(os.path.join(model_dir, MODEL_CONFIG_FILE), self.model_config.to_json() + "\n")
         names = self.train_source.class_names
         if names is not None:
             label_map = {"num_classes": len(names), "classes": list(names)}
-            atomic_write_text(model_dir / LABEL_MAP_FILE, json.dumps(label_map, indent=1) + "\n")
+            write_text(
+                os.path.join(model_dir, LABEL_MAP_FILE), json.dumps(label_map, indent=1) + "\n"
+            )
 
 
 def train(config: TrainingConfig, model_config: ModelConfig | None = None) -> TrainResult:
@@ -434,10 +439,10 @@ def load_init_weights(model: DelfModel, path: str | os.PathLike) -> None:
     Backbone and attention head are always copied; the classifier heads only
     when their shapes match (same number of classes).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
+    path = str(path)
+    if tf.io.gfile.isdir(path):
+        path = os.path.join(path, MODEL_FILE)
+    if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"--init_from: {path} not found (expected a DelfModel .keras)")
     source = keras.saving.load_model(path, compile=False)
     if not isinstance(source, DelfModel):
@@ -458,39 +463,51 @@ def load_init_weights(model: DelfModel, path: str | os.PathLike) -> None:
     logging.info("initialised from %s", path)
 
 
-def save_float32_model(model: DelfModel, path: str | os.PathLike) -> Path:
-    """Saves a float32, all-trainable copy of `model` as `.keras`, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_float32_model(model: DelfModel, path: str | os.PathLike) -> str:
+    """Saves a float32, all-trainable copy of `model` as `.keras` (local or gs://), atomically."""
+    path = str(path)
     with distribute.dtype_policy("float32"):
         clone = DelfModel(**model.config.to_dict(), name=model.name)
     clone.set_weights([np.asarray(w) for w in model.get_weights()])
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
-        clone.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        clone.save(local)
+        data = Path(local).read_bytes()
+    write_bytes(path, data)
     logging.info("saved %s", path)
     return path
 
 
-def _check_same_stage(model_dir: Path, stage: str) -> None:
-    path = model_dir / TRAINING_CONFIG_FILE
-    if not path.is_file():
+def write_bytes(path: str, data: bytes) -> None:
+    """Atomic on local disks (rename); a plain gfile write on remote file systems."""
+    if "://" in path:
+        with tf.io.gfile.GFile(path, "wb") as handle:
+            handle.write(data)
+    else:
+        atomic_write(path, lambda handle: handle.write(data))
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def _check_same_stage(model_dir: str, stage: str) -> None:
+    path = os.path.join(model_dir, TRAINING_CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
         return
-    previous = TrainingConfig.load(path).stage
+    with tf.io.gfile.GFile(path) as handle:
+        previous = TrainingConfig.from_json(handle.read(), source=path).stage
     if previous != stage:
         raise ValueError(
             f"{model_dir} holds checkpoints of stage {previous!r}, not {stage!r}: use a new "
-            f"--model_dir and --init_from={model_dir / MODEL_FILE}"
+            f"--model_dir and --init_from={os.path.join(model_dir, MODEL_FILE)}"
         )
 
 
 def _weights_arg(weights: str):
     if weights in ("", "random"):
         return None
-    if weights != "imagenet" and not Path(weights).is_file():
+    if weights != "imagenet" and not tf.io.gfile.exists(weights):
         raise WeightsError(f"--backbone_weights: {weights} is neither random, imagenet nor a file")
     return weights
 
