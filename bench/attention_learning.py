@@ -1,6 +1,6 @@
 """Learning check: does the attention stage put attention on the object?
 
-    python bench/attention_learning.py [--descriptor_steps=240 --attention_steps=200]
+    python bench/attention_learning.py [--descriptor_steps=150 --attention_steps=400]
 
 Synthetic task (delf_tf.training.synthetic): each class is a distinct striped
 pattern pasted at a random place on random clutter. Runs the paper's two
@@ -18,6 +18,7 @@ A CPU run with the defaults takes about 10 minutes on 2 cores.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -35,11 +36,15 @@ flags.DEFINE_integer("image_size", 96, "image side")
 flags.DEFINE_integer("pattern_size", 32, "pattern side")
 flags.DEFINE_integer("batch_size", 12, "batch size of both stages")
 flags.DEFINE_integer("descriptor_steps", 150, "stage 1 steps")
-flags.DEFINE_integer("attention_steps", 150, "stage 2 steps")
+flags.DEFINE_integer("attention_steps", 400, "stage 2 steps")
 flags.DEFINE_float("descriptor_lr", 0.01, "stage 1 initial learning rate")
 flags.DEFINE_float("attention_lr", 0.1, "stage 2 initial learning rate")
 flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_string("work_dir", None, "keep runs here (default: a temporary folder)")
+flags.DEFINE_string(
+    "descriptor_model", None, "reuse this stage-1 model.keras (same --seed/--work_dir data)"
+)
+flags.DEFINE_list("attention_scale_range", ["0.25", "1.0"], "stage 2 random rescale range")
 
 
 def attention_share(model, images, boxes):
@@ -103,29 +108,38 @@ def main(argv):
     timings = {}
 
     start = time.perf_counter()
-    stage1 = Trainer(
-        TrainingConfig(
-            stage="descriptor",
-            model_dir=str(work / "descriptor"),
-            max_steps=FLAGS.descriptor_steps,
-            initial_lr=FLAGS.descriptor_lr,
-            **common,
-        ),
-        model_config,
-    )
-    result1 = stage1.run()
+    if FLAGS.descriptor_model:
+        descriptor_path = FLAGS.descriptor_model
+        descriptor_model = keras.saving.load_model(descriptor_path)
+        descriptor_loss = None
+    else:
+        stage1 = Trainer(
+            TrainingConfig(
+                stage="descriptor",
+                model_dir=str(work / "descriptor"),
+                max_steps=FLAGS.descriptor_steps,
+                initial_lr=FLAGS.descriptor_lr,
+                **common,
+            ),
+            model_config,
+        )
+        result1 = stage1.run()
+        descriptor_path, descriptor_model = result1.model_path, stage1.model
+        descriptor_loss = result1.history[-1]["loss/descriptor"]
     timings["descriptor_s"] = round(time.perf_counter() - start, 1)
-    logits = np.asarray(stage1.model(test_images, training=False)["descriptor_logits"])
+    logits = np.asarray(descriptor_model(test_images, training=False)["descriptor_logits"])
     descriptor_accuracy = float((logits.argmax(-1) == test_labels).mean())
 
     start = time.perf_counter()
+    shutil.rmtree(work / "attention", ignore_errors=True)  # a fresh stage 2, never a resume
     stage2 = Trainer(
         TrainingConfig(
             stage="attention",
             model_dir=str(work / "attention"),
             max_steps=FLAGS.attention_steps,
             initial_lr=FLAGS.attention_lr,
-            init_from=result1.model_path,
+            init_from=descriptor_path,
+            attention_scale_range=tuple(float(v) for v in FLAGS.attention_scale_range),
             **common,
         ),
         model_config,
@@ -148,6 +162,8 @@ def main(argv):
                     "pattern_size": FLAGS.pattern_size,
                 },
                 "steps": {"descriptor": FLAGS.descriptor_steps, "attention": FLAGS.attention_steps},
+                "attention_scale_range": FLAGS.attention_scale_range,
+                "descriptor_model": descriptor_path,
                 "test_accuracy": {
                     "descriptor_head": descriptor_accuracy,
                     "attention_head": attention_accuracy,
@@ -161,7 +177,7 @@ def main(argv):
                 },
                 "concentrates": bool(trained_share > 1.5 * uniform and trained_share > init_share),
                 "final_train_loss": {
-                    "descriptor": result1.history[-1]["loss/descriptor"],
+                    "descriptor": descriptor_loss,
                     "attention": result2.history[-1]["loss/attention"],
                 },
                 "timings": timings,

@@ -59,6 +59,7 @@ HELP = {
     "tfds_manual_dir": "manual_dir to prepare an unprepared TFDS dataset from (offline)",
 }
 MODEL_FLAGS = ("weight_decay", "attention_hidden_units")
+REQUIRED = ("train_data", "model_dir")
 _CHOICES = {"stage": TRAINING_STAGES, "lr_schedule": LR_SCHEDULES, "strategy": STRATEGIES}
 
 
@@ -69,6 +70,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     for field in dataclasses.fields(TrainingConfig):
         name, default = field.name, getattr(defaults, field.name)
         help_text = HELP[name]
+        if name in REQUIRED:  # no default, so absl enforces them
+            flags.DEFINE_string(name, None, help_text, **define)
+            continue
         if name in _CHOICES:
             flags.DEFINE_enum(name, default, list(_CHOICES[name]), help_text, **define)
         elif isinstance(default, bool):
@@ -91,7 +95,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "channels of the attention head's hidden 1x1 conv",
         **define,
     )
-    flags.mark_flags_as_required(["train_data", "model_dir"], **define)
+    flags.mark_flags_as_required(list(REQUIRED), **define)
 
 
 def configs_from_flags(flag_values: flags.FlagValues) -> tuple[TrainingConfig, ModelConfig]:
