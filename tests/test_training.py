@@ -104,6 +104,27 @@ def test_attention_stage_trains_head_and_leaves_backbone_unchanged(image_folder,
     assert any(changed)
 
 
+def test_mixed_precision_uses_loss_scaling_and_saves_float32(image_folder, tmp_path):
+    import keras
+
+    from delf_tf.training.trainer import Trainer
+
+    config = tiny_config(
+        image_folder, tmp_path, stage="attention", mixed_precision=True, initial_lr=0.1, max_steps=8
+    )
+    trainer = Trainer(config, SMALL_MODEL)
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert trainer.model.attention.dtype_policy.compute_dtype == "float16"
+    result = trainer.run()
+    loss = losses(result.history, "loss/attention")
+    assert np.all(np.isfinite(loss)) and loss[-1] < loss[0]
+    assert result.history[-1]["loss_scale"] > 1
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    saved = keras.saving.load_model(result.model_path)
+    outputs = saved(np.zeros((1, 32, 32, 3), np.float32))
+    assert {str(value.dtype) for value in outputs.values()} == {"<dtype: 'float32'>"}
+
+
 def test_joint_stage_trains_both_heads(image_folder, tmp_path):
     from delf_tf.training.trainer import train
 
