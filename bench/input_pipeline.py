@@ -35,7 +35,7 @@ flags.DEFINE_integer("batch_size", 16, "batch size")
 flags.DEFINE_integer("image_size", 224, "crop size")
 flags.DEFINE_integer("batches", 12, "batches timed per repetition")
 flags.DEFINE_integer("repeats", 3, "repetitions (the median is reported)")
-flags.DEFINE_integer("train_steps", 3, "timed training steps (after one warm-up step)")
+flags.DEFINE_integer("train_steps", 3, "timed training steps after a warm-up one (0: skip)")
 
 
 def write_synthetic(folder: Path, count: int) -> None:
@@ -144,7 +144,7 @@ def main(argv):
         serial = images_per_second(
             serial_dataset(source.files, config), FLAGS.batches, FLAGS.batch_size, FLAGS.repeats
         )
-        step = train_step_rate(source, config, FLAGS.train_steps)
+        step = train_step_rate(source, config, FLAGS.train_steps) if FLAGS.train_steps else None
     print(
         json.dumps(
             {
@@ -155,10 +155,10 @@ def main(argv):
                 "cpu_count": os.cpu_count(),
                 "parallel_images_per_s": round(parallel, 1),
                 "serial_images_per_s": round(serial, 1),
-                "train_step_images_per_s": round(step, 2),
+                "train_step_images_per_s": round(step, 2) if step else None,
                 "parallel_over_serial": round(parallel / serial, 2),
-                "parallel_over_train_step": round(parallel / step, 1),
-                "serial_over_train_step": round(serial / step, 1),
+                "parallel_over_train_step": round(parallel / step, 1) if step else None,
+                "serial_over_train_step": round(serial / step, 1) if step else None,
             },
             indent=1,
         )

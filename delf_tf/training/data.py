@@ -50,11 +50,6 @@ class DataSource:
     num_classes: int | None = None
     class_names: tuple[str, ...] | None = None
 
-    @property
-    def size(self) -> int | None:
-        """Number of images when known without reading the data."""
-        return len(self.files) if self.kind == "folder" else None
-
 
 def resolve_source(
     spec: str,
