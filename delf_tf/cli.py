@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "extract features of images that ship with scikit-image (no download)"),
     "export": ("export", "export a SavedModel that TF Serving serves as it is"),
     "serve": ("serve", "TF Serving's gRPC/REST APIs over exported models (dev and CI stand-in)"),
+    "train": ("train", "train one DELF stage (descriptor, attention, joint) with tf.data"),
+    "build-tfrecords": ("build_tfrecords", "write labelled images as sharded TFRecords"),
 }
 
 

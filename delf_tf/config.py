@@ -139,3 +139,146 @@ class ExtractionConfig(JsonConfig):
             raise ValueError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if self.pca_dim < 1:
             raise ValueError(f"pca_dim must be >= 1, got {self.pca_dim}")
+
+
+TRAINING_STAGES: tuple[str, ...] = ("descriptor", "attention", "joint")
+LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+STRATEGIES: tuple[str, ...] = ("default", "mirrored", "multi_worker", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig(JsonConfig):
+    """Every knob of a training run (`training/train.py`, `delf train`).
+
+    Defaults follow the DELF reference trainer (TF2 `train.py`): SGD with
+    momentum 0.9, initial learning rate 0.01 decayed to 0, global-norm
+    clipping at 10, 321 px crops, batch 32.
+
+    Attributes:
+      stage: "descriptor" (backbone + GAP classifier), "attention" (frozen
+        backbone; attention head + attention classifier on rescaled inputs) or
+        "joint" (both losses in one step, attention through stop-gradient).
+      train_data / val_data: a TFRecord glob, a TFDS dataset name (optionally
+        "tfds:name[/config][:split]") or an image folder with one subfolder per class.
+      num_classes: 0 infers it from the data (label map, TFDS info, subfolders).
+      batch_size: global batch size, split evenly over the replicas.
+      image_size: side of the square training crops, in pixels.
+      initial_lr / lr_schedule / max_steps: learning rate decays from
+        initial_lr to 0 over max_steps, linearly or along a cosine.
+      momentum: SGD momentum.
+      clip_norm: global-norm gradient clipping of the summed (all-replica) gradient.
+      attention_loss_weight: weight of the attention loss in the joint stage.
+      attention_scale_range: attention stage: each batch is rescaled by a
+        factor drawn uniformly from this range (the paper's [0.25, 1.0]).
+      crop_area_range / crop_aspect_range: random resized crop (fraction of
+        the image area, width / height).
+      random_flip: horizontal flips (off: landmarks are not mirror-symmetric).
+      shuffle_buffer: records held by the shuffle buffer (before decoding).
+      strategy / tpu: tf.distribute strategy; tpu is the TPU name or address.
+      mixed_precision: float16 compute (bfloat16 on TPU), float32 variables.
+      model_dir: checkpoints, TensorBoard logs and the final `model.keras`.
+      backbone_weights: "imagenet", "random" or a local ResNet50 weights file.
+      init_from: a previous stage's `model.keras` (or its model_dir).
+      seed: seeds the initialisation, the data order and augmentation.
+      log_every / checkpoint_every / image_summary_every / eval_every: in steps
+        (0 disables evaluation and attention images).
+      eval_steps: validation batches per evaluation (0: the whole set).
+      keep_checkpoints: checkpoints kept by the CheckpointManager.
+      tfds_data_dir / tfds_manual_dir: TFDS data directory, and the folder a
+        local TFDS builder prepares from when the dataset is not prepared yet.
+    """
+
+    stage: str = "descriptor"
+    train_data: str = ""
+    val_data: str = ""
+    num_classes: int = 0
+    batch_size: int = 32
+    image_size: int = 321
+    initial_lr: float = 0.01
+    max_steps: int = 500_000
+    lr_schedule: str = "linear"
+    momentum: float = 0.9
+    clip_norm: float = 10.0
+    attention_loss_weight: float = 1.0
+    attention_scale_range: tuple[float, ...] = (0.25, 1.0)
+    crop_area_range: tuple[float, ...] = (0.08, 1.0)
+    crop_aspect_range: tuple[float, ...] = (0.75, 1.3333)
+    random_flip: bool = False
+    shuffle_buffer: int = 1000
+    strategy: str = "default"
+    tpu: str = ""
+    mixed_precision: bool = False
+    model_dir: str = ""
+    backbone_weights: str = "imagenet"
+    init_from: str = ""
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    image_summary_every: int = 1000
+    eval_every: int = 1000
+    eval_steps: int = 100
+    keep_checkpoints: int = 3
+    tfds_data_dir: str = ""
+    tfds_manual_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("attention_scale_range", "crop_area_range", "crop_aspect_range"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        _check_choice("stage", self.stage, TRAINING_STAGES)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        for name in ("batch_size", "image_size", "max_steps", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_classes", "image_summary_every", "eval_every", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.initial_lr <= 0 or self.clip_norm <= 0:
+            raise ValueError(
+                f"initial_lr and clip_norm must be > 0, got {self.initial_lr}, {self.clip_norm}"
+            )
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        _check_range("attention_scale_range", self.attention_scale_range, upper=1.0)
+        _check_range("crop_area_range", self.crop_area_range, upper=1.0)
+        _check_range("crop_aspect_range", self.crop_aspect_range, upper=None)
+        if self.keep_checkpoints < 1 or self.shuffle_buffer < 1:
+            raise ValueError("keep_checkpoints and shuffle_buffer must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetBuildConfig(JsonConfig):
+    """Writing labelled images as sharded TFRecords (`training/build_tfrecords.py`).
+
+    Attributes:
+      validation_fraction: share of each class's images held out for validation
+        (a class always keeps at least one training image).
+      images_per_shard: target number of images per TFRecord shard.
+      seed: seeds the per-class split.
+      num_workers: threads that validate and encode images.
+    """
+
+    validation_fraction: float = 0.2
+    images_per_shard: int = 1000
+    seed: int = 0
+    num_workers: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
+            )
+        if self.images_per_shard < 1 or self.num_workers < 1:
+            raise ValueError("images_per_shard and num_workers must be >= 1")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_range(name: str, values: tuple[float, ...], upper: float | None) -> None:
+    low_high_ok = len(values) == 2 and 0.0 < values[0] <= values[1]
+    if not low_high_ok or (upper is not None and values[1] > upper):
+        bound = f", at most {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high{bound}, got {values}")

@@ -1,0 +1,464 @@
+"""The training loop: the paper's stages under any tf.distribute strategy, resumable.
+
+Stages (which layers train, which loss):
+  descriptor  backbone + descriptor classifier; cross-entropy of the GAP classifier.
+  attention   attention head + attention classifier, backbone frozen (its batch
+              norm in inference mode); cross-entropy of the attention-pooled
+              classifier; each batch is rescaled by a random factor from
+              `attention_scale_range`, so attention learns at several scales.
+  joint       everything; descriptor loss + attention_loss_weight * attention loss,
+              the attention branch sees the features through stop-gradient.
+All stages add the weight decay of the trained kernels (`sum(model.losses)`).
+SGD with momentum, linear or cosine decay to 0, global-norm clipping of the
+gradient summed over all replicas, optional mixed precision (dynamic loss
+scaling with float16).
+
+model_dir receives checkpoints/ (tf.train.CheckpointManager: a run started
+again, even after kill -9, continues from the newest), train/ and validation/
+TensorBoard logs (losses, accuracies, learning rate, attention maps), the
+configs, the label map and, at the end, model.keras (a float32 DelfModel for
+`delf extract --model` and `delf export`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tqdm import tqdm
+
+from delf_tf.config import ModelConfig, TrainingConfig
+from delf_tf.model import DelfModel, build_delf_model
+from delf_tf.model.backbone import WeightsError
+from delf_tf.training import data, distribute
+from delf_tf.training.model_io import (
+    MODEL_FILE,
+    load_init_weights,
+    save_float32_model,
+    write_text,
+)
+from delf_tf.training.summaries import attention_images, write_images, write_scalars
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINING_CONFIG_FILE = "training_config.json"
+MODEL_CONFIG_FILE = "model_config.json"
+LABEL_MAP_FILE = "label_map.json"
+PREVIEW_IMAGES = 4
+# Backbone stride: rescaled attention-stage inputs are a multiple of it (>= one cell).
+SIZE_QUANTUM = 16
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Summary of a run: where the model is, the steps run, the logged metrics."""
+
+    model_path: str
+    stage: str
+    num_classes: int
+    start_step: int
+    final_step: int
+    history: list[dict[str, float]]
+    validation: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stage_losses(stage: str) -> tuple[str, ...]:
+    """Classifier heads whose loss a stage minimises."""
+    return {"descriptor": ("descriptor",), "attention": ("attention",)}.get(
+        stage, ("descriptor", "attention")
+    )
+
+
+def configure_stage(model: DelfModel, stage: str) -> None:
+    """Sets which parts of `model` train in `stage` (frozen batch norm runs in inference mode)."""
+    descriptor = stage in ("descriptor", "joint")
+    attention = stage in ("attention", "joint")
+    model.backbone.trainable = descriptor
+    model.descriptor_classifier.trainable = descriptor
+    model.attention.trainable = attention
+    model.attention_classifier.trainable = attention
+
+
+def learning_rate_schedule(
+    config: TrainingConfig,
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.initial_lr, config.max_steps)
+    return keras.optimizers.schedules.PolynomialDecay(
+        config.initial_lr, config.max_steps, end_learning_rate=0.0, power=1.0
+    )
+
+
+def rescaled_size(config: TrainingConfig, step: int) -> int:
+    """Attention stage: side of the batch at `step`, image_size * U(range), a multiple of 16.
+
+    Drawn from a generator seeded by (seed, step): a resumed run repeats it.
+    """
+    low, high = config.attention_scale_range
+    factor = np.random.default_rng([config.seed, step]).uniform(low, high)
+    size = int(round(config.image_size * factor / SIZE_QUANTUM)) * SIZE_QUANTUM
+    return max(size, SIZE_QUANTUM)
+
+
+class Trainer:
+    """Builds data, model, optimizer and checkpoint for `config`, then `run()`s."""
+
+    def __init__(self, config: TrainingConfig, model_config: ModelConfig | None = None):
+        if not config.train_data:
+            raise ValueError("--train_data is required")
+        if not config.model_dir:
+            raise ValueError("--model_dir is required")
+        self.config = config
+        self.strategy = distribute.create_strategy(config.strategy, config.tpu)
+        replicas = self.strategy.num_replicas_in_sync
+        if config.batch_size % replicas:
+            raise ValueError(
+                f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas"
+            )
+        self.is_chief = distribute.is_chief(self.strategy)
+        self.write_dir = distribute.write_dir(config.model_dir, self.strategy)
+        self.train_source = data.resolve_source(config.train_data, config)
+        self.val_source = (
+            data.resolve_source(
+                config.val_data,
+                config,
+                class_names=self.train_source.class_names,
+                default_split="validation",
+            )
+            if config.val_data
+            else None
+        )
+        num_classes = data.infer_num_classes(self.train_source, config.num_classes)
+        self.model_config = (model_config or ModelConfig()).replace(num_classes=num_classes)
+        self.policy = (
+            distribute.mixed_precision_policy(self.strategy)
+            if config.mixed_precision
+            else "float32"
+        )
+        self._static_shapes = isinstance(self.strategy, tf.distribute.TPUStrategy)
+        self._build()
+
+    # ---------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        config = self.config
+        with self.strategy.scope(), distribute.dtype_policy(self.policy):
+            self.model = build_delf_model(
+                self.model_config, weights=_weights_arg(config.backbone_weights), seed=config.seed
+            )
+            if config.init_from:
+                load_init_weights(self.model, config.init_from)
+            configure_stage(self.model, config.stage)
+            optimizer = keras.optimizers.SGD(
+                learning_rate=learning_rate_schedule(config), momentum=config.momentum
+            )
+            if self.policy == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(self.model.trainable_variables)
+            self.optimizer = optimizer
+            self.step = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="global_step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, step=self.step
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            directory=os.path.join(self.write_dir, CHECKPOINT_DIR),
+            # Other workers' copies are scratch: keep one.
+            max_to_keep=config.keep_checkpoints if self.is_chief else 1,
+        )
+        self._variables = self.model.trainable_variables
+        self._train_step = tf.function(self._distributed_train_step)
+        self._eval_step = tf.function(self._distributed_eval_step)
+        self._preview = tf.function(self._distributed_preview)
+
+    def restore(self) -> int:
+        """Restores the newest checkpoint of model_dir, if any; returns the step."""
+        # Every worker restores the chief's newest checkpoint.
+        latest = tf.train.latest_checkpoint(os.path.join(self.config.model_dir, CHECKPOINT_DIR))
+        if latest is None:
+            return 0
+        _check_same_stage(self.config.model_dir, self.config.stage)
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        step = int(self.step.numpy())
+        logging.info("restored %s at step %d", latest, step)
+        return step
+
+    # ---------------------------------------------------------------- steps
+    def _replica_train_step(self, images, labels, size):
+        config = self.config
+        if config.stage == "attention":
+            images = tf.image.resize(images, tf.stack([size, size]), antialias=True)
+        replicas = self.strategy.num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            outputs = self.model(images, training=True, attention_stop_gradient=True)
+            metrics, total = self._losses(outputs, labels, config.batch_size)
+            regularization = (
+                tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+                if self.model.losses
+                else tf.constant(0.0)
+            )
+            total = total + regularization
+            scaled = self.optimizer.scale_loss(total)
+        gradients = tape.gradient(scaled, self._variables)
+        missing = [v.path for v, g in zip(self._variables, gradients, strict=True) if g is None]
+        if missing:
+            raise ValueError(f"stage {config.stage}: no gradient for {missing[:5]}")
+        # Clip the gradient of the whole global batch: sum the replicas' parts first.
+        gradients = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, gradients
+        )
+        scale = self._loss_scale()
+        gradients, norm = tf.clip_by_global_norm(gradients, config.clip_norm * scale)
+        # The Keras optimizer sums the replicas' gradients again: hand it 1/replicas each.
+        gradients = [g / replicas for g in gradients]
+        self.optimizer.apply(gradients, self._variables)
+        metrics["loss/regularization"] = regularization
+        metrics["loss/total"] = total
+        metrics["gradient_norm"] = norm / scale / replicas
+        return metrics
+
+    def _losses(self, outputs, labels, global_batch):
+        """Per-replica losses (already divided by the global batch) and accuracies."""
+        metrics, total = {}, tf.constant(0.0)
+        for head in stage_losses(self.config.stage):
+            logits = tf.cast(outputs[f"{head}_logits"], tf.float32)
+            per_example = keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            correct = tf.cast(
+                tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32
+            )
+            metrics[f"loss/{head}"] = loss
+            metrics[f"accuracy/{head}"] = tf.reduce_sum(correct) / global_batch
+            weight = (
+                self.config.attention_loss_weight
+                if head == "attention" and len(stage_losses(self.config.stage)) > 1
+                else 1.0
+            )
+            total = total + weight * loss
+        return metrics, total
+
+    def _loss_scale(self):
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return tf.cast(self.optimizer.dynamic_scale, tf.float32)
+        return tf.constant(1.0)
+
+    def _distributed_train_step(self, iterator, size):
+        images, labels = next(iterator)
+        per_replica = self.strategy.run(self._replica_train_step, args=(images, labels, size))
+        self.step.assign_add(1)
+        return {
+            name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+            for name, value in per_replica.items()
+        }
+
+    def _distributed_eval_step(self, images, labels):
+        def replica(images, labels):
+            outputs = self.model(images, training=False)
+            sums = {"count": tf.cast(tf.shape(labels)[0], tf.float32)}
+            for head in stage_losses(self.config.stage):
+                logits = tf.cast(outputs[f"{head}_logits"], tf.float32)
+                sums[f"loss/{head}"] = tf.reduce_sum(
+                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                )
+                sums[f"accuracy/{head}"] = tf.reduce_sum(
+                    tf.cast(
+                        tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32
+                    )
+                )
+            return sums
+
+        per_replica = self.strategy.run(replica, args=(images, labels))
+        return {
+            k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in per_replica.items()
+        }
+
+    def _distributed_preview(self, images):
+        def replica(images):
+            return attention_images(images, self.model(images, training=False)["attention"])
+
+        results = self.strategy.run(replica, args=(images,))
+        return tuple(self.strategy.experimental_local_results(r)[0] for r in results)
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        config = self.config
+        start = self.restore()
+        if not config.init_from and not start and config.stage != "descriptor":
+            logging.warning(
+                "stage %s without --init_from: training on backbone weights %r",
+                config.stage,
+                config.backbone_weights,
+            )
+        self._write_run_files()
+        writers = self._writers()
+        preview = self._preview_batch()
+        dataset = self.strategy.distribute_datasets_from_function(
+            lambda context: data.make_dataset(
+                self.train_source, config, True, context, seed=config.seed + start
+            )
+        )
+        iterator = iter(dataset)
+        history, validation = [], {}
+        window, window_start, window_steps = {}, time.perf_counter(), 0
+        schedule = learning_rate_schedule(config)
+        progress = tqdm(total=config.max_steps, initial=start, desc=config.stage, disable=None)
+        step = start
+        while step < config.max_steps:
+            size = rescaled_size(config, step) if config.stage == "attention" else config.image_size
+            metrics = self._train_step(iterator, size if self._static_shapes else tf.constant(size))
+            step += 1
+            progress.update(1)
+            for name, value in metrics.items():
+                window[name] = window.get(name, 0.0) + float(value)
+            window_steps += 1
+            if step % config.log_every == 0 or step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logged = {name: value / window_steps for name, value in window.items()}
+                logged["learning_rate"] = float(schedule(step - 1))
+                logged["images_per_second"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+                if self.policy == "mixed_float16":
+                    logged["loss_scale"] = float(self._loss_scale())
+                write_scalars(writers["train"], logged, step)
+                history.append({"step": step, **logged})
+                logging.info("step %d %s", step, _format(logged))
+                window, window_start, window_steps = {}, time.perf_counter(), 0
+            if config.image_summary_every and (
+                step % config.image_summary_every == 0 or step == config.max_steps
+            ):
+                self._write_preview(writers["train"], preview, step)
+            if (
+                self.val_source
+                and config.eval_every
+                and (step % config.eval_every == 0 or step == config.max_steps)
+            ):
+                validation = self.evaluate()
+                write_scalars(writers["validation"], validation, step)
+                logging.info("validation at step %d %s", step, _format(validation))
+            if step % config.checkpoint_every == 0 or step == config.max_steps:
+                self.manager.save(checkpoint_number=step)
+        progress.close()
+        model_path = os.path.join(config.model_dir, MODEL_FILE)
+        if self.is_chief:
+            save_float32_model(self.model, model_path)
+        for writer in writers.values():
+            writer.close()
+        return TrainResult(
+            str(model_path),
+            config.stage,
+            self.model_config.num_classes,
+            start,
+            step,
+            history,
+            validation,
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean losses and accuracies on (up to eval_steps batches of) the validation data."""
+        config = self.config
+        dataset = self.strategy.distribute_datasets_from_function(
+            lambda context: _take(
+                data.make_dataset(self.val_source, config, False, context), config.eval_steps
+            )
+        )
+        totals: dict[str, float] = {}
+        for images, labels in dataset:
+            for name, value in self._eval_step(images, labels).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        count = totals.pop("count", 0.0)
+        if not count:
+            logging.warning("validation data %s gave no full batch", config.val_data)
+            return {}
+        return {name: value / count for name, value in totals.items()}
+
+    # ---------------------------------------------------------------- outputs
+    def _writers(self) -> dict[str, tf.summary.SummaryWriter]:
+        if not self.is_chief:
+            return {
+                "train": tf.summary.create_noop_writer(),
+                "validation": tf.summary.create_noop_writer(),
+            }
+        logs = self.config.model_dir
+        return {
+            "train": tf.summary.create_file_writer(os.path.join(logs, "train")),
+            "validation": tf.summary.create_file_writer(os.path.join(logs, "validation")),
+        }
+
+    def _preview_batch(self) -> tf.Tensor | None:
+        if not self.config.image_summary_every:
+            return None
+        source = self.val_source or self.train_source
+        preview_config = self.config.replace(batch_size=PREVIEW_IMAGES)
+        for images, _ in data.make_dataset(source, preview_config, False).take(1):
+            return images
+        return None
+
+    def _write_preview(self, writer, images, step: int) -> None:
+        if images is None:
+            return
+        heat, overlay = self._preview(images)
+        write_images(writer, "attention/heat", heat, step, PREVIEW_IMAGES)
+        write_images(writer, "attention/overlay", overlay, step, PREVIEW_IMAGES)
+
+    def _write_run_files(self) -> None:
+        if not self.is_chief:
+            return
+        model_dir = self.config.model_dir
+        tf.io.gfile.makedirs(model_dir)
+        write_text(os.path.join(model_dir, TRAINING_CONFIG_FILE), self.config.to_json() + "\n")
+        write_text(os.path.join(model_dir, MODEL_CONFIG_FILE), self.model_config.to_json() + "\n")
+        names = self.train_source.class_names
+        if names is not None:
+            label_map = {"num_classes": len(names), "classes": list(names)}
+            write_text(
+                os.path.join(model_dir, LABEL_MAP_FILE), json.dumps(label_map, indent=1) + "\n"
+            )
+
+
+def train(config: TrainingConfig, model_config: ModelConfig | None = None) -> TrainResult:
+    """Trains one stage as `config` says (resuming from model_dir); returns the summary."""
+    return Trainer(config, model_config).run()
+
+
+def _check_same_stage(model_dir: str, stage: str) -> None:
+    path = os.path.join(model_dir, TRAINING_CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as handle:
+        previous = TrainingConfig.from_json(handle.read(), source=path).stage
+    if previous != stage:
+        raise ValueError(
+            f"{model_dir} holds checkpoints of stage {previous!r}, not {stage!r}: use a new "
+            f"--model_dir and --init_from={os.path.join(model_dir, MODEL_FILE)}"
+        )
+
+
+def _weights_arg(weights: str):
+    if weights in ("", "random"):
+        return None
+    if weights != "imagenet" and not tf.io.gfile.exists(weights):
+        raise WeightsError(f"--backbone_weights: {weights} is neither random, imagenet nor a file")
+    return weights
+
+
+def _take(dataset: tf.data.Dataset, steps: int) -> tf.data.Dataset:
+    return dataset.take(steps) if steps > 0 else dataset
+
+
+def _format(values: dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.4g}" for name, value in values.items())
