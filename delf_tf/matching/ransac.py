@@ -24,7 +24,8 @@ from delf_tf.config import RANSAC_METHODS, TRANSFORMS, RetrievalConfig
 
 _DEFAULTS = RetrievalConfig()
 MIN_SAMPLES = {"affine": 3, "homography": 4}
-# Local optimisation (see `_refine`) of the REFINED_HYPOTHESES best hypotheses.
+# Local optimisation (see `_local_optimisation`) of the REFINED_HYPOTHESES best
+# hypotheses with distinct consensus sets.
 REFINED_HYPOTHESES = 25
 REFINEMENT_STEPS = 5
 LO_THRESHOLD_FACTORS = (4.0, 2.0, 1.5, 1.0)
@@ -32,6 +33,8 @@ LO_THRESHOLD_FACTORS = (4.0, 2.0, 1.5, 1.0)
 _BLOCK = 1 << 21
 # Minimal samples whose (normalised) triangle area is below this are degenerate.
 _DEGENERATE_AREA = 1e-6
+# Least-squares systems this close to singular (relative) are degenerate.
+_DEGENERATE_FIT = 1e-10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +112,12 @@ def fit_transform(src: np.ndarray, dst: np.ndarray, transform: str) -> np.ndarra
     if len(src) < MIN_SAMPLES[transform]:
         return None
     norm_src, norm_dst = _normalizer(src), _normalizer(dst)
-    model = _fit_normalized(_apply(norm_src, src), _apply(norm_dst, dst), transform)
-    if model is None:
+    everything = np.ones((1, len(src)), bool)
+    model, ok = _fit_batch(everything, _apply(norm_src, src), _apply(norm_dst, dst), transform)
+    if not ok[0]:
         return None
-    return _denormalize(model[None], norm_src, norm_dst)[0]
+    model = _denormalize(model, norm_src, norm_dst)[0]
+    return model if np.all(np.isfinite(model)) else None
 
 
 # --- vectorised RANSAC -------------------------------------------------------------
@@ -130,63 +135,74 @@ def _vectorized_ransac(src, dst, transform, threshold, max_trials, seed) -> Rans
     if not len(models):
         return RansacResult(None, np.zeros(n, bool), len(samples))
     counts, costs = _score(models, src, dst, threshold)
-    order = np.lexsort((costs, -counts))[:REFINED_HYPOTHESES]
-    best_key, model, inliers = None, None, None
-    refined: set[bytes] = set()
-    for index in order:
-        start = np.packbits(_inlier_mask(models[index], src, dst, threshold)).tobytes()
-        if start in refined:
-            continue  # same consensus set as a hypothesis refined already
-        refined.add(start)
-        candidate, mask = _refine(models[index], src, dst, threshold, transform)
-        key = (int(mask.sum()), -_cost(candidate, src, dst, threshold))
-        if best_key is None or key > best_key:
-            best_key, model, inliers = key, candidate, mask
+    order = np.lexsort((costs, -counts))[: 4 * REFINED_HYPOTHESES]
+    # The best hypotheses with distinct consensus sets go on to local optimisation.
+    masks = _masks(models[order], src, dst, threshold)
+    _, first = np.unique(np.packbits(masks, axis=1), axis=0, return_index=True)
+    chosen = order[np.sort(first)[:REFINED_HYPOTHESES]]
+    fit = _BatchFit(src, dst, src_n, dst_n, norm_src, norm_dst, transform)
+    model, inliers = _local_optimisation(models[chosen], fit, threshold)
     return RansacResult(model, inliers, len(samples))
 
 
-def _refine(model, src, dst, threshold, transform) -> tuple[np.ndarray, np.ndarray]:
-    """Local optimisation of one hypothesis: (model, inlier mask) with the most inliers.
+class _BatchFit:
+    """Least-squares refits of K models at once, on K inlier masks over the same matches."""
 
-    Least-squares refits on the inliers within a threshold shrinking from
-    LO_THRESHOLD_FACTORS[0] * threshold to threshold (LO-RANSAC), then plain refits at
-    the threshold while they lose no inlier. The hypothesis itself is kept if no
-    refit beats it.
+    def __init__(self, src, dst, src_n, dst_n, norm_src, norm_dst, transform):
+        self.src, self.dst = src, dst
+        self.src_n, self.dst_n = src_n, dst_n
+        self.norm_src, self.norm_dst = norm_src, norm_dst
+        self.transform = transform
+
+    def __call__(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """bool [K, N] -> models [K, 3, 3] in pixels, ok bool [K]."""
+        models, ok = _fit_batch(masks, self.src_n, self.dst_n, self.transform)
+        models = _denormalize(models, self.norm_src, self.norm_dst)
+        return models, ok & np.all(np.isfinite(models), axis=(1, 2))
+
+    def masks(self, models: np.ndarray, threshold: float) -> np.ndarray:
+        return _masks(models, self.src, self.dst, threshold)
+
+
+def _local_optimisation(candidates, fit: _BatchFit, threshold) -> tuple[np.ndarray, np.ndarray]:
+    """LO-RANSAC on K hypotheses at once; the (model, inlier mask) with the most inliers.
+
+    Each hypothesis is refitted by least squares on its inliers within a threshold
+    shrinking from LO_THRESHOLD_FACTORS[0] * threshold to threshold, then refitted
+    on its inliers at the threshold while that loses none (REFINEMENT_STEPS at
+    most). A refit replaces a hypothesis only if it keeps at least as many inliers,
+    so the result never has fewer inliers than the best hypothesis.
     """
-    best_mask = _inlier_mask(model, src, dst, threshold)
-    best_model, current = model, model
+    best = candidates.copy()
+    best_masks = fit.masks(best, threshold)
+    best_counts = best_masks.sum(axis=1)
+    current = candidates
     for factor in LO_THRESHOLD_FACTORS:
-        refit = fit_transform(*_inliers(current, src, dst, factor * threshold), transform)
-        if refit is None or not np.all(np.isfinite(refit)):
-            break
-        current = refit
-        mask = _inlier_mask(refit, src, dst, threshold)
-        if mask.sum() >= best_mask.sum():
-            best_model, best_mask = refit, mask
+        refit, ok = fit(fit.masks(current, factor * threshold))
+        current = np.where(ok[:, None, None], refit, current)
+        masks = fit.masks(current, threshold)
+        counts = masks.sum(axis=1)
+        better = ok & (counts >= best_counts)
+        best[better], best_masks[better], best_counts[better] = (
+            current[better],
+            masks[better],
+            counts[better],
+        )
     for _ in range(REFINEMENT_STEPS):
-        refit = fit_transform(src[best_mask], dst[best_mask], transform)
-        if refit is None or not np.all(np.isfinite(refit)):
+        refit, ok = fit(best_masks)
+        masks = fit.masks(refit, threshold)
+        counts = masks.sum(axis=1)
+        better = ok & (counts >= best_counts) & np.any(masks != best_masks, axis=1)
+        if not better.any():
             break
-        mask = _inlier_mask(refit, src, dst, threshold)
-        if mask.sum() < best_mask.sum():
-            break
-        unchanged = np.array_equal(mask, best_mask)
-        best_model, best_mask = refit, mask
-        if unchanged:
-            break
-    return best_model, best_mask
-
-
-def _inliers(model, src, dst, threshold) -> tuple[np.ndarray, np.ndarray]:
-    mask = _inlier_mask(model, src, dst, threshold)
-    return src[mask], dst[mask]
-
-
-def _cost(model, src, dst, threshold) -> float:
-    """Truncated squared transfer error (MSAC cost) of one model."""
-    homogeneous = np.concatenate([src, np.ones((len(src), 1))], axis=1).T
-    squared = _squared_errors(model[None], homogeneous, dst)[0]
-    return float(np.minimum(squared, threshold * threshold).sum())
+        best[better], best_masks[better], best_counts[better] = (
+            refit[better],
+            masks[better],
+            counts[better],
+        )
+    _, costs = _score(best, fit.src, fit.dst, threshold)
+    pick = int(np.lexsort((costs, -best_counts))[0])
+    return best[pick], best_masks[pick]
 
 
 def _draw_samples(rng: np.random.Generator, n: int, size: int, trials: int) -> np.ndarray:
@@ -259,18 +275,23 @@ def _score(models, src, dst, threshold) -> tuple[np.ndarray, np.ndarray]:
 
 def _squared_errors(models, homogeneous, dst) -> np.ndarray:
     """[T, N] squared transfer errors; points sent to infinity get +inf."""
+    if not np.any(models[:, 2, :2]) and np.all(models[:, 2, 2] == 1.0):  # affine: w = 1
+        difference = models[:, :2] @ homogeneous - dst.T[None]  # [T, 2, N]
+        return np.einsum("tkn,tkn->tn", difference, difference)
     projected = models @ homogeneous  # [T, 3, N]
-    w = projected[:, 2]
     with np.errstate(all="ignore"):
-        dx = projected[:, 0] / w - dst[:, 0]
-        dy = projected[:, 1] / w - dst[:, 1]
+        inverse_w = 1.0 / projected[:, 2]
+        dx = projected[:, 0] * inverse_w - dst[:, 0]
+        dy = projected[:, 1] * inverse_w - dst[:, 1]
         squared = dx * dx + dy * dy
-    return np.where(np.isfinite(squared), squared, np.inf)
+    squared[~np.isfinite(squared)] = np.inf
+    return squared
 
 
-def _inlier_mask(model, src, dst, threshold) -> np.ndarray:
+def _masks(models, src, dst, threshold) -> np.ndarray:
+    """bool [K, N]: matches within `threshold` px under each of K [3, 3] models."""
     homogeneous = np.concatenate([src, np.ones((len(src), 1))], axis=1).T
-    return _squared_errors(model[None], homogeneous, dst)[0] < threshold * threshold
+    return _squared_errors(models, homogeneous, dst) < threshold * threshold
 
 
 # --- normalisation and least squares -----------------------------------------------
@@ -297,22 +318,39 @@ def _denormalize(models: np.ndarray, norm_src: np.ndarray, norm_dst: np.ndarray)
         return models / models[:, 2:3, 2:3]
 
 
-def _fit_normalized(src: np.ndarray, dst: np.ndarray, transform: str) -> np.ndarray | None:
+def _fit_batch(masks, src, dst, transform) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares on K subsets at once (normalised coordinates).
+
+    masks: bool [K, N] selects each subset of the N matches src [N, 2] -> dst [N, 2].
+    Returns models [K, 3, 3] and ok bool [K] (False: too few or degenerate points).
+    Affine: normal equations. Homography: DLT, the eigenvector of the smallest
+    eigenvalue of A^T A, with A^T A summed per subset.
+    """
+    weights = masks.astype(np.float64)
+    counts = masks.sum(axis=1)
     if transform == "affine":
-        design = np.concatenate([src, np.ones((len(src), 1))], axis=1)
-        coefficients, _, rank, _ = np.linalg.lstsq(design, dst, rcond=None)
-        if rank < 3:
-            return None
-        return np.vstack([coefficients.T, [0.0, 0.0, 1.0]])
+        design = np.concatenate([src, np.ones((len(src), 1))], axis=1)  # [N, 3]
+        normal = np.einsum("kn,ni,nj->kij", weights, design, design)
+        right = np.einsum("kn,ni,nj->kij", weights, design, dst)
+        scale = np.prod(np.maximum(np.diagonal(normal, axis1=1, axis2=2), 1e-300), axis=1)
+        ok = (counts >= 3) & (np.abs(np.linalg.det(normal)) > _DEGENERATE_FIT * scale)
+        normal[~ok] = np.eye(3)
+        coefficients = np.linalg.solve(normal, right)  # [K, 3, 2]
+        models = np.zeros((len(masks), 3, 3))
+        models[:, :2, :] = coefficients.transpose(0, 2, 1)
+        models[:, 2, 2] = 1.0
+        return models, ok
     x, y, u, v = src[:, 0], src[:, 1], dst[:, 0], dst[:, 1]
     zeros, ones = np.zeros_like(x), np.ones_like(x)
     rows_u = np.stack([x, y, ones, zeros, zeros, zeros, -x * u, -y * u, -u], axis=1)
     rows_v = np.stack([zeros, zeros, zeros, x, y, ones, -x * v, -y * v, -v], axis=1)
-    _, singular, vt = np.linalg.svd(np.concatenate([rows_u, rows_v]), full_matrices=False)
-    if singular.size < 8 or singular[7] < 1e-12 * max(singular[0], 1e-300):
-        return None
-    model = vt[-1].reshape(3, 3)
-    return model if abs(model[2, 2]) > 1e-12 else None
+    per_match = rows_u[:, :, None] * rows_u[:, None, :] + rows_v[:, :, None] * rows_v[:, None, :]
+    normal = np.einsum("kn,nij->kij", weights, per_match)  # [K, 9, 9]
+    values, vectors = np.linalg.eigh(normal)
+    models = vectors[:, :, 0].reshape(-1, 3, 3)
+    ok = (counts >= 4) & (values[:, 1] > _DEGENERATE_FIT * np.maximum(values[:, 8], 1e-300))
+    ok &= np.abs(models[:, 2, 2]) > 1e-12
+    return models, ok
 
 
 # --- reference: skimage ------------------------------------------------------------
