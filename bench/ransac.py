@@ -51,7 +51,9 @@ def corner_error(model, truth, width, height) -> float:
         return float("inf")
     points = corners(width, height)
     with np.errstate(all="ignore"):
-        error = np.linalg.norm(apply_transform(model, points) - apply_transform(truth, points), axis=1)
+        error = np.linalg.norm(
+            apply_transform(model, points) - apply_transform(truth, points), axis=1
+        )
     return float(error.mean()) if np.all(np.isfinite(error)) else float("inf")
 
 
@@ -128,8 +130,12 @@ def summarize(rows: list[dict]) -> dict:
         "sets": len(rows),
         "time_ratio_median": round(statistics.median(time_ratios), 4),
         "speedup_median": round(1.0 / statistics.median(time_ratios), 1),
-        "inlier_ratio": round(sum(f["inliers"] for f in fast) / max(1e-9, sum(b["inliers"] for b in base)), 4),
-        "sets_vectorized_ge_skimage": sum(f["inliers"] >= b["inliers"] for f, b in zip(fast, base, strict=True)),
+        "inlier_ratio": round(
+            sum(f["inliers"] for f in fast) / max(1e-9, sum(b["inliers"] for b in base)), 4
+        ),
+        "sets_vectorized_ge_skimage": sum(
+            f["inliers"] >= b["inliers"] for f, b in zip(fast, base, strict=True)
+        ),
         "mean_corner_error_px": {"vectorized": mean_error(fast), "skimage": mean_error(base)},
         "median_corner_error_px": {
             "vectorized": round(statistics.median(r["corner_error"] for r in fast), 2),
@@ -154,7 +160,12 @@ def evd_benchmark(root: Path) -> dict:
         src, dst = sift_matches(first, second, FLAGS.ratio)
         size = (first.shape[1], first.shape[0])
         with np.errstate(all="ignore"):
-            true_inliers = int((np.linalg.norm(apply_transform(truth, src) - dst, axis=1) < FLAGS.residual_threshold).sum())
+            true_inliers = int(
+                (
+                    np.linalg.norm(apply_transform(truth, src) - dst, axis=1)
+                    < FLAGS.residual_threshold
+                ).sum()
+            )
         pair = {"pair": name, "matches": len(src), "true_inliers": true_inliers}
         for transform in TRANSFORMS:
             result = run_methods(src, dst, truth, size, transform, FLAGS.seeds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -76,8 +77,6 @@ def stack_vertically(pictures: Sequence[Image.Image], gap: int = 8) -> Image.Ima
 
 def save_picture(picture: Image.Image, path: str | os.PathLike) -> None:
     """Saves a PNG (format from the suffix), creating the folder."""
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
 
