@@ -35,3 +35,14 @@ def test_empty_database_and_unknown_backend():
     assert indices.shape == (3, 2) and np.all(indices == MISSING)
     with pytest.raises(ValueError, match="backend"):
         build_neighbors(np.zeros((1, 4), np.float32), "annoy")
+
+
+def test_faiss_ivfpq_finds_near_duplicates():
+    pytest.importorskip("faiss", reason="optional back end (pip install faiss-cpu)")
+    rng = np.random.default_rng(1)
+    database = unit(rng, (5000, 16))
+    queries = database[:50] + rng.normal(0, 0.01, (50, 16))
+    index = build_neighbors(database, "faiss-ivfpq", nprobe=8)
+    _, nearest = index.search(queries.astype(np.float32), 3, 0.8)
+    assert (nearest[:, 0] == np.arange(50)).mean() >= 0.9
+    assert index.memory_bytes() < database.nbytes / 2  # PQ codes: a few bytes each
