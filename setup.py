@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "ruff"],
+        "faiss": ["faiss-cpu"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

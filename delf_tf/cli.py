@@ -16,11 +16,14 @@ from absl import flags, logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "extract DELF features of an image or a folder into a feature store"),
     "fit-pca": ("fit_pca", "learn PCA (mean, projection, variances) from raw descriptors"),
-    "demo": ("demo", "extract features of images that ship with scikit-image (no download)"),
     "export": ("export", "export a SavedModel that TF Serving serves as it is"),
     "serve": ("serve", "TF Serving's gRPC/REST APIs over exported models (dev and CI stand-in)"),
     "train": ("train", "train one DELF stage (descriptor, attention, joint) with tf.data"),
     "build-tfrecords": ("build_tfrecords", "write labelled images as sharded TFRecords"),
+    "index": ("index", "build (or --append to) one global index over a feature store"),
+    "search": ("search", "rank the images of an index against a query image (votes + RANSAC)"),
+    "match": ("match", "match two images (nearest neighbours + RANSAC) and draw the matches"),
+    "demo": ("demo", "end to end on scikit-image photos: extract, index, query, match picture"),
 }
 
 

@@ -282,3 +282,59 @@ def _check_range(name: str, values: tuple[float, ...], upper: float | None) -> N
     if not low_high_ok or (upper is not None and values[1] > upper):
         bound = f", at most {upper}" if upper is not None else ""
         raise ValueError(f"{name} must be (low, high) with 0 < low <= high{bound}, got {values}")
+
+
+TRANSFORMS = ("affine", "homography")
+RANSAC_METHODS = ("vectorized", "skimage")
+NEIGHBOR_BACKENDS = ("kdtree", "brute", "faiss-ivfpq")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig(JsonConfig):
+    """Matching, voting and geometric verification, with the DELF reference defaults.
+
+    Attributes:
+      distance_bound: a database descriptor is a match of a query descriptor only
+        when their L2 distance is below this (the reference's KD-tree
+        `distance_upper_bound`; unit-norm descriptors, so 0.8 ~ cosine 0.68).
+      neighbors: nearest database descriptors looked up per query descriptor in the
+        global index; each database image gets at most one vote per query descriptor.
+      shortlist: database images with the most votes that go on to RANSAC.
+      top_k: results returned.
+      transform: geometric model verified by RANSAC: "affine" or "homography".
+      residual_threshold: RANSAC inlier bound, in pixels of the database image.
+      max_trials: RANSAC hypotheses per image pair.
+      ransac_method: "vectorized" (numpy, all hypotheses at once) or "skimage"
+        (`skimage.measure.ransac`, the reference implementation's choice).
+      seed: seed of RANSAC sampling (results are reproducible).
+      backend: nearest-neighbour back end: "kdtree" (scipy cKDTree, exact),
+        "brute" (exact, small databases and tests) or "faiss-ivfpq" (approximate,
+        needs the optional `faiss-cpu` package).
+    """
+
+    distance_bound: float = 0.8
+    neighbors: int = 10
+    shortlist: int = 100
+    top_k: int = 10
+    transform: str = "affine"
+    residual_threshold: float = 20.0
+    max_trials: int = 1000
+    ransac_method: str = "vectorized"
+    seed: int = 0
+    backend: str = "kdtree"
+
+    def __post_init__(self) -> None:
+        if self.distance_bound <= 0:
+            raise ValueError(f"distance_bound must be > 0, got {self.distance_bound}")
+        for name in ("neighbors", "shortlist", "top_k", "max_trials"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.residual_threshold <= 0:
+            raise ValueError(f"residual_threshold must be > 0, got {self.residual_threshold}")
+        for name, allowed in (
+            ("transform", TRANSFORMS),
+            ("ransac_method", RANSAC_METHODS),
+            ("backend", NEIGHBOR_BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

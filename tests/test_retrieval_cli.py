@@ -1,0 +1,104 @@
+"""`delf index`, `delf search` and `delf match` end to end, in process."""
+
+import json
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from delf_tf.cli import main
+from delf_tf.features.extract import extract_to_store
+from delf_tf.retrieval import Index
+from delf_tf.retrieval.queries import rotated
+
+FAST = ["--score_threshold=0", "--max_image_size=128", "--max_features=100"]
+
+
+def small(name, size=128):
+    picture = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
+    factor = size / max(picture.size)
+    return picture.resize((round(picture.width * factor), round(picture.height * factor)))
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    first, second = tmp_path / "photos1", tmp_path / "photos2"
+    first.mkdir(), second.mkdir()
+    small("astronaut").save(first / "astronaut.png")
+    small("coffee").save(first / "coffee.png")
+    small("rocket").save(second / "rocket.png")
+    Image.fromarray(rotated(np.asarray(small("astronaut")), 15)).save(tmp_path / "query.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not an image")
+    return tmp_path
+
+
+def test_index_append_search_and_errors(folders, extractor, capsys):
+    root = folders
+    index = root / "index"
+    # The session's extractor has the weights of `delf ... --seed=0` (the default), so
+    # its stores match the command's query extractor; it is traced once per session.
+    for number in (1, 2):
+        extract_to_store(extractor, root / f"photos{number}", root / f"features{number}", False)
+    assert (
+        main(
+            [
+                "delf",
+                "index",
+                f"--features={root / 'features1'}",
+                f"--output={index}",
+                f"--images={root / 'photos1'}",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == 2 and summary["added"] == 2
+    append = [
+        "delf",
+        "index",
+        f"--features={root / 'features2'}",
+        f"--output={index}",
+        "--append",
+        f"--images={root / 'photos2'}",
+    ]
+    assert main(append) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == 3 and summary["added"] == 1
+    assert [r.key for r in Index.load(index).images] == [
+        "astronaut.png",
+        "coffee.png",
+        "rocket.png",
+    ]
+
+    picture = root / "results.png"
+    search = ["delf", "search", f"--index={index}", f"--image={root / 'query.png'}", *FAST]
+    assert main([*search, "--json", "--top_k=2", f"--visualize={picture}"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [r["key"] for r in payload["results"]][0] == "astronaut.png"
+    assert len(payload["results"]) == 2
+    assert payload["results"][0]["inliers"] > payload["results"][1]["inliers"]
+    assert Image.open(picture).size[0] > 128
+
+    # A bad query image: a clear error naming the file, before any model is built.
+    bad = ["delf", "search", f"--index={index}", f"--image={root / 'broken.jpg'}", *FAST]
+    assert main(bad) == 1
+    assert "broken.jpg" in capsys.readouterr().err
+    # Another model than the index's: refused.
+    assert main([*search, "--seed=1"]) == 1
+    assert "built from features of extractor" in capsys.readouterr().err
+
+
+def test_match_draws_a_picture(folders, capsys):
+    output = folders / "match.png"
+    args = [
+        f"--image1={folders / 'query.png'}",
+        f"--image2={folders / 'photos1' / 'astronaut.png'}",
+    ]
+    assert main(["delf", "match", *args, f"--output={output}", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["inliers"] >= 10 and summary["matches"] >= summary["inliers"]
+    assert np.asarray(summary["transform"]).shape == (3, 3)
+    assert Image.open(output).mode == "RGB"
+    assert main(["delf", "match", f"--image1={folders / 'broken.jpg'}", *args[1:]]) == 1
+    assert "broken.jpg" in capsys.readouterr().err
