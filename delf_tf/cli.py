@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("index", "build (or --append to) one global index over a feature store"),
     "search": ("search", "rank the images of an index against a query image (votes + RANSAC)"),
     "match": ("match", "match two images (nearest neighbours + RANSAC) and draw the matches"),
+    "evaluate": (
+        "evaluate",
+        "mAP / mP@k of an index on Oxford5k, ROxford5k, RParis6k or a JSON set",
+    ),
     "demo": ("demo", "end to end on scikit-image photos: extract, index, query, match picture"),
 }
 

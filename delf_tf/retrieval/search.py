@@ -139,6 +139,28 @@ class Searcher:
         results.sort(key=lambda r: (-r.inliers, -r.votes, r.image_id))
         return results[:top_k]
 
+    def ranking(
+        self, query: LocalFeatures, shortlist: int | None = None
+    ) -> list[tuple[int, float]]:
+        """Every database image with a vote, best first, as (image_id, score).
+
+        The shortlist, verified by RANSAC, comes first (by inliers, then votes);
+        the other voted images follow by votes. Scores keep that order:
+        1 + inliers + votes / (max_votes + 1) for verified images, and
+        votes / (max_votes + 1) < 1 for the others. Evaluation protocols need
+        this whole list, not only the top k.
+        """
+        shortlist = shortlist or self.config.shortlist
+        votes = self.vote(query)[0]
+        scale = float(votes.max(initial=0) + 1)
+        verified = self.search(query, top_k=shortlist, shortlist=shortlist)
+        ranked = [(r.image_id, 1.0 + r.inliers + r.votes / scale) for r in verified]
+        seen = {r.image_id for r in verified}
+        others = [
+            int(i) for i in np.argsort(-votes, kind="stable") if votes[i] > 0 and i not in seen
+        ]
+        return ranked + [(i, float(votes[i]) / scale) for i in others]
+
 
 def _kth_inliers(results: list[SearchResult], k: int) -> int:
     return sorted((r.inliers for r in results), reverse=True)[k - 1]
