@@ -157,3 +157,19 @@ def test_search_finds_the_transformed_image_first(tmp_path, backend):
     # Matches point into the right image's own features.
     matches = results[0].matches
     np.testing.assert_allclose(source.keypoints[matches.database_indices], matches.database_points)
+
+
+def test_retrieval_config_round_trip_and_checks(tmp_path):
+    config = RetrievalConfig(transform="homography", shortlist=20, backend="brute")
+    config.save(tmp_path / "retrieval.json")
+    assert RetrievalConfig.load(tmp_path / "retrieval.json") == config
+    defaults = RetrievalConfig()
+    assert (defaults.distance_bound, defaults.residual_threshold, defaults.max_trials) == (
+        0.8,
+        20.0,
+        1000,
+    )
+    with pytest.raises(ValueError, match="transform"):
+        RetrievalConfig(transform="similarity")
+    with pytest.raises(ValueError, match="unknown field"):
+        RetrievalConfig.from_dict({"shortlst": 5})

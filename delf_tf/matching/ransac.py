@@ -42,9 +42,11 @@ class RansacResult:
     """Outcome of RANSAC on N matches.
 
     Attributes:
-      model: float64 [3, 3] mapping homogeneous src (x, y, 1) to dst, or None
-        when no model was found (fewer matches than the minimal sample).
-      inliers: bool [N] matches within the residual threshold of `model`.
+      model: float64 [3, 3] mapping homogeneous src (x, y, 1) to dst, fitted by
+        least squares to the inliers, or None when no model was found (fewer
+        matches than the minimal sample).
+      inliers: bool [N] the largest consensus set found: the matches within the
+        residual threshold of the best (refined) hypothesis.
       trials: hypotheses drawn.
     """
 
@@ -142,7 +144,10 @@ def _vectorized_ransac(src, dst, transform, threshold, max_trials, seed) -> Rans
     chosen = order[np.sort(first)[:REFINED_HYPOTHESES]]
     fit = _BatchFit(src, dst, src_n, dst_n, norm_src, norm_dst, transform)
     model, inliers = _local_optimisation(models[chosen], fit, threshold)
-    return RansacResult(model, inliers, len(samples))
+    # As skimage does: the model returned is the least-squares fit to the consensus
+    # set (a hypothesis that won by one stray outlier can be a few pixels off).
+    refit, ok = fit(inliers[None])
+    return RansacResult(refit[0] if ok[0] else model, inliers, len(samples))
 
 
 class _BatchFit:
@@ -192,14 +197,17 @@ def _local_optimisation(candidates, fit: _BatchFit, threshold) -> tuple[np.ndarr
         refit, ok = fit(best_masks)
         masks = fit.masks(refit, threshold)
         counts = masks.sum(axis=1)
-        better = ok & (counts >= best_counts) & np.any(masks != best_masks, axis=1)
-        if not better.any():
-            break
+        # Keep the least-squares fit even when its inlier set is unchanged: the
+        # result is then the best fit to its own inliers.
+        better = ok & (counts >= best_counts)
+        changed = better & np.any(masks != best_masks, axis=1)
         best[better], best_masks[better], best_counts[better] = (
             refit[better],
             masks[better],
             counts[better],
         )
+        if not changed.any():
+            break
     _, costs = _score(best, fit.src, fit.dst, threshold)
     pick = int(np.lexsort((costs, -best_counts))[0])
     return best[pick], best_masks[pick]

@@ -251,12 +251,15 @@ class Index:
         path = Path(path)
         recover_staged_directory(path)
         header = _read_json(path / HEADER, f"{path}: not an index (no {HEADER})")
-        if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
-            version = header.get("format_version") if isinstance(header, dict) else None
+        if not isinstance(header, dict):
+            raise IndexFormatError(f"{path / HEADER}: expected a JSON object")
+        if header.get("format_version") != FORMAT_VERSION:
             raise IndexFormatError(
-                f"{path / HEADER}: format_version {version!r}, "
+                f"{path / HEADER}: format_version {header.get('format_version')!r}, "
                 f"this version of delf-tf reads {FORMAT_VERSION}"
             )
+        if not isinstance(header.get("fingerprint"), str):
+            raise IndexFormatError(f"{path / HEADER}: no extractor fingerprint")
         arrays = {}
         for name, dtype in ARRAYS.items():
             file = path / f"{name}.npy"
