@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from delf_tf.config import ExtractionConfig, ModelConfig
 from delf_tf.extraction.extractor import EXPORT_INFO_ASSET
-from delf_tf.extraction.graph import ExtractionModule
+from delf_tf.extraction.graph import EXTRACT_SIGNATURE, ExtractionModule
 from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif_orientation
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
@@ -100,12 +100,7 @@ class ServingModule(tf.Module):
 
         self.extract_image = tf.function(
             extract_image,
-            input_signature=[
-                tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
-                tf.TensorSpec([], tf.int32, name="max_features"),
-                tf.TensorSpec([], tf.float32, name="score_threshold"),
-                tf.TensorSpec([None], tf.float32, name="scales"),
-            ],
+            input_signature=EXTRACT_SIGNATURE,
             autograph=False,
         )
 

@@ -19,6 +19,13 @@ from delf_tf.model.delf import DelfModel
 from delf_tf.model.receptive_field import compute_receptive_field
 
 FINGERPRINT_VERSION = "delf-tf-extractor-1"
+# Inputs of `ExtractionModule.extract` (and of the exported `extract_image` signature).
+EXTRACT_SIGNATURE = (
+    tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
+    tf.TensorSpec([], tf.int32, name="max_features"),
+    tf.TensorSpec([], tf.float32, name="score_threshold"),
+    tf.TensorSpec([None], tf.float32, name="scales"),
+)
 
 
 class ExtractionModule(tf.Module):
@@ -69,12 +76,7 @@ class ExtractionModule(tf.Module):
             self.descriptor_dim = config.pca_dim
         self.extract = tf.function(
             self._extract,
-            input_signature=[
-                tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
-                tf.TensorSpec([], tf.int32, name="max_features"),
-                tf.TensorSpec([], tf.float32, name="score_threshold"),
-                tf.TensorSpec([None], tf.float32, name="scales"),
-            ],
+            input_signature=EXTRACT_SIGNATURE,
             autograph=False,
         )
 
