@@ -266,3 +266,54 @@ def test_load_model_from_checkpoint(delf_model, tmp_path):
         load_delf_model(tmp_path / "bad")
     with pytest.raises(FileNotFoundError):
         load_delf_model(tmp_path / "nothing")
+
+
+def test_delf_extract_takes_an_exported_model(exported_model, serving_reference, tmp_path):
+    """`delf extract --model=<export>` runs the SavedModel and records its fingerprint."""
+    import json
+
+    from PIL import Image
+
+    from delf_tf.cli import main
+    from delf_tf.features import FeatureStore
+    from delf_tf.images import load_image
+
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (80, 120, 3), np.uint8)).save(
+        image_path
+    )
+    output = tmp_path / "features"
+    model_dir = exported_model.parent  # the model dir: its highest version is used
+    assert (
+        main(
+            [
+                "delf",
+                "extract",
+                f"--images={image_path}",
+                f"--output={output}",
+                f"--model={model_dir}",
+            ]
+        )
+        == 0
+    )
+    store = FeatureStore.open(output)
+    assert store.fingerprint == serving_reference.fingerprint
+    assert json.loads((output / "manifest.json").read_text())["extractor"]["model"] == str(
+        exported_model
+    )
+    served = store.load("photo.png")
+    expected = serving_reference.extract(load_image(image_path))
+    np.testing.assert_allclose(served.descriptors, expected.descriptors, atol=1e-5)
+    np.testing.assert_allclose(served.keypoints, expected.keypoints, atol=1e-4)
+    # The export fixes its graph settings; the command says so instead of ignoring them.
+    with pytest.raises(ValueError, match="fixed in the SavedModel"):
+        main(
+            [
+                "delf",
+                "extract",
+                f"--images={image_path}",
+                f"--output={tmp_path / 'x'}",
+                f"--model={model_dir}",
+                "--max_image_size=64",
+            ]
+        )
