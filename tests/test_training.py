@@ -292,7 +292,7 @@ print(json.dumps({
 
 def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path):
     config = tiny_config(
-        image_folder, tmp_path, stage="attention", strategy="mirrored", initial_lr=0.1, max_steps=8
+        image_folder, tmp_path, stage="attention", strategy="mirrored", initial_lr=0.1, max_steps=16
     )
     run = subprocess.run(
         [sys.executable, "-c", MIRRORED_SCRIPT, config.to_json()],
@@ -304,7 +304,11 @@ def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2 and out["copies"] == 2 and out["in_sync"]
-    assert np.all(np.isfinite(out["loss"])) and out["loss"][-1] < out["loss"][0]
+    # Each step sees another random rescale of the images, so single-step losses are
+    # noisy (and replica all-reduce order varies): compare the first and last quarters.
+    loss = np.asarray(out["loss"])
+    assert len(loss) == 16 and np.all(np.isfinite(loss))
+    assert loss[-4:].mean() < loss[:4].mean(), loss
 
 
 def _event_tags(folder: Path) -> set[str]:
