@@ -20,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow's own default bound: larger images are treated as decompression bombs.
 DEFAULT_MAX_PIXELS = 89_478_485
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+EXIF_ORIENTATION_TAG = 0x0112
+# Orientations whose display swaps width and height (rotated by 90 or 270 degrees).
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class ImageError(ValueError):
@@ -63,6 +66,11 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             return _to_rgb_uint8(image)
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise ImageError(f"{name}: truncated or corrupt image data ({error})") from error
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation (1..8) of an opened image, read from its header; 1 when absent."""
+    return int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
 
 
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:

@@ -28,7 +28,7 @@ from absl import logging
 from PIL import Image
 
 from delf_tf.evaluation.safe_pickle import safe_load
-from delf_tf.images import list_images, load_image
+from delf_tf.images import exif_orientation, list_images, load_image
 
 REVISITED_SETUPS: tuple[str, ...] = ("easy", "medium", "hard")
 DEFAULT_SETUP = "default"
@@ -36,7 +36,6 @@ DATASET_KINDS: tuple[str, ...] = ("oxford5k", "paris6k", "roxford5k", "rparis6k"
 # Image folders looked for under a dataset directory, in this order.
 IMAGE_DIR_NAMES: tuple[str, ...] = ("jpg", "images", "oxbuild_images")
 JSON_GROUNDTRUTH = "groundtruth.json"
-EXIF_ORIENTATION = 0x0112
 
 BBox = tuple[float, float, float, float]
 
@@ -141,7 +140,7 @@ class RetrievalDataset:
 def _exif_orientation(path: Path) -> int | None:
     try:
         with Image.open(path) as image:
-            return image.getexif().get(EXIF_ORIENTATION)
+            return exif_orientation(image)
     except (OSError, ValueError, SyntaxError):
         return None
 

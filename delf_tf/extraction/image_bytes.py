@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from delf_tf.images import DEFAULT_MAX_PIXELS
+from delf_tf.images import DEFAULT_MAX_PIXELS, EXIF_ORIENTATION_TAG
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GIF_MAGIC = b"GIF8"
-ORIENTATION_TAG = 0x0112
 # Bounds on the header walks (segments / chunks / IFD entries looked at).
 MAX_SEGMENTS = 64
 MAX_IFD_ENTRIES = 256
@@ -77,7 +76,7 @@ def _tiff_orientation(data: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
     entries = tf.reshape(_read(data, ifd + 2, 12 * MAX_IFD_ENTRIES), [MAX_IFD_ENTRIES, 12])
     entries = entries[:count]
     tags = _uint16(entries[:, 0:2], little)
-    match = tf.where(tf.equal(tags, ORIENTATION_TAG))[:, 0]
+    match = tf.where(tf.equal(tags, EXIF_ORIENTATION_TAG))[:, 0]
     found = (little | big) & (tf.size(match) > 0)
     entry = tf.cond(found, lambda: entries[match[0]], lambda: tf.zeros([12], tf.int32))
     # SHORT (type 3) is the only type the standard allows; LONG (4) is read too.

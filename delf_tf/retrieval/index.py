@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from delf_tf.atomic import recover_staged_directory, staged_directory
 from delf_tf.features.store import FeatureStore
+from delf_tf.images import TRANSPOSED_ORIENTATIONS, exif_orientation
 
 FORMAT_VERSION = 1
 HEADER = "index.json"
@@ -41,7 +42,6 @@ ARRAYS = {
     "offsets": np.int64,
 }
 # EXIF orientations that swap width and height (see delf_tf.images.load_image).
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class IndexFormatError(ValueError):
@@ -327,7 +327,7 @@ def _image_size(path: str) -> tuple[int | None, int | None]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if image.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS:
+            if exif_orientation(image) in TRANSPOSED_ORIENTATIONS:
                 width, height = height, width
             return width, height
     except (OSError, ValueError) as error:

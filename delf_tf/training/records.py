@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from delf_tf.atomic import atomic_write_text, staged_directory
 from delf_tf.config import DatasetBuildConfig
-from delf_tf.images import ImageError, decode_image
+from delf_tf.images import ImageError, decode_image, exif_orientation
 from delf_tf.training.sources import ImageList, LabelledImage, split_per_class
 
 LABEL_MAP_FILE = "label_map.json"
@@ -36,7 +36,6 @@ REENCODE_JPEG_QUALITY = 95
 # Formats whose bytes TF decodes to the same pixels as Pillow (absent EXIF rotation).
 _TF_NATIVE_FORMATS = ("JPEG", "PNG")
 _TF_NATIVE_MODES = ("RGB", "L")
-_EXIF_ORIENTATION = 0x0112
 
 FEATURE_SPEC = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -84,7 +83,7 @@ def _is_tf_native(data: bytes) -> bool:
             return False
         if "transparency" in image.info:
             return False
-        return image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+        return exif_orientation(image) == 1
 
 
 def make_example(encoded: EncodedImage, image_id: str, label: int) -> tf.train.Example:
