@@ -102,9 +102,19 @@ class Searcher:
         self, query: LocalFeatures, top_k: int | None = None, shortlist: int | None = None
     ) -> list[SearchResult]:
         """The `top_k` database images best verified against `query`, best first."""
-        top_k = top_k or self.config.top_k
-        shortlist = shortlist or self.config.shortlist
-        votes, query_rows, database_rows = self.vote(query)
+        return self._verify(
+            query, self.vote(query), top_k or self.config.top_k, shortlist or self.config.shortlist
+        )
+
+    def _verify(
+        self,
+        query: LocalFeatures,
+        voted: tuple[np.ndarray, np.ndarray, np.ndarray],
+        top_k: int,
+        shortlist: int,
+    ) -> list[SearchResult]:
+        """RANSAC over the `shortlist` most voted images of `voted` (see `vote`); top_k best."""
+        votes, query_rows, database_rows = voted
         images = self._image_ids[database_rows]
         candidates = np.argsort(-votes, kind="stable")[:shortlist]
         candidates = candidates[votes[candidates] > 0]
@@ -151,9 +161,10 @@ class Searcher:
         this whole list, not only the top k.
         """
         shortlist = shortlist or self.config.shortlist
-        votes = self.vote(query)[0]
+        voted = self.vote(query)
+        votes = voted[0]
         scale = float(votes.max(initial=0) + 1)
-        verified = self.search(query, top_k=shortlist, shortlist=shortlist)
+        verified = self._verify(query, voted, top_k=shortlist, shortlist=shortlist)
         ranked = [(r.image_id, 1.0 + r.inliers + r.votes / scale) for r in verified]
         seen = {r.image_id for r in verified}
         others = [
