@@ -25,10 +25,11 @@ setup(
         "tqdm",
         "tensorflow-serving-api",
         "grpcio",
+        "faiss-cpu",
+        "apache-beam",
     ],
     extras_require={
         "dev": ["pytest", "ruff"],
-        "faiss": ["faiss-cpu"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )
