@@ -17,7 +17,7 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/delf demo --output=demo_output
+	$(VENV)/bin/delf demo --output_dir=demo_output
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -96,7 +96,7 @@ def main(argv):
         train_data=str(folder),
         batch_size=FLAGS.batch_size,
         image_size=FLAGS.image_size,
-        backbone_weights="random",
+        weights="random",
         seed=FLAGS.seed,
         log_every=20,
         checkpoint_every=10_000,

@@ -134,7 +134,7 @@ def main(argv):
             model_dir=str(tmp / "run"),
             batch_size=FLAGS.batch_size,
             image_size=FLAGS.image_size,
-            backbone_weights="random",
+            weights="random",
             shuffle_buffer=64,
         )
         source = data.resolve_source(config.train_data, config)

@@ -2,7 +2,14 @@
 
 Each subcommand module defines its absl flags on its own FlagValues (so
 `delf extract --help` lists only extract's flags and `--flagfile` works) and
-is imported only when used, so `delf --help` starts without TensorFlow.
+imports TensorFlow only inside `run`, so `delf --help` and `delf X --help`
+answer at once. Conventions every command follows:
+- exactly one JSON summary on stdout; notes, warnings and progress on stderr;
+- a user error (`delf_tf.errors.DelfError`, or an OSError naming a file) is one
+  line `delf <command>: error: <message>` and exit status 1; a traceback means a bug;
+- exit statuses: 0 done, 1 user error, 2 bad command line, 3 done but some inputs
+  failed (listed in the summary).
+TensorFlow's native start-up chatter is hidden unless DELF_TF_LOGS=1.
 """
 
 from __future__ import annotations
@@ -12,61 +19,105 @@ import sys
 
 from absl import flags, logging
 
-# name -> (module under delf_tf.commands, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "extract": ("extract", "extract DELF features of an image or a folder into a feature store"),
-    "fit-pca": ("fit_pca", "learn PCA (mean, projection, variances) from raw descriptors"),
-    "export": ("export", "export a SavedModel that TF Serving serves as it is"),
-    "serve": ("serve", "TF Serving's gRPC/REST APIs over exported models (dev and CI stand-in)"),
-    "train": ("train", "train one DELF stage (descriptor, attention, joint) with tf.data"),
-    "build-tfrecords": ("build_tfrecords", "write labelled images as sharded TFRecords"),
-    "index": ("index", "build (or --append to) one global index over a feature store"),
-    "search": ("search", "rank the images of an index against a query image (votes + RANSAC)"),
-    "match": ("match", "match two images (nearest neighbours + RANSAC) and draw the matches"),
-    "evaluate": (
-        "evaluate",
-        "mAP / mP@k of an index on Oxford5k, ROxford5k, RParis6k or a JSON set",
-    ),
-    "demo": ("demo", "end to end on scikit-image photos: extract, index, query, match picture"),
+from delf_tf.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, DelfError
+from delf_tf.tf_runtime import import_tensorflow_quietly
+
+# name -> (module under delf_tf.commands, one-line help, whether it runs TensorFlow)
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "extract": ("extract", "extract DELF/DELG features of images into a feature store", True),
+    "fit-pca": ("fit_pca", "learn PCA (mean, projection, variances) from raw descriptors", False),
+    "index": ("index", "build (or --append to) one index over a feature store", False),
+    "search": ("search", "rank the images of an index against query images", True),
+    "match": ("match", "match two images (nearest neighbours + RANSAC), draw the matches", True),
+    "evaluate": ("evaluate", "mAP / mP@k on Oxford5k, ROxford5k, RParis6k or a JSON set", True),
+    "export": ("export", "export a SavedModel that TF Serving serves as it is", True),
+    "serve": ("serve", "TF Serving's gRPC/REST APIs over exports (dev and CI stand-in)", True),
+    "train": ("train", "train one DELF stage (descriptor, attention, joint) with tf.data", True),
+    "build-tfrecords": ("build_tfrecords", "write labelled images as sharded TFRecords", True),
+    "demo": ("demo", "end to end on scikit-image photos: extract, index, query, match", True),
 }
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
 
 def usage() -> str:
-    lines = ["usage: delf <command> [--flags]   (delf <command> --help for its flags)", ""]
+    lines = [
+        "usage: delf <command> [--flags]   (delf <command> --help lists its flags)",
+        "",
+        "pipeline: extract -> fit-pca -> index -> search / match / evaluate -> export -> serve",
+        "",
+    ]
     width = max(len(name) for name in COMMANDS)
-    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text, _) in COMMANDS.items()]
+    lines += [
+        "",
+        "exit status: 0 done, 1 user error (one line on stderr), 2 bad command line,",
+        "3 done but some inputs failed (listed in the JSON summary on stdout).",
+        "Every command takes --flagfile=FILE. DELF_TF_LOGS=1 shows TensorFlow's own logs.",
+    ]
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-        print(usage())
-        return 0 if len(argv) >= 2 else 2
-    name = argv[1]
-    if name not in COMMANDS:
-        print(f"delf: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+def command_flags(name: str) -> tuple[object, flags.FlagValues]:
+    """The command module of `name` and a FlagValues with its flags defined."""
     command = importlib.import_module(f"delf_tf.commands.{COMMANDS[name][0]}")
     flag_values = flags.FlagValues()
     command.define_flags(flag_values)
-    flags.DEFINE_bool("help", False, "show this command's flags", flag_values=flag_values)
+    return command, flag_values
+
+
+def command_help(name: str, flag_values: flags.FlagValues) -> str:
+    return f"delf {name}: {COMMANDS[name][1]}\n\n{flag_values.get_help()}"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[1] in HELP_FLAGS + ("help",):
+        print(usage(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
+        return EXIT_OK if len(argv) >= 2 else EXIT_USAGE
+    name = argv[1]
+    if name not in COMMANDS:
+        print(f"delf: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    command, flag_values = command_flags(name)
+    # Help first: required-flag validators must not stand between a user and --help.
+    if any(arg in HELP_FLAGS for arg in argv[2:]):
+        print(command_help(name, flag_values))
+        return EXIT_OK
     try:
         flag_values([f"delf {name}", *argv[2:]])
     except flags.Error as error:
         print(f"delf {name}: {error}\n(see delf {name} --help)", file=sys.stderr)
-        return 2
-    if flag_values.help:
-        print(f"delf {name}: {COMMANDS[name][1]}\n")
-        print(flag_values.get_help())
-        return 0
+        return EXIT_USAGE
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
-    return int(command.run(flag_values) or 0)
+    try:
+        if COMMANDS[name][2]:
+            import_tensorflow_quietly()
+        return int(command.run(flag_values) or EXIT_OK)
+    except (DelfError, OSError) as error:
+        print(f"delf {name}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"delf {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (OSErrors name their file)."""
+    if isinstance(error, OSError) and not isinstance(error, DelfError) and error.filename:
+        text = f"{error.filename}: {error.strerror or error}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 def run_main() -> None:
     """Console-script entry point."""
     sys.exit(main(sys.argv))
+
+
+def run_command_main(name: str) -> None:
+    """Entry point of a thin main (training/train.py, export/export_model.py, ...)."""
+    sys.exit(main(["delf", name, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

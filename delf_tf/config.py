@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from delf_tf.errors import ConfigError
+
 T = TypeVar("T", bound="JsonConfig")
 
 # Image pyramid of the paper: 7 scales, a factor sqrt(2) apart, 0.25 .. 2.0.
@@ -33,11 +35,11 @@ class JsonConfig:
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: unknown field(s) {unknown} for {cls.__name__}; "
                 f"known fields are {sorted(fields)}"
             )
@@ -50,14 +52,14 @@ class JsonConfig:
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from error
+            raise ConfigError(f"{source}: {error}") from error
 
     @classmethod
     def from_json(cls: type[T], text: str, source: str = "config") -> T:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{source}: not valid JSON ({error})") from error
+            raise ConfigError(f"{source}: not valid JSON ({error})") from error
         return cls.from_dict(data, source=source)
 
     @classmethod
@@ -66,7 +68,7 @@ class JsonConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as error:
-            raise ValueError(f"{path}: cannot read config ({error.strerror})") from error
+            raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
         return cls.from_json(text, source=str(path))
 
     def save(self, path: str | Path) -> None:
@@ -94,13 +96,13 @@ class ModelConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.attention_hidden_units < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_hidden_units must be >= 1, got {self.attention_hidden_units}"
             )
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +132,15 @@ class ExtractionConfig(JsonConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         if not self.scales or any(s <= 0 for s in self.scales):
-            raise ValueError(f"scales must be a non-empty list of positive numbers: {self.scales}")
+            raise ConfigError(f"scales must be a non-empty list of positive numbers: {self.scales}")
         if self.max_image_size == 0 or self.max_image_size < -1:
-            raise ValueError(f"max_image_size must be positive or -1, got {self.max_image_size}")
+            raise ConfigError(f"max_image_size must be positive or -1, got {self.max_image_size}")
         if self.max_features < 1:
-            raise ValueError(f"max_features must be >= 1, got {self.max_features}")
+            raise ConfigError(f"max_features must be >= 1, got {self.max_features}")
         if not 0.0 < self.iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
+            raise ConfigError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if self.pca_dim < 1:
-            raise ValueError(f"pca_dim must be >= 1, got {self.pca_dim}")
+            raise ConfigError(f"pca_dim must be >= 1, got {self.pca_dim}")
 
 
 TRAINING_STAGES: tuple[str, ...] = ("descriptor", "attention", "joint")
@@ -177,7 +179,7 @@ class TrainingConfig(JsonConfig):
       strategy / tpu: tf.distribute strategy; tpu is the TPU name or address.
       mixed_precision: float16 compute (bfloat16 on TPU), float32 variables.
       model_dir: checkpoints, TensorBoard logs and the final `model.keras`.
-      backbone_weights: "imagenet", "random" or a local ResNet50 weights file.
+      weights: backbone weights: "imagenet", "random" or a local ResNet50 weights file.
       init_from: a previous stage's `model.keras` (or its model_dir).
       seed: seeds the initialisation, the data order and augmentation.
       log_every / checkpoint_every / image_summary_every / eval_every: in steps
@@ -209,7 +211,7 @@ class TrainingConfig(JsonConfig):
     tpu: str = ""
     mixed_precision: bool = False
     model_dir: str = ""
-    backbone_weights: str = "imagenet"
+    weights: str = "imagenet"
     init_from: str = ""
     seed: int = 0
     log_every: int = 100
@@ -229,21 +231,21 @@ class TrainingConfig(JsonConfig):
         _check_choice("strategy", self.strategy, STRATEGIES)
         for name in ("batch_size", "image_size", "max_steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_classes", "image_summary_every", "eval_every", "eval_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.initial_lr <= 0 or self.clip_norm <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"initial_lr and clip_norm must be > 0, got {self.initial_lr}, {self.clip_norm}"
             )
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         _check_range("attention_scale_range", self.attention_scale_range, upper=1.0)
         _check_range("crop_area_range", self.crop_area_range, upper=1.0)
         _check_range("crop_aspect_range", self.crop_aspect_range, upper=None)
         if self.keep_checkpoints < 1 or self.shuffle_buffer < 1:
-            raise ValueError("keep_checkpoints and shuffle_buffer must be >= 1")
+            raise ConfigError("keep_checkpoints and shuffle_buffer must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,23 +267,23 @@ class DatasetBuildConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
             )
         if self.images_per_shard < 1 or self.num_workers < 1:
-            raise ValueError("images_per_shard and num_workers must be >= 1")
+            raise ConfigError("images_per_shard and num_workers must be >= 1")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_range(name: str, values: tuple[float, ...], upper: float | None) -> None:
     low_high_ok = len(values) == 2 and 0.0 < values[0] <= values[1]
     if not low_high_ok or (upper is not None and values[1] > upper):
         bound = f", at most {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be (low, high) with 0 < low <= high{bound}, got {values}")
+        raise ConfigError(f"{name} must be (low, high) with 0 < low <= high{bound}, got {values}")
 
 
 TRANSFORMS = ("affine", "homography")
@@ -325,16 +327,16 @@ class RetrievalConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         if self.distance_bound <= 0:
-            raise ValueError(f"distance_bound must be > 0, got {self.distance_bound}")
+            raise ConfigError(f"distance_bound must be > 0, got {self.distance_bound}")
         for name in ("neighbors", "shortlist", "top_k", "max_trials"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.residual_threshold <= 0:
-            raise ValueError(f"residual_threshold must be > 0, got {self.residual_threshold}")
+            raise ConfigError(f"residual_threshold must be > 0, got {self.residual_threshold}")
         for name, allowed in (
             ("transform", TRANSFORMS),
             ("ransac_method", RANSAC_METHODS),
             ("backend", NEIGHBOR_BACKENDS),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -35,33 +35,38 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from delf_tf.config import ExtractionConfig, ModelConfig
-from delf_tf.extraction.extractor import EXPORT_INFO_ASSET
+from delf_tf.config import ExtractionConfig
+from delf_tf.contract import (
+    BATCH_INPUT,
+    EXPORT_FORMAT_VERSION,
+    EXPORT_INFO_ASSET,
+    FORBIDDEN_OPS,
+    IMAGE_SIGNATURE,
+    SERVING_SIGNATURE,
+    SIGNATURES,
+    WARMUP_FILE,
+    existing_versions,
+    next_version,
+)
+from delf_tf.errors import InputError
 from delf_tf.extraction.graph import EXTRACT_SIGNATURE, ExtractionModule
 from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif_orientation
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
-from delf_tf.model.delf import DelfModel, build_delf_model
+from delf_tf.model.delf import DelfModel
 
-SERVING_SIGNATURE = "serving_default"
-IMAGE_SIGNATURE = "extract_image"
-BATCH_OUTPUTS = (
-    "keypoints",
-    "scales",
-    "scores",
-    "descriptors",
-    "num_features",
-    "valid",
-    "fingerprint",
-)
-EXPORT_FORMAT_VERSION = 1
-# Ops that would tie the export to a Python process or a special build.
-FORBIDDEN_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaLaunch", "_XlaRun"})
-MODEL_CONFIG_FILE = "model_config.json"
+__all__ = [
+    "IMAGE_SIGNATURE",
+    "SERVING_SIGNATURE",
+    "ServingModule",
+    "existing_versions",
+    "export_model",
+    "export_saved_model",
+    "next_version",
+]
 
 
 class ServingModule(tf.Module):
@@ -83,7 +88,7 @@ class ServingModule(tf.Module):
         self._scales = tf.constant(config.scales, tf.float32)
         self.serve_image_bytes = tf.function(
             self._serve_image_bytes,
-            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+            input_signature=[tf.TensorSpec([None], tf.string, name=BATCH_INPUT)],
             autograph=False,
         )
         defaults = extraction.default_arguments()
@@ -153,71 +158,6 @@ class ServingModule(tf.Module):
         return outputs
 
 
-def load_delf_model(path: str | os.PathLike, model_config: ModelConfig | None = None) -> DelfModel:
-    """A DelfModel from a `.keras` file or a training checkpoint.
-
-    A checkpoint is a `tf.train.Checkpoint(model=<DelfModel>)` written by
-    `save()`/`write()`: a directory (its latest checkpoint, or the only `.index`
-    prefix in it) or a prefix path. Its architecture is `model_config`, else the
-    `model_config.json` (ModelConfig) beside it, else ModelConfig(). Classifier
-    heads are not needed for extraction and are left out; every backbone and
-    attention variable must be found in the checkpoint.
-    """
-    path = Path(path)
-    if path.suffix == ".keras":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such model file")
-        model = keras.saving.load_model(path, compile=False)
-        if not isinstance(model, DelfModel):
-            raise ValueError(f"{path}: holds a {type(model).__name__}, not a DelfModel")
-        return model
-    prefix = _checkpoint_prefix(path)
-    folder = Path(prefix).parent
-    if model_config is None:
-        config_file = folder / MODEL_CONFIG_FILE
-        model_config = ModelConfig.load(config_file) if config_file.is_file() else ModelConfig()
-    model = build_delf_model(model_config.replace(num_classes=0))
-    status = tf.train.Checkpoint(model=model).read(prefix)
-    try:
-        status.expect_partial().assert_existing_objects_matched()
-    except AssertionError as error:
-        raise ValueError(
-            f"{prefix}: the checkpoint does not hold every DelfModel variable under the key "
-            f"'model' ({error})"
-        ) from error
-    return model
-
-
-def _checkpoint_prefix(path: Path) -> str:
-    if path.is_dir():
-        latest = tf.train.latest_checkpoint(str(path))
-        if latest:
-            return latest
-        prefixes = sorted(p.with_suffix("") for p in path.glob("*.index"))
-        if len(prefixes) == 1:
-            return str(prefixes[0])
-        raise FileNotFoundError(
-            f"{path}: expected a .keras file or a tf.train.Checkpoint (found "
-            f"{len(prefixes)} .index files and no 'checkpoint' file)"
-        )
-    if Path(f"{path}.index").is_file():
-        return str(path)
-    raise FileNotFoundError(f"{path}: no such .keras file, checkpoint directory or prefix")
-
-
-def existing_versions(model_dir: str | os.PathLike) -> list[int]:
-    """Numeric version subdirectories of `model_dir`, sorted (TF Serving's view of it)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(child.name) for child in model_dir.iterdir() if child.name.isdigit())
-
-
-def next_version(model_dir: str | os.PathLike) -> int:
-    """One above the highest existing version of `model_dir` (1 for a new model)."""
-    return (existing_versions(model_dir) or [0])[-1] + 1
-
-
 def export_saved_model(
     extraction: ExtractionModule,
     export_base: str | os.PathLike,
@@ -234,12 +174,12 @@ def export_saved_model(
     leaves nothing behind.
     """
     if not model_name or "/" in model_name or model_name.startswith("."):
-        raise ValueError(f"invalid model name {model_name!r}")
+        raise InputError(f"invalid model name {model_name!r}")
     model_dir = Path(export_base) / model_name
     if version is None:
         version = next_version(model_dir)
     if version < 1:
-        raise ValueError(f"version must be >= 1, got {version}")
+        raise InputError(f"version must be >= 1, got {version}")
     final = model_dir / str(version)
     if final.exists():
         raise FileExistsError(f"{final}: version {version} exists; exports are never overwritten")
@@ -265,7 +205,7 @@ def export_saved_model(
             "model_config": extraction.model.config.to_dict(),
             "pca": extraction.pca_projection is not None,
             "max_pixels": max_pixels,
-            "signatures": [SERVING_SIGNATURE, IMAGE_SIGNATURE],
+            "signatures": list(SIGNATURES),
             "tensorflow_version": tf.__version__,
         }
         write_warmup_requests(staging)
@@ -291,13 +231,13 @@ def write_warmup_requests(version_dir: str | os.PathLike) -> Path:
     image = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 255 - ramp[:, None]), -1)
     request = predict_pb2.PredictRequest()
     request.model_spec.signature_name = SERVING_SIGNATURE
-    request.inputs["image_bytes"].CopyFrom(
+    request.inputs[BATCH_INPUT].CopyFrom(
         tf.make_tensor_proto(np.array([encode_png(image.astype(np.uint8))], dtype=object))
     )
     log = prediction_log_pb2.PredictionLog(
         predict_log=prediction_log_pb2.PredictLog(request=request)
     )
-    path = Path(version_dir) / "assets.extra" / "tf_serving_warmup_requests"
+    path = Path(version_dir) / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
         writer.write(log.SerializeToString())

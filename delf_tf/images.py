@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from delf_tf.errors import InputError
+
 # Pillow's own default bound: larger images are treated as decompression bombs.
 DEFAULT_MAX_PIXELS = 89_478_485
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -25,7 +27,7 @@ EXIF_ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image could not be decoded; the message starts with the file's name."""
 
 

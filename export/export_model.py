@@ -1,22 +1,11 @@
-"""Export a DelfModel as a TF Serving SavedModel: <export_base>/<model_name>/<version>/.
+"""Export a model as a TF Serving SavedModel: <export_base>/<model_name>/<version>/.
 
-The same flags as `delf export` (see `python export/export_model.py --help`), e.g.
-    python export/export_model.py --model=runs/attention/ckpt --pca=pca.npz \
-        --config=extraction.json --export_base=models
+A thin main over `delf export` (see `python export/export_model.py --help`), e.g.
+    python export/export_model.py --model=runs/attention/model.keras --pca=pca.npz \
+        --export_base=models
 """
 
-from absl import app, flags
-
-from delf_tf.commands import export
-
-export.define_flags(flags.FLAGS)
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    return export.run(flags.FLAGS)
-
+from delf_tf.cli import run_command_main
 
 if __name__ == "__main__":
-    app.run(main)
+    run_command_main("export")

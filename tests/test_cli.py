@@ -24,10 +24,10 @@ def image_folder(tmp_path, astronaut_small):
 
 def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, capsys):
     out = tmp_path / "features"
-    assert main(["delf", "extract", f"--images={image_folder}", f"--output={out}", *FAST]) == 0
-    printed = capsys.readouterr().out
-    assert "broken.jpg" in printed and "untrained" in printed
-    summary = json.loads(printed.strip().splitlines()[-1])
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *FAST]) == 0
+    printed = capsys.readouterr()
+    assert "broken.jpg" in printed.err and "untrained" in printed.err
+    summary = json.loads(printed.out)  # stdout holds exactly the JSON summary
     assert summary["extracted"] == 2 and summary["failed"] == 1
     store = FeatureStore.open(out)
     assert list(store.stored_keys()) == ["a.jpg", "sub/b.png"]
@@ -40,20 +40,26 @@ def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, ca
 
     # A second run skips what exists and gives the same features (seeded weights).
     (out / "a.jpg.npz").unlink()
-    assert main(["delf", "extract", f"--images={image_folder}", f"--output={out}", *FAST]) == 0
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *FAST]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["extracted"] == 1 and summary["skipped_existing"] == 1
     np.testing.assert_array_equal(store.load("a.jpg").descriptors, first.descriptors)
 
     # Another model (seed) refuses to write into this store.
-    with pytest.raises(ValueError, match="holds features of extractor"):
-        main(["delf", "extract", f"--images={image_folder}", f"--output={out}", "--seed=1", *FAST])
+    argv = ["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", "--seed=1"]
+    assert main([*argv, *FAST]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert (
+        error[-1].startswith("delf extract: error: ") and "holds features of extractor" in error[-1]
+    )
 
 
 def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys):
     out = tmp_path / "one"
     assert (
-        main(["delf", "extract", f"--images={image_folder / 'a.jpg'}", f"--output={out}", *FAST])
+        main(
+            ["delf", "extract", f"--images={image_folder / 'a.jpg'}", f"--output_dir={out}", *FAST]
+        )
         == 0
     )
     assert isinstance(LocalFeatures.load(out / "a.jpg.npz"), LocalFeatures)
@@ -61,7 +67,14 @@ def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys):
     pca_path = tmp_path / "pca.npz"
     assert (
         main(
-            ["delf", "fit-pca", f"--features={out}", "--dim=8", "--whiten", f"--output={pca_path}"]
+            [
+                "delf",
+                "fit-pca",
+                f"--features={out}",
+                "--dim=8",
+                "--whiten",
+                f"--output_file={pca_path}",
+            ]
         )
         == 0
     )
@@ -72,9 +85,9 @@ def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys):
     config.write_text(json.dumps({"pca_dim": 8, "scales": [1.0]}))
     args = [
         f"--images={image_folder / 'a.jpg'}",
-        f"--output={reduced}",
+        f"--output_dir={reduced}",
         f"--pca={pca_path}",
-        f"--config={config}",
+        f"--extraction_config={config}",
         *FAST,
     ]
     assert main(["delf", "extract", *args]) == 0
@@ -87,5 +100,5 @@ def test_usage_and_flag_errors(capsys):
     assert main(["delf", "--help"]) == 0
     assert "extract" in capsys.readouterr().out
     assert main(["delf", "nonsense"]) == 2
-    assert main(["delf", "extract", "--images=x"]) == 2  # --output missing
-    assert "output" in capsys.readouterr().err
+    assert main(["delf", "extract", "--images=x"]) == 2  # --output_dir missing
+    assert "output_dir" in capsys.readouterr().err

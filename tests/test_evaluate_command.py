@@ -8,7 +8,7 @@ import skimage.data
 from PIL import Image
 
 from delf_tf.cli import main
-from delf_tf.features.extract import extract_to_store
+from delf_tf.extraction.folder import extract_to_store
 from delf_tf.retrieval import Index
 from delf_tf.retrieval.queries import cropped, rotated, scaled
 
@@ -47,8 +47,8 @@ def test_evaluate_json_dataset(tmp_path, extractor, small_config, capsys):
         "--dataset=json",
         f"--dataset_dir={tmp_path / 'bench'}",
         f"--index={tmp_path / 'index'}",
-        f"--output={report_dir}",
-        f"--config={config}",
+        f"--output_dir={report_dir}",
+        f"--extraction_config={config}",
     ]
     assert main(["delf", "evaluate", *args]) == 0
     assert json.loads(capsys.readouterr().out)["queries"] == 2

@@ -14,18 +14,13 @@ import tensorflow as tf
 from PIL import Image
 
 from delf_tf.cli import main
-from delf_tf.export import (
-    FORBIDDEN_OPS,
-    existing_versions,
-    export_saved_model,
-    graph_ops,
-    load_delf_model,
-    next_version,
-    uses_xla,
-)
+from delf_tf.contract import FORBIDDEN_OPS, existing_versions, next_version
+from delf_tf.errors import InputError
+from delf_tf.export import export_saved_model, graph_ops, uses_xla
 from delf_tf.extraction import ExtractionModule
 from delf_tf.features import LocalFeatures
 from delf_tf.images import decode_image, encode_png
+from delf_tf.model.loading import load_delf_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,8 +215,7 @@ def test_delf_export_command_with_random_weights(
     The export itself is the fixture's code path (export_model); here it is replaced
     by a recorder so the command's plumbing is checked without a second export.
     """
-    import delf_tf.commands.export as command
-    from delf_tf.export import export_model
+    import delf_tf.export
 
     calls = []
 
@@ -238,20 +232,19 @@ def test_delf_export_command_with_random_weights(
         (target / "assets" / "extraction_config.json").write_text(json.dumps(info))
         return target
 
-    assert command.export_model is export_model
-    monkeypatch.setattr(command, "export_model", record)
+    monkeypatch.setattr(delf_tf.export, "export_model", record)
     config = tmp_path / "config.json"
     serving_config.save(config)
     (tmp_path / "models" / "delf" / "1").mkdir(parents=True)
-    argv = ["delf", "export", "--weights=random", "--seed=0", f"--config={config}"]
+    argv = ["delf", "export", "--weights=random", "--seed=0", f"--extraction_config={config}"]
     assert main(argv + [f"--export_base={tmp_path / 'models'}"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert calls == [("delf", None, serving_config, None)]
     assert printed["version"] == 2 and printed["export"].endswith(os.path.join("delf", "2"))
     expected = json.loads((exported_model / "assets" / "extraction_config.json").read_text())
     assert printed["fingerprint"] == expected["fingerprint"]
-    with pytest.raises(SystemExit, match="--weights applies only without --model"):
-        main(["delf", "export", "--model=x.keras", "--weights=random", "--export_base=m"])
+    assert main(["delf", "export", "--model=x.keras", "--weights=random", "--export_base=m"]) == 1
+    assert "delf export: error: --weights applies only without --model" in capsys.readouterr().err
 
 
 def test_load_model_from_checkpoint(delf_model, tmp_path):
@@ -264,7 +257,7 @@ def test_load_model_from_checkpoint(delf_model, tmp_path):
     other.write(str(tmp_path / "bad" / "weights"))
     with pytest.raises(ValueError, match="under the key 'model'"):
         load_delf_model(tmp_path / "bad")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="nothing: no such"):
         load_delf_model(tmp_path / "nothing")
 
 
@@ -290,7 +283,7 @@ def test_delf_extract_takes_an_exported_model(exported_model, serving_reference,
                 "delf",
                 "extract",
                 f"--images={image_path}",
-                f"--output={output}",
+                f"--output_dir={output}",
                 f"--model={model_dir}",
             ]
         )
@@ -306,14 +299,5 @@ def test_delf_extract_takes_an_exported_model(exported_model, serving_reference,
     np.testing.assert_allclose(served.descriptors, expected.descriptors, atol=1e-5)
     np.testing.assert_allclose(served.keypoints, expected.keypoints, atol=1e-4)
     # The export fixes its graph settings; the command says so instead of ignoring them.
-    with pytest.raises(ValueError, match="fixed in the SavedModel"):
-        main(
-            [
-                "delf",
-                "extract",
-                f"--images={image_path}",
-                f"--output={tmp_path / 'x'}",
-                f"--model={model_dir}",
-                "--max_image_size=64",
-            ]
-        )
+    argv = ["delf", "extract", f"--images={image_path}", f"--output_dir={tmp_path / 'x'}"]
+    assert main([*argv, f"--model={model_dir}", "--max_image_size=64"]) == 1

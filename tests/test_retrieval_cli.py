@@ -8,7 +8,7 @@ import skimage.data
 from PIL import Image
 
 from delf_tf.cli import main
-from delf_tf.features.extract import extract_to_store
+from delf_tf.extraction.folder import extract_to_store
 from delf_tf.retrieval import Index
 from delf_tf.retrieval.queries import rotated
 
@@ -46,7 +46,7 @@ def test_index_append_search_and_errors(folders, extractor, capsys):
                 "delf",
                 "index",
                 f"--features={root / 'features1'}",
-                f"--output={index}",
+                f"--output_dir={index}",
                 f"--images={root / 'photos1'}",
             ]
         )
@@ -58,7 +58,7 @@ def test_index_append_search_and_errors(folders, extractor, capsys):
         "delf",
         "index",
         f"--features={root / 'features2'}",
-        f"--output={index}",
+        f"--output_dir={index}",
         "--append",
         f"--images={root / 'photos2'}",
     ]
@@ -73,7 +73,7 @@ def test_index_append_search_and_errors(folders, extractor, capsys):
 
     picture = root / "results.png"
     search = ["delf", "search", f"--index={index}", f"--image={root / 'query.png'}", *FAST]
-    assert main([*search, "--json", "--top_k=2", f"--visualize={picture}"]) == 0
+    assert main([*search, "--top_k=2", f"--visualize={picture}"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [r["key"] for r in payload["results"]][0] == "astronaut.png"
     assert len(payload["results"]) == 2
@@ -95,7 +95,7 @@ def test_match_draws_a_picture(folders, capsys):
         f"--image1={folders / 'query.png'}",
         f"--image2={folders / 'photos1' / 'astronaut.png'}",
     ]
-    assert main(["delf", "match", *args, f"--output={output}", *FAST]) == 0
+    assert main(["delf", "match", *args, f"--output_file={output}", *FAST]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["inliers"] >= 10 and summary["matches"] >= summary["inliers"]
     assert np.asarray(summary["transform"]).shape == (3, 3)

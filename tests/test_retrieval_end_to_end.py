@@ -6,7 +6,7 @@ import skimage.data
 from PIL import Image
 
 from delf_tf.config import RetrievalConfig
-from delf_tf.features.extract import extract_to_store
+from delf_tf.extraction.folder import extract_to_store
 from delf_tf.images import load_image
 from delf_tf.retrieval import Index, Searcher
 from delf_tf.retrieval.queries import TRANSFORMS

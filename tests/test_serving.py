@@ -25,10 +25,10 @@ from delf_tf.images import encode_png
 from delf_tf.serving.client import ServingExtractor
 from delf_tf.serving.errors import (
     DeadlineExceededError,
-    FingerprintMismatchError,
     ImageTooLargeError,
     InvalidImageError,
     ModelNotFoundError,
+    ServedModelChangedError,
     ServerUnavailableError,
     ServingError,
     SignatureError,
@@ -250,23 +250,32 @@ def test_images_over_size_limits(local_server, mixed_images, protocol):
 def test_fingerprint_mismatch(local_server, mixed_images):
     extractor = client(local_server, "grpc")
     extractor._fingerprint = "0" * 64  # as if another model had answered before
-    with pytest.raises(FingerprintMismatchError, match="different model"):
+    with pytest.raises(ServedModelChangedError, match="different model"):
         extractor.extract(mixed_images[0])
 
 
-def test_delf_extract_through_server(local_server, serving_reference, astronaut_small, tmp_path):
+def test_delf_extract_through_server(
+    local_server, serving_reference, astronaut_small, tmp_path, capsys
+):
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.png").write_bytes(encode_png(astronaut_small))
     server = f"--server={local_server.addresses()['rest']}"
     out = tmp_path / "store"
-    argv = ["delf", "extract", f"--images={images}", f"--output={out}", server, "--protocol=rest"]
+    argv = [
+        "delf",
+        "extract",
+        f"--images={images}",
+        f"--output_dir={out}",
+        server,
+        "--protocol=rest",
+    ]
     assert main(argv) == 0
     store = FeatureStore.open(out)
     assert store.fingerprint == serving_reference.fingerprint
     assert_same(store.load("a.png"), serving_reference.extract(astronaut_small))
-    with pytest.raises(ValueError, match="drop"):
-        main(argv + ["--max_features=5"])
+    assert main(argv + ["--max_features=5"]) == 1
+    assert "--server uses the served model and its settings; drop" in capsys.readouterr().err
 
 
 def test_deployment_configs_parse():

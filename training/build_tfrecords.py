@@ -1,23 +1,12 @@
 """Write labelled images as sharded TFRecords (+ label map, per-class validation split).
 
-    python training/build_tfrecords.py --image_folder=photos/ --output=records/
-    python training/build_tfrecords.py --csv=train.csv --image_root=train/ --output=records/
+    python training/build_tfrecords.py --image_folder=photos/ --output_dir=records/
+    python training/build_tfrecords.py --csv=train.csv --image_root=train/ --output_dir=records/
 
-A thin absl main over `delf build-tfrecords` (delf_tf/commands/build_tfrecords.py).
+A thin main over `delf build-tfrecords` (delf_tf/commands/build_tfrecords.py).
 """
 
-from absl import app, flags
-
-from delf_tf.commands import build_tfrecords as command
-
-command.define_flags(flags.FLAGS)
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    return command.run(flags.FLAGS)
-
+from delf_tf.cli import run_command_main
 
 if __name__ == "__main__":
-    app.run(main)
+    run_command_main("build-tfrecords")

@@ -1,21 +1,10 @@
 """Train one DELF stage: `python training/train.py --flagfile=training/configs/descriptor.flags`.
 
-A thin absl main; the flags and the run are those of `delf train`
-(delf_tf/commands/train.py), the loop is delf_tf/training/trainer.py.
+A thin main over `delf train` (delf_tf/commands/train.py): the same flags,
+`--help`, errors and exit statuses; the loop is delf_tf/training/trainer.py.
 """
 
-from absl import app, flags
-
-from delf_tf.commands import train as train_command
-
-train_command.define_flags(flags.FLAGS)
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    return train_command.run(flags.FLAGS)
-
+from delf_tf.cli import run_command_main
 
 if __name__ == "__main__":
-    app.run(main)
+    run_command_main("train")

@@ -9,6 +9,7 @@ train-*.tfrecord, validation-*.tfrecord, label_map.json and summary.json.
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import flags
 
@@ -25,7 +26,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "landmarks_root", None, "folder holding landmarks_{full,clean}_{train,val}/", **define
     )
     flags.DEFINE_enum("landmarks_subset", "clean", ["full", "clean"], "LF or LC", **define)
-    flags.DEFINE_string("output", None, "output folder (replaced when complete)", **define)
+    flags.DEFINE_string("output_dir", None, "output folder (replaced when complete)", **define)
     flags.DEFINE_float(
         "validation_fraction",
         defaults.validation_fraction,
@@ -39,16 +40,17 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "num_workers", defaults.num_workers, "threads validating and encoding images", **define
     )
-    flags.mark_flags_as_required(["output"], **define)
+    flags.mark_flags_as_required(["output_dir"], **define)
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    from delf_tf.errors import InputError
     from delf_tf.training import sources
     from delf_tf.training.records import build_tfrecords
 
     chosen = [name for name in ("image_folder", "csv", "landmarks_root") if flag_values[name].value]
     if len(chosen) != 1:
-        raise SystemExit(
+        raise InputError(
             "give exactly one of --image_folder, --csv (+ --image_root), --landmarks_root"
         )
     validation = None
@@ -56,7 +58,7 @@ def run(flag_values: flags.FlagValues) -> int:
         images = sources.list_image_folder(flag_values.image_folder)
     elif flag_values.csv:
         if not flag_values.image_root:
-            raise SystemExit("--csv needs --image_root")
+            raise InputError("--csv needs --image_root")
         images = sources.list_gldv2_csv(flag_values.csv, flag_values.image_root)
     else:
         train_dir, val_dir = sources.landmarks_set_dirs(
@@ -70,9 +72,9 @@ def run(flag_values: flags.FlagValues) -> int:
         seed=flag_values.seed,
         num_workers=flag_values.num_workers,
     )
-    summary = build_tfrecords(images, flag_values.output, config, validation=validation)
+    summary = build_tfrecords(images, flag_values.output_dir, config, validation=validation)
     for path, reason in summary.skipped:
-        print(f"skipped: {path}: {reason}")
+        print(f"skipped: {path!r}: {reason}", file=sys.stderr)
     out = summary.to_dict()
     out["skipped"] = len(out["skipped"])
     print(json.dumps(out))

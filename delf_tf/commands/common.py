@@ -1,21 +1,50 @@
-"""Flags shared by the subcommands that extract features (extract, search, match, ...)."""
+"""Flags shared by the subcommands that extract features (extract, search, match, ...).
+
+Naming rule of every command's flags: inputs are named by what they are
+(`--images`, `--features`, `--index`, `--model`), outputs by `--output_dir` (a
+folder) or `--output_file` (a file); JSON configuration files by `--*_config`;
+one weights flag (`--weights`). Defaults shown in help texts are read from the
+config dataclasses. This module imports no TensorFlow, so `--help` is instant.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 from absl import flags
 
-from delf_tf.config import ExtractionConfig
-from delf_tf.extraction.extractor import Extractor, build_extractor
+from delf_tf.config import ExtractionConfig, ModelConfig
+from delf_tf.errors import InputError
+from delf_tf.presets import EXTRACTION_PRESETS
+
+if TYPE_CHECKING:
+    from delf_tf.extraction.extractor import Extractor
 
 # Settings of the in-process extractor; with --server the served export's own apply.
-_LOCAL_ONLY_FLAGS = ("model", "pca", "config", "score_threshold", "max_features", "max_image_size")
+_LOCAL_ONLY_FLAGS = (
+    "model",
+    "pca",
+    "extraction_config",
+    "model_config",
+    "preset",
+    "score_threshold",
+    "max_features",
+    "max_image_size",
+)
+OVERRIDE_FLAGS = ("score_threshold", "max_features", "max_image_size")
 
 
 def define_extractor_flags(flag_values: flags.FlagValues) -> None:
-    """--model, --weights, --seed, --config, --pca, per-field overrides; --server for TF Serving."""
+    """--model, --weights, --seed, configs, --pca, per-field overrides; --server for TF Serving."""
     define = {"flag_values": flag_values}
+    defaults = ExtractionConfig()
     flags.DEFINE_string(
-        "model", None, "a trained DelfModel (.keras) or an exported SavedModel directory", **define
+        "model",
+        None,
+        "a trained DelfModel (.keras), an exported SavedModel directory, or a released "
+        "reference model folder (delf_gld_20190411, r50delg_gld_20200814, ...)",
+        **define,
     )
     flags.DEFINE_string(
         "weights",
@@ -25,22 +54,40 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
         **define,
     )
     flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
-    flags.DEFINE_string("config", None, "ExtractionConfig JSON file", **define)
     flags.DEFINE_string(
-        "pca", None, "PCA .npz from `delf fit-pca` (not with a SavedModel)", **define
+        "model_config", None, "ModelConfig JSON of the model built from --weights", **define
+    )
+    flags.DEFINE_enum(
+        "preset",
+        None,
+        sorted(EXTRACTION_PRESETS),
+        "named extraction settings (paper: the reference values; fast: 4 scales, 500 features, "
+        "long side 512); default paper",
+        **define,
+    )
+    flags.DEFINE_string(
+        "extraction_config", None, "ExtractionConfig JSON file (over the preset)", **define
+    )
+    flags.DEFINE_string(
+        "pca", None, "PCA .npz from `delf fit-pca` (not with an exported SavedModel)", **define
     )
     flags.DEFINE_float(
         "score_threshold",
         None,
-        "minimum attention score (config default 100.0, for trained models; an untrained "
-        "attention head scores far below it, so use 0 with random or imagenet weights)",
+        f"minimum attention score (default {defaults.score_threshold}, for trained models; an "
+        "untrained attention head scores far below it: use 0 with random or imagenet weights)",
         **define,
     )
-    flags.DEFINE_integer("max_features", None, "top-K features per image (default 1000)", **define)
+    flags.DEFINE_integer(
+        "max_features",
+        None,
+        f"top-K features per image (default {defaults.max_features})",
+        **define,
+    )
     flags.DEFINE_integer(
         "max_image_size",
         None,
-        "long side limit before the pyramid, -1 keeps (default 1024)",
+        f"long side limit before the pyramid, -1 keeps (default {defaults.max_image_size})",
         **define,
     )
     flags.DEFINE_string(
@@ -60,22 +107,42 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("model_name", "delf", "model name on --server", **define)
 
 
+def extraction_config_from_flags(
+    flag_values: flags.FlagValues,
+) -> tuple[ExtractionConfig | None, dict[str, object]]:
+    """(the preset or --extraction_config, or None if neither; single-field overrides)."""
+    from delf_tf.presets import extraction_preset
+
+    if flag_values.preset and flag_values.extraction_config:
+        raise InputError("give --preset or --extraction_config, not both")
+    config = None
+    if flag_values.extraction_config:
+        config = ExtractionConfig.load(flag_values.extraction_config)
+    elif flag_values.preset:
+        config = extraction_preset(flag_values.preset)
+    overrides = {
+        name: flag_values[name].value
+        for name in OVERRIDE_FLAGS
+        if flag_values[name].value is not None
+    }
+    return config, overrides
+
+
 def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
+    """The extractor the flags describe: TF Serving with --server, else in process."""
     if flag_values.server:
         given = [f"--{name}" for name in _LOCAL_ONLY_FLAGS if flag_values[name].present]
         if given:
-            raise ValueError(f"--server uses the served model and its settings; drop {given}")
+            raise InputError(f"--server uses the served model and its settings; drop {given}")
         from delf_tf.serving.client import ServingExtractor
 
         return ServingExtractor(
             flag_values.server, model_name=flag_values.model_name, protocol=flag_values.protocol
         )
-    config = ExtractionConfig.load(flag_values.config) if flag_values.config else None
-    overrides = {
-        name: flag_values[name].value
-        for name in ("score_threshold", "max_features", "max_image_size")
-        if flag_values[name].value is not None
-    }
+    from delf_tf.extraction.extractor import build_extractor
+
+    model_config = ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
+    config, overrides = extraction_config_from_flags(flag_values)
     return build_extractor(
         model=flag_values.model,
         weights=flag_values.weights,
@@ -83,9 +150,16 @@ def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
         config=config,
         overrides=overrides,
         pca=flag_values.pca,
+        model_config=model_config,
     )
 
 
-def weights_are_trained(extractor: Extractor) -> bool:
-    """False when the features come from a randomly initialised model."""
-    return "weights=random" not in extractor.describe().get("model", "")
+def warn_if_untrained(extractor: Extractor) -> None:
+    """A note on stderr when the features come from a randomly initialised model."""
+    if "weights=random" in extractor.describe().get("model", ""):
+        note("untrained (random) weights: features show the pipeline, not retrieval quality")
+
+
+def note(message: str) -> None:
+    """A human-readable note on stderr (stdout carries only the JSON summary)."""
+    print(f"note: {message}", file=sys.stderr)

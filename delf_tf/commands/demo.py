@@ -13,6 +13,7 @@ Every step skips what an earlier run left in <output>.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,6 @@ from absl import flags
 from PIL import Image
 
 from delf_tf.config import ExtractionConfig, RetrievalConfig
-from delf_tf.extraction.extractor import build_extractor
-from delf_tf.extraction.pca import fit_pca
-from delf_tf.features.extract import extract_to_store
-from delf_tf.images import load_image
-from delf_tf.matching.visualize import save_picture
-from delf_tf.retrieval.index import Index
-from delf_tf.retrieval.queries import TRANSFORMS
-from delf_tf.retrieval.search import Searcher
-from delf_tf.retrieval.visualize import draw_results
 
 # Photographs that ship inside the scikit-image wheel (no download).
 SKIMAGE_IMAGES = (
@@ -49,16 +41,13 @@ SKIMAGE_IMAGES = (
     "retina",
 )
 QUERY_SOURCES = ("astronaut", "coffee", "rocket", "camera")
-# Four pyramid levels instead of the paper's seven keep the demo fast on a laptop.
-DEMO_SCALES = (0.5, 0.7071, 1.0, 1.4142)
-DEMO_MAX_FEATURES = 500
 PCA_DIM = ExtractionConfig.pca_dim
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     flags.DEFINE_string(
-        "output", "demo_output", "folder for images, features, index and pictures", **define
+        "output_dir", "demo_output", "folder for images, features, index and pictures", **define
     )
     flags.DEFINE_integer(
         "max_image_size", 320, "long side of the database images (smaller is faster)", **define
@@ -90,6 +79,9 @@ def write_skimage_images(folder: Path, max_size: int) -> list[Path]:
 
 def write_queries(images: Path, folder: Path) -> list[tuple[str, str, Path]]:
     """Transformed copies of QUERY_SOURCES; [(source key, transform, path)]."""
+    from delf_tf.images import load_image
+    from delf_tf.retrieval.queries import TRANSFORMS
+
     folder.mkdir(parents=True, exist_ok=True)
     queries = []
     for name in QUERY_SOURCES:
@@ -102,10 +94,25 @@ def write_queries(images: Path, folder: Path) -> list[tuple[str, str, Path]]:
     return queries
 
 
+def say(text: str) -> None:
+    """Progress for the person watching (stderr; stdout carries the JSON summary)."""
+    print(text, file=sys.stderr)
+
+
 def run(flag_values: flags.FlagValues) -> int:
-    output = Path(flag_values.output)
+    from delf_tf.extraction.extractor import build_extractor
+    from delf_tf.extraction.folder import extract_to_store
+    from delf_tf.extraction.pca import fit_pca
+    from delf_tf.images import load_image
+    from delf_tf.matching.visualize import save_picture
+    from delf_tf.presets import extraction_preset
+    from delf_tf.retrieval.index import Index
+    from delf_tf.retrieval.search import Searcher
+    from delf_tf.retrieval.visualize import draw_results
+
+    output = Path(flag_values.output_dir)
     seed = flag_values.seed
-    print(
+    say(
         f"delf demo: the weights are UNTRAINED (random, seed {seed}), not a trained DELF "
         "model; score_threshold=0 keeps the top-K of an untrained attention head. "
         "Random convolutions still match an image to a transformed copy of itself, "
@@ -113,14 +120,12 @@ def run(flag_values: flags.FlagValues) -> int:
     )
     images = output / "images"
     write_skimage_images(images, flag_values.max_image_size)
-    config = ExtractionConfig(
-        score_threshold=0.0,
-        max_image_size=flag_values.max_image_size,
-        scales=DEMO_SCALES,
-        max_features=DEMO_MAX_FEATURES,
+    # The fast preset (4 scales, 500 features) keeps the demo quick on a laptop.
+    config = extraction_preset("fast").replace(
+        score_threshold=0.0, max_image_size=flag_values.max_image_size
     )
 
-    print("1/4 raw 1024-D features -> PCA")
+    say("1/4 raw 1024-D features -> PCA")
     pca_path = output / "pca.npz"
     if not pca_path.exists():
         raw = build_extractor(weights="random", seed=seed, config=config)
@@ -128,21 +133,21 @@ def run(flag_values: flags.FlagValues) -> int:
         descriptors = [raw_store.load(key).descriptors for key in raw_store.stored_keys()]
         fit_pca(np.concatenate(descriptors), PCA_DIM).save(pca_path)
 
-    print(f"2/4 {PCA_DIM}-D features (PCA in the graph)")
+    say(f"2/4 {PCA_DIM}-D features (PCA in the graph)")
     extractor = build_extractor(weights="random", seed=seed, config=config, pca=pca_path)
     store, summary = extract_to_store(extractor, images, output / "features")
-    print(json.dumps({"features": str(store.root), **summary.to_dict()}))
+    say(json.dumps({"features": str(store.root), **summary.to_dict()}))
 
-    print("3/4 global index")
+    say("3/4 global index")
     Index.from_store(store, images_root=images).save(output / "index")
     index = Index.load(output / "index")
     index.check_fingerprint(extractor.fingerprint)
-    print(f"  {index.num_images} images, {index.num_descriptors} descriptors x {index.dim}")
+    say(f"  {index.num_images} images, {index.num_descriptors} descriptors x {index.dim}")
 
-    print("4/4 queries (transformed copies of database images)")
+    say("4/4 queries (transformed copies of database images)")
     retrieval = RetrievalConfig(top_k=3)
     searcher = Searcher(index, retrieval)
-    print(f"  {'query':<26} {'right':<6} top 3 as image:inliers/votes")
+    say(f"  {'query':<26} {'right':<6} top 3 as image:inliers/votes")
     rows, correct, picture_drawn = [], 0, False
     for source, transform, path in write_queries(images, output / "queries"):
         query_image = load_image(path)
@@ -150,7 +155,7 @@ def run(flag_values: flags.FlagValues) -> int:
         hit = bool(results) and results[0].key == source
         correct += hit
         ranked = ", ".join(f"{r.key.removesuffix('.png')}:{r.inliers}/{r.votes}" for r in results)
-        print(f"  {path.name:<26} {'yes' if hit else 'NO':<6} {ranked}")
+        say(f"  {path.name:<26} {'yes' if hit else 'NO':<6} {ranked}")
         rows.append(
             {
                 "query": str(path),
@@ -163,9 +168,20 @@ def run(flag_values: flags.FlagValues) -> int:
         if not picture_drawn and results:
             save_picture(draw_results(query_image, results), output / "match.png")
             picture_drawn = True
-    print(
+    say(
         f"top-1 right for {correct} of {len(rows)} queries (untrained weights); "
         f"match picture: {output / 'match.png'}"
     )
     (output / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(
+        json.dumps(
+            {
+                "output_dir": str(output),
+                "queries": len(rows),
+                "top1_correct": correct,
+                "results": str(output / "results.json"),
+                "match_picture": str(output / "match.png"),
+            }
+        )
+    )
     return 0

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 
 from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
 from delf_tf.commands.retrieval_flags import define_retrieval_flags, retrieval_config_from_flags
-from delf_tf.evaluation.datasets import DATASET_KINDS, GroundTruthError, load_dataset
-from delf_tf.evaluation.engine import engine_rank_fn
-from delf_tf.evaluation.evaluate import evaluate, write_report
+from delf_tf.config import RetrievalConfig
+from delf_tf.evaluation.datasets import DATASET_KINDS
 from delf_tf.evaluation.metrics import TIE_POLICIES
-from delf_tf.retrieval.index import FingerprintMismatchError, Index, IndexFormatError
-from delf_tf.retrieval.search import Searcher
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -28,38 +24,45 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "groundtruth", None, "ground-truth file or folder (default: found)", **define
     )
     flags.DEFINE_string("index", None, "index of the database images (`delf index`)", **define)
-    flags.DEFINE_integer("shortlist", None, "images verified by RANSAC (default 100)", **define)
+    flags.DEFINE_integer(
+        "shortlist",
+        None,
+        f"images verified by RANSAC (default {RetrievalConfig().shortlist})",
+        **define,
+    )
     flags.DEFINE_list("setups", None, "setups to report (default: all of the dataset)", **define)
     flags.DEFINE_enum(
         "ties", "pessimistic", list(TIE_POLICIES), "order within equal scores", **define
     )
     flags.DEFINE_string(
-        "output", None, "report folder: metrics.json, per_query.csv, pr_curves.png", **define
+        "output_dir", None, "report folder: metrics.json, per_query.csv, pr_curves.png", **define
     )
-    flags.mark_flags_as_required(["dataset", "dataset_dir", "index", "output"], **define)
+    flags.mark_flags_as_required(["dataset", "dataset_dir", "index", "output_dir"], **define)
     define_extractor_flags(flag_values)
     define_retrieval_flags(flag_values)
 
 
 def run(flag_values: flags.FlagValues) -> int:
-    try:
-        config = retrieval_config_from_flags(flag_values, shortlist=flag_values.shortlist)
-        dataset = load_dataset(
-            flag_values.dataset,
-            flag_values.dataset_dir,
-            flag_values.images,
-            flag_values.groundtruth,
-        )
-        index = Index.load(flag_values.index)
-        extractor = extractor_from_flags(flag_values)
-        index.check_fingerprint(extractor.fingerprint)
-    except (GroundTruthError, IndexFormatError, FingerprintMismatchError, ValueError) as error:
-        print(f"delf evaluate: error: {error}", file=sys.stderr)
-        return 1
+    from delf_tf.evaluation.datasets import load_dataset
+    from delf_tf.evaluation.engine import engine_rank_fn
+    from delf_tf.evaluation.evaluate import evaluate, write_report
+    from delf_tf.retrieval.index import Index
+    from delf_tf.retrieval.search import Searcher
+
+    config = retrieval_config_from_flags(flag_values, shortlist=flag_values.shortlist)
+    dataset = load_dataset(
+        flag_values.dataset,
+        flag_values.dataset_dir,
+        flag_values.images,
+        flag_values.groundtruth,
+    )
+    index = Index.load(flag_values.index)
+    extractor = extractor_from_flags(flag_values)
+    index.check_fingerprint(extractor.fingerprint)
     rank_fn = engine_rank_fn(extractor, Searcher(index, config))
     result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
-    paths = write_report(result, flag_values.output)
+    paths = write_report(result, flag_values.output_dir)
     report = result.to_dict()
     report["files"] = {name: str(path) for name, path in paths.items()}
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report))
     return 0

@@ -6,10 +6,8 @@ import json
 
 from absl import flags
 
-from delf_tf.config import ExtractionConfig, ModelConfig
-from delf_tf.export import IMAGE_SIGNATURE, SERVING_SIGNATURE, export_model, load_delf_model
-from delf_tf.extraction.pca import PcaParams
-from delf_tf.model.delf import build_delf_model
+from delf_tf.config import ExtractionConfig
+from delf_tf.presets import EXTRACTION_PRESETS
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -30,12 +28,20 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **define,
     )
     flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
-    flags.DEFINE_string(
-        "model_config", None, "ModelConfig JSON of a checkpoint given by --model", **define
-    )
+    flags.DEFINE_string("model_config", None, "ModelConfig JSON of the model", **define)
     flags.DEFINE_string("pca", None, "PCA .npz from `delf fit-pca`, applied in the graph", **define)
+    flags.DEFINE_enum(
+        "preset",
+        None,
+        sorted(EXTRACTION_PRESETS),
+        "named extraction settings (default paper)",
+        **define,
+    )
     flags.DEFINE_string(
-        "config", None, "ExtractionConfig JSON (default: the paper's settings)", **define
+        "extraction_config",
+        None,
+        f"ExtractionConfig JSON (default: the paper's settings, {ExtractionConfig().to_dict()})",
+        **define,
     )
     flags.DEFINE_string(
         "export_base", None, "writes <export_base>/<model_name>/<version>/", **define
@@ -48,18 +54,31 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    from delf_tf.commands.common import note
+    from delf_tf.config import ModelConfig
+    from delf_tf.contract import EXPORT_INFO_ASSET, SIGNATURES
+    from delf_tf.errors import InputError
+    from delf_tf.export import export_model
+    from delf_tf.extraction.pca import PcaParams
+    from delf_tf.model.delf import build_delf_model
+    from delf_tf.model.loading import load_delf_model
+    from delf_tf.presets import extraction_preset
+
     if flag_values.model and flag_values["weights"].present:
-        raise SystemExit("delf export: --weights applies only without --model")
+        raise InputError("--weights applies only without --model")
+    if flag_values.preset and flag_values.extraction_config:
+        raise InputError("give --preset or --extraction_config, not both")
+    model_config = ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
     if flag_values.model:
-        model_config = (
-            ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
-        )
         model = load_delf_model(flag_values.model, model_config)
     else:
-        model = build_delf_model(weights=flag_values.weights, seed=flag_values.seed)
+        model = build_delf_model(model_config, weights=flag_values.weights, seed=flag_values.seed)
         if flag_values.weights == "random":
-            print("note: untrained (random) weights: the export shows the pipeline, not quality")
-    config = ExtractionConfig.load(flag_values.config) if flag_values.config else ExtractionConfig()
+            note("untrained (random) weights: the export shows the pipeline, not quality")
+    if flag_values.extraction_config:
+        config = ExtractionConfig.load(flag_values.extraction_config)
+    else:
+        config = extraction_preset(flag_values.preset or "paper")
     pca = PcaParams.load(flag_values.pca) if flag_values.pca else None
     path = export_model(
         model,
@@ -69,7 +88,7 @@ def run(flag_values: flags.FlagValues) -> int:
         model_name=flag_values.model_name,
         version=flag_values.version,
     )
-    info = json.loads((path / "assets" / "extraction_config.json").read_text())
+    info = json.loads((path / "assets" / EXPORT_INFO_ASSET).read_text())
     print(
         json.dumps(
             {
@@ -78,7 +97,7 @@ def run(flag_values: flags.FlagValues) -> int:
                 "version": int(path.name),
                 "fingerprint": info["fingerprint"],
                 "descriptor_dim": info["descriptor_dim"],
-                "signatures": [SERVING_SIGNATURE, IMAGE_SIGNATURE],
+                "signatures": list(SIGNATURES),
             }
         )
     )

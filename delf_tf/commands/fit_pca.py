@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from absl import flags
-
-from delf_tf.extraction.pca import fit_pca
-from delf_tf.features.store import FeatureStore
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -16,29 +12,37 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("features", None, "feature store of raw descriptors (no --pca)", **define)
     flags.DEFINE_integer("dim", 40, "number of principal components to keep", **define)
     flags.DEFINE_bool("whiten", False, "whiten: divide components by sqrt(variance)", **define)
-    flags.DEFINE_string("output", None, "output .npz (mean, projection, variances)", **define)
+    flags.DEFINE_string(
+        "output_file", None, "output .npz (mean, projection, variances, whiten)", **define
+    )
     flags.DEFINE_integer("max_descriptors", 1_000_000, "random subsample bound", **define)
     flags.DEFINE_integer("seed", 0, "seed of the subsample", **define)
-    flags.mark_flags_as_required(["features", "output"], **define)
+    flags.mark_flags_as_required(["features", "output_file"], **define)
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    import numpy as np
+
+    from delf_tf.errors import InputError
+    from delf_tf.extraction.pca import fit_pca
+    from delf_tf.features.store import FeatureStore
+
     store = FeatureStore.open(flag_values.features)
     descriptors = [store.load(key).descriptors for key in store.stored_keys()]
     descriptors = [d for d in descriptors if len(d)]
     if not descriptors:
-        raise SystemExit(f"{store.root}: no descriptors to fit PCA on")
+        raise InputError(f"{store.root}: no descriptors to fit PCA on")
     data = np.concatenate(descriptors)
     if data.shape[0] > flag_values.max_descriptors:
         rng = np.random.default_rng(flag_values.seed)
         data = data[rng.choice(data.shape[0], flag_values.max_descriptors, replace=False)]
     pca = fit_pca(data, flag_values.dim, whiten=flag_values.whiten)
-    pca.save(flag_values.output)
+    pca.save(flag_values.output_file)
     explained = float(pca.variances.sum() / max(np.var(data, axis=0, ddof=1).sum(), 1e-12))
     print(
         json.dumps(
             {
-                "output": flag_values.output,
+                "output_file": flag_values.output_file,
                 "descriptors": int(data.shape[0]),
                 "dim": pca.output_dim,
                 "whiten": pca.whiten,

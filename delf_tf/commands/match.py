@@ -3,35 +3,32 @@
 from __future__ import annotations
 
 import json
-import sys
 
-import numpy as np
 from absl import flags
 
 from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
 from delf_tf.commands.retrieval_flags import define_retrieval_flags, retrieval_config_from_flags
-from delf_tf.images import ImageError, load_image
-from delf_tf.matching.pairwise import match_pair
-from delf_tf.matching.visualize import draw_matches, save_picture
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     flags.DEFINE_string("image1", None, "first (query) image", **define)
     flags.DEFINE_string("image2", None, "second (database) image", **define)
-    flags.DEFINE_string("output", None, "write a PNG of the matches here", **define)
+    flags.DEFINE_string("output_file", None, "write a PNG of the matches here", **define)
     flags.mark_flags_as_required(["image1", "image2"], **define)
     define_extractor_flags(flag_values)
     define_retrieval_flags(flag_values)
 
 
 def run(flag_values: flags.FlagValues) -> int:
-    try:
-        config = retrieval_config_from_flags(flag_values)
-        images = [load_image(flag_values.image1), load_image(flag_values.image2)]
-    except (ImageError, ValueError) as error:
-        print(f"delf match: error: {error}", file=sys.stderr)
-        return 1
+    import numpy as np
+
+    from delf_tf.images import load_image
+    from delf_tf.matching.pairwise import match_pair
+    from delf_tf.matching.visualize import draw_matches, save_picture
+
+    config = retrieval_config_from_flags(flag_values)
+    images = [load_image(flag_values.image1), load_image(flag_values.image2)]
     extractor = extractor_from_flags(flag_values)
     first, second = (extractor.extract(image) for image in images)
     matches, verification = match_pair(first, second, config)
@@ -45,7 +42,7 @@ def run(flag_values: flags.FlagValues) -> int:
         if verification.model is None
         else np.round(verification.model, 6).tolist(),
     }
-    if flag_values.output:
+    if flag_values.output_file:
         caption = f"{len(matches)} matches, {verification.num_inliers} inliers ({config.transform})"
         picture = draw_matches(
             *images,
@@ -54,7 +51,7 @@ def run(flag_values: flags.FlagValues) -> int:
             verification.inliers,
             caption=caption,
         )
-        save_picture(picture, flag_values.output)
-        summary["output"] = flag_values.output
+        save_picture(picture, flag_values.output_file)
+        summary["output_file"] = flag_values.output_file
     print(json.dumps(summary))
     return 0

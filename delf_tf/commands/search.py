@@ -4,34 +4,36 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from absl import flags
 
-from delf_tf.commands.common import (
-    define_extractor_flags,
-    extractor_from_flags,
-    weights_are_trained,
-)
+from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
 from delf_tf.commands.retrieval_flags import define_retrieval_flags, retrieval_config_from_flags
-from delf_tf.images import ImageError, load_image
-from delf_tf.matching.visualize import save_picture
-from delf_tf.retrieval.index import FingerprintMismatchError, Index, IndexFormatError
-from delf_tf.retrieval.search import Searcher, SearchResult
-from delf_tf.retrieval.visualize import draw_results
+from delf_tf.config import RetrievalConfig
+
+if TYPE_CHECKING:
+    from delf_tf.retrieval.search import SearchResult
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     flags.DEFINE_string("index", None, "index directory from `delf index`", **define)
     flags.DEFINE_string("image", None, "query image file", **define)
-    flags.DEFINE_integer("top_k", None, "results to show (default 10)", **define)
+    defaults = RetrievalConfig()
+    flags.DEFINE_integer("top_k", None, f"results to show (default {defaults.top_k})", **define)
     flags.DEFINE_integer(
-        "shortlist", None, "images by votes verified with RANSAC (default 100)", **define
+        "shortlist",
+        None,
+        f"images by votes verified with RANSAC (default {defaults.shortlist})",
+        **define,
     )
     flags.DEFINE_integer(
-        "neighbors", None, "nearest descriptors per query descriptor (default 10)", **define
+        "neighbors",
+        None,
+        f"nearest descriptors per query descriptor (default {defaults.neighbors})",
+        **define,
     )
-    flags.DEFINE_bool("json", False, "print the results as JSON", **define)
     flags.DEFINE_string(
         "visualize", None, "write a PNG of the query against its best matches", **define
     )
@@ -41,40 +43,35 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues) -> int:
-    try:
-        config = retrieval_config_from_flags(
-            flag_values,
-            top_k=flag_values.top_k,
-            shortlist=flag_values.shortlist,
-            neighbors=flag_values.neighbors,
-        )
-        image = load_image(flag_values.image)
-        index = Index.load(flag_values.index)
-        extractor = extractor_from_flags(flag_values)
-        index.check_fingerprint(extractor.fingerprint)
-    except (ImageError, IndexFormatError, FingerprintMismatchError, ValueError) as error:
-        print(f"delf search: error: {error}", file=sys.stderr)
-        return 1
-    if not weights_are_trained(extractor):
-        print("note: untrained (random) weights", file=sys.stderr)
+    from delf_tf.images import load_image
+    from delf_tf.matching.visualize import save_picture
+    from delf_tf.retrieval.index import Index
+    from delf_tf.retrieval.search import Searcher
+    from delf_tf.retrieval.visualize import draw_results
+
+    config = retrieval_config_from_flags(
+        flag_values,
+        top_k=flag_values.top_k,
+        shortlist=flag_values.shortlist,
+        neighbors=flag_values.neighbors,
+    )
+    image = load_image(flag_values.image)
+    index = Index.load(flag_values.index)
+    extractor = extractor_from_flags(flag_values)
+    index.check_fingerprint(extractor.fingerprint)
+    warn_if_untrained(extractor)
     query = extractor.extract(image)
     results = Searcher(index, config).search(query)
-    if flag_values.json:
-        payload = {
-            "query": flag_values.image,
-            "query_features": len(query),
-            "results": [result.to_dict() for result in results],
-        }
-        print(json.dumps(payload, indent=2))
-    else:
-        print(format_table(flag_values.image, len(query), results))
+    print(format_table(flag_values.image, len(query), results), file=sys.stderr)
+    payload = {
+        "query": flag_values.image,
+        "query_features": len(query),
+        "results": [result.to_dict() for result in results],
+    }
     if flag_values.visualize and results:
-        try:
-            save_picture(draw_results(image, results), flag_values.visualize)
-        except ValueError as error:
-            print(f"delf search: cannot visualize: {error}", file=sys.stderr)
-            return 1
-        print(f"wrote {flag_values.visualize}", file=sys.stderr)
+        save_picture(draw_results(image, results), flag_values.visualize)
+        payload["visualize"] = flag_values.visualize
+    print(json.dumps(payload))
     return 0
 
 

@@ -10,12 +10,10 @@ from pathlib import Path
 
 from absl import flags
 
-from delf_tf.serving.local_server import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    LocalServer,
-    serve_until_signalled,
-)
-from delf_tf.serving.repository import ModelRepository, ModelSource, sources_from_config_file
+from delf_tf.errors import InputError
+
+# TF Serving has no request-size flag; 256 MiB bounds one request's body.
+DEFAULT_MAX_REQUEST_BYTES = 256 << 20
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -54,14 +52,17 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    from delf_tf.serving.local_server import LocalServer, serve_until_signalled
+    from delf_tf.serving.repository import ModelRepository, ModelSource, sources_from_config_file
+
     if bool(flag_values.model_base_path) == bool(flag_values.model_config_file):
-        raise SystemExit("delf serve: give exactly one of --model_base_path or --model_config_file")
+        raise InputError("give exactly one of --model_base_path or --model_config_file")
     if flag_values.model_config_file:
         sources = sources_from_config_file(flag_values.model_config_file)
     else:
         base = Path(flag_values.model_base_path)
         if not base.is_dir():
-            raise SystemExit(f"delf serve: {base}: no such directory")
+            raise InputError(f"{base}: no such directory")
         sources = [ModelSource(flag_values.model_name, base.resolve())]
     server = LocalServer(
         ModelRepository(sources),

@@ -19,6 +19,7 @@ from delf_tf.config import (
     ModelConfig,
     TrainingConfig,
 )
+from delf_tf.errors import ConfigError
 
 HELP = {
     "stage": "descriptor: fine-tune the backbone with a GAP classifier; attention: train the "
@@ -45,7 +46,7 @@ HELP = {
     "tpu": "TPU name or grpc:// address for --strategy=tpu",
     "mixed_precision": "float16 compute (bfloat16 on TPU) with float32 variables",
     "model_dir": "checkpoints, TensorBoard logs and the final model.keras",
-    "backbone_weights": "imagenet (Keras cache or download), random, or a local ResNet50 "
+    "weights": "backbone weights: imagenet (Keras cache or download), random, or a local ResNet50 "
     ".h5/.weights.h5/.keras file",
     "init_from": "the previous stage's model.keras (or its model_dir)",
     "seed": "seed of initialisation, data order and augmentation",
@@ -106,7 +107,7 @@ def configs_from_flags(flag_values: flags.FlagValues) -> tuple[TrainingConfig, M
             try:
                 value = tuple(float(v) for v in value)
             except ValueError as error:
-                raise ValueError(f"--{field.name}: expected numbers, got {value}") from error
+                raise ConfigError(f"--{field.name}: expected numbers, got {value}") from error
         values[field.name] = value
     model = ModelConfig(**{name: flag_values[name].value for name in MODEL_FLAGS})
     return TrainingConfig(**values), model

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from delf_tf.errors import InputError
 from delf_tf.evaluation.safe_pickle import safe_load
 from delf_tf.images import exif_orientation, list_images, load_image
 
@@ -40,7 +41,7 @@ JSON_GROUNDTRUTH = "groundtruth.json"
 BBox = tuple[float, float, float, float]
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(InputError):
     """A ground-truth file is malformed or names images that are not there."""
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from delf_tf.evaluation.datasets import image_id_from_key
-from delf_tf.extraction.extractor import Extractor
 from delf_tf.retrieval.search import Searcher
+
+if TYPE_CHECKING:
+    from delf_tf.extraction.extractor import Extractor
 
 RankFn = Callable[[np.ndarray, str], list[tuple[str, float]]]
 

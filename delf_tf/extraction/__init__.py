@@ -1,21 +1,26 @@
-"""The one in-graph multi-scale extraction, PCA, and the Extractor interface."""
+"""The one in-graph multi-scale extraction, PCA, and the Extractor interface.
 
-from delf_tf.extraction.extractor import (
-    Extractor,
-    InProcessExtractor,
-    build_extractor,
-    resolve_saved_model_dir,
-)
-from delf_tf.extraction.graph import ExtractionModule, extractor_fingerprint
-from delf_tf.extraction.pca import PcaParams, fit_pca
+Names are imported lazily (PEP 562), so `delf_tf.extraction.pca` can be used
+without importing TensorFlow.
+"""
 
-__all__ = [
-    "ExtractionModule",
-    "Extractor",
-    "InProcessExtractor",
-    "PcaParams",
-    "build_extractor",
-    "extractor_fingerprint",
-    "fit_pca",
-    "resolve_saved_model_dir",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Extractor": "delf_tf.extraction.extractor",
+    "InProcessExtractor": "delf_tf.extraction.extractor",
+    "build_extractor": "delf_tf.extraction.extractor",
+    "ExtractionModule": "delf_tf.extraction.graph",
+    "extractor_fingerprint": "delf_tf.extraction.graph",
+    "PcaParams": "delf_tf.extraction.pca",
+    "fit_pca": "delf_tf.extraction.pca",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,20 +12,17 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from delf_tf.config import ExtractionConfig, ModelConfig
+from delf_tf.contract import EXPORT_INFO_ASSET, RUNTIME_OVERRIDES, resolve_version_dir
+from delf_tf.errors import ConfigError, InputError
 from delf_tf.extraction.graph import ExtractionModule
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.model.delf import DelfModel, build_delf_model
-
-# Written into every export's assets/ by delf_tf.export; read back here.
-EXPORT_INFO_ASSET = "extraction_config.json"
-# Settings that `extract` takes per call; the others are fixed when the graph is built.
-RUNTIME_OVERRIDES = ("max_features", "score_threshold", "scales")
+from delf_tf.model.loading import load_delf_model
 
 
 @runtime_checkable
@@ -92,7 +89,7 @@ class InProcessExtractor:
         cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None
     ) -> InProcessExtractor:
         """Loads an export of `delf_tf.export` (a version dir, or a model dir: highest version)."""
-        version_dir = resolve_saved_model_dir(path)
+        version_dir = resolve_version_dir(path)
         info = json.loads((version_dir / "assets" / EXPORT_INFO_ASSET).read_text())
         config = ExtractionConfig.from_dict(info["extraction_config"], source=str(version_dir))
         if overrides:
@@ -113,7 +110,7 @@ class InProcessExtractor:
         score_threshold or scales for this call."""
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
+            raise InputError(
                 f"expected an RGB image uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
             )
         unknown = set(overrides) - set(RUNTIME_OVERRIDES)
@@ -132,25 +129,6 @@ class InProcessExtractor:
         return LocalFeatures(**{name: outputs[name].numpy() for name in outputs})
 
 
-def resolve_saved_model_dir(path: str | os.PathLike) -> Path:
-    """`path` itself if it holds saved_model.pb, else its highest numeric version subdir."""
-    path = Path(path)
-    if (path / "saved_model.pb").is_file():
-        return path
-    versions = []
-    if path.is_dir():
-        versions = sorted(
-            (int(child.name), child)
-            for child in path.iterdir()
-            if child.name.isdigit() and (child / "saved_model.pb").is_file()
-        )
-    if not versions:
-        raise FileNotFoundError(
-            f"{path}: no SavedModel here (expected saved_model.pb or <version>/saved_model.pb)"
-        )
-    return versions[-1][1]
-
-
 def build_extractor(
     model: str | os.PathLike | None = None,
     weights: str | None = "random",
@@ -162,7 +140,8 @@ def build_extractor(
 ) -> InProcessExtractor:
     """The embedded default back end, from command-line style options.
 
-    model: a `.keras` DelfModel, an exported SavedModel directory, or None to build
+    model: a `.keras` DelfModel, a training checkpoint, an exported SavedModel
+      directory, or None to build
       a fresh DelfModel with backbone `weights` ("random" seeded by `seed`,
       "imagenet", or a local ResNet50 weights file).
     config: extraction settings (default ExtractionConfig()); `overrides` replace
@@ -173,25 +152,23 @@ def build_extractor(
     """
     overrides = dict(overrides or {})
     pca_params = PcaParams.load(pca) if pca else None
-    if model is not None and Path(model).is_dir():
+    if model is not None and Path(model).is_dir() and not _is_checkpoint_dir(Path(model)):
         path = Path(model)
         if pca_params is not None or config is not None:
-            raise ValueError(f"{path}: a SavedModel carries its own PCA and config")
+            raise ConfigError(f"{path}: a SavedModel carries its own PCA and extraction config")
         fixed = sorted(set(overrides) - set(RUNTIME_OVERRIDES))
         if fixed:
-            raise ValueError(f"{path}: {fixed} are fixed in the SavedModel's graph")
+            raise ConfigError(f"{path}: {fixed} are fixed in the SavedModel's graph")
         return InProcessExtractor.from_saved_model(path, overrides=overrides)
     config = (config or ExtractionConfig()).replace(**overrides)
     if model is not None:
-        path = Path(model)
-        if path.suffix != ".keras":
-            raise ValueError(f"{path}: expected a .keras DelfModel or a SavedModel directory")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such model file")
-        delf_model = keras.saving.load_model(path, compile=False)
-        if not isinstance(delf_model, DelfModel):
-            raise ValueError(f"{path}: holds a {type(delf_model).__name__}, not a DelfModel")
-        return InProcessExtractor.from_model(delf_model, config, pca_params, source=str(path))
+        delf_model = load_delf_model(model, model_config)
+        return InProcessExtractor.from_model(delf_model, config, pca_params, source=str(model))
     delf_model = build_delf_model(model_config, weights=weights, seed=seed)
     source = f"DelfModel weights={weights}" + (f" seed={seed}" if weights == "random" else "")
     return InProcessExtractor.from_model(delf_model, config, pca_params, source=source)
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A training checkpoint folder (tf.train.Checkpoint files), not a SavedModel."""
+    return any(path.glob("*.index")) and not any(path.glob("**/saved_model.pb"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from delf_tf.atomic import atomic_write, atomic_write_text
+from delf_tf.errors import FingerprintMismatchError, InputError
 from delf_tf.features.local_features import LocalFeatures
 
 FORMAT_VERSION = 1
@@ -24,7 +25,7 @@ MANIFEST = "manifest.json"
 SUFFIX = ".npz"
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(FingerprintMismatchError):
     """The store holds features of another extractor (different fingerprint)."""
 
 
@@ -46,11 +47,11 @@ class FeatureStore:
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"{root}: not a feature store (no {MANIFEST})") from error
+            raise InputError(f"{root}: not a feature store (no {MANIFEST})") from error
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: unreadable manifest ({error})") from error
+            raise InputError(f"{path}: unreadable manifest ({error})") from error
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{path}: format_version {manifest.get('format_version')!r}, "
                 f"this version of delf-tf reads {FORMAT_VERSION}"
             )

@@ -18,6 +18,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from delf_tf.errors import DelfError
+
 CUT_LAYER = "conv4_block6_out"
 FEATURE_DEPTH = 1024
 # Mean of ImageNet in BGR order: Keras' ResNet50 weights expect "caffe" preprocessing.
@@ -30,7 +32,7 @@ IMAGENET_WEIGHTS_URL = (
 NETWORK_PROBE_TIMEOUT_S = 5.0
 
 
-class WeightsError(RuntimeError):
+class WeightsError(DelfError):
     """Backbone weights could not be loaded; the message says what to do instead."""
 
 

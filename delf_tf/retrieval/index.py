@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from delf_tf.atomic import recover_staged_directory, staged_directory
+from delf_tf.errors import FingerprintMismatchError, InputError
 from delf_tf.features.store import FeatureStore
 from delf_tf.images import TRANSPOSED_ORIENTATIONS, exif_orientation
 
@@ -44,12 +45,8 @@ ARRAYS = {
 # EXIF orientations that swap width and height (see delf_tf.images.load_image).
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(InputError):
     """An index directory is missing, unreadable or inconsistent; the message names it."""
-
-
-class FingerprintMismatchError(ValueError):
-    """Features from another extractor (model, weights or PCA) than the index's."""
 
 
 @dataclasses.dataclass(frozen=True)

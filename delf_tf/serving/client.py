@@ -5,15 +5,15 @@
     features = extractor.extract(image)                         # uint8 [H, W, 3]
     batch = extractor.extract_batch([image, jpeg_bytes, ...])   # one request per batch_size
 
-With `signature="serving_default"` (the default) images travel encoded (arrays as
+With `signature=SERVING_SIGNATURE` (the default) images travel encoded (arrays as
 lossless PNG, bytes as given) and the server decodes them, EXIF orientation
-included; the export's own settings apply. With `signature="extract_image"` the
+included; the export's own settings apply. With `signature=IMAGE_SIGNATURE` the
 raw uint8 array travels and max_features / score_threshold / scales may be set
 per call (that signature cannot go through TF Serving's request batching).
 
 The served model's fingerprint comes from its `fingerprint` output: every answer
 carries it and is checked against the first one seen, so features of two
-different models are never mixed (FingerprintMismatchError).
+different models are never mixed (ServedModelChangedError).
 """
 
 from __future__ import annotations
@@ -37,14 +37,24 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from delf_tf.contract import (
+    BATCH_INPUT,
+    BATCH_OUTPUTS,
+    FEATURE_OUTPUTS,
+    IMAGE_INPUTS,
+    IMAGE_OUTPUTS,
+    IMAGE_SIGNATURE,
+    RUNTIME_OVERRIDES,
+    SERVING_SIGNATURE,
+)
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.images import decode_image, encode_png
 from delf_tf.serving import rest_json
 from delf_tf.serving.errors import (
     DeadlineExceededError,
-    FingerprintMismatchError,
     ImageTooLargeError,
     InvalidImageError,
+    ServedModelChangedError,
     ServerUnavailableError,
     ServingError,
     SignatureError,
@@ -52,15 +62,10 @@ from delf_tf.serving.errors import (
     error_for,
 )
 
-SERVING_SIGNATURE = "serving_default"
-IMAGE_SIGNATURE = "extract_image"
 PROTOCOLS = ("grpc", "rest")
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
-_FEATURE_OUTPUTS = ("keypoints", "scales", "scores", "descriptors")
-_BATCH_OUTPUTS = _FEATURE_OUTPUTS + ("num_features", "valid", "fingerprint")
-_IMAGE_INPUTS = ("image", "max_features", "score_threshold", "scales")
-_INPUT_DTYPES = {"max_features": np.int32, "score_threshold": np.float32, "scales": np.float32}
+_INPUT_DTYPES = {name: np.dtype(IMAGE_INPUTS[name]) for name in RUNTIME_OVERRIDES}
 
 
 class _GrpcTransport:
@@ -163,7 +168,7 @@ class _RestTransport:
             raise ServerUnavailableError("UNAVAILABLE", f"{url}: {error}") from error
 
     def predict(self, name, version, signature, inputs, output_filter, timeout):
-        row_format = signature == SERVING_SIGNATURE and list(inputs) == ["image_bytes"]
+        row_format = signature == SERVING_SIGNATURE and list(inputs) == [BATCH_INPUT]
         body = rest_json.encode_inputs(inputs, signature, row_format)
         answer = self._request(self._url(name, version, ":predict"), body, timeout)
         try:
@@ -325,7 +330,7 @@ class ServingExtractor:
         """The served model's descriptor-space identity (its `fingerprint` output)."""
         if self._fingerprint is None:
             outputs = self._predict(
-                SERVING_SIGNATURE, {"image_bytes": np.array([b""], dtype=object)}, ["fingerprint"]
+                SERVING_SIGNATURE, {BATCH_INPUT: np.array([b""], dtype=object)}, ["fingerprint"]
             )
             if "fingerprint" not in outputs:
                 raise SignatureError(
@@ -340,7 +345,7 @@ class ServingExtractor:
         if self._fingerprint is None:
             self._fingerprint = value
         elif value != self._fingerprint:
-            raise FingerprintMismatchError(
+            raise ServedModelChangedError(
                 "FAILED_PRECONDITION",
                 f"model {self.model_name!r} at {self.target} now answers with fingerprint "
                 f"{value[:12]}..., earlier {self._fingerprint[:12]}...: a different model was "
@@ -407,8 +412,8 @@ class ServingExtractor:
         invalid: list[int] = []
         for start in range(0, len(encoded), self.batch_size):
             chunk = np.array(encoded[start : start + self.batch_size], dtype=object)
-            outputs = self._predict(SERVING_SIGNATURE, {"image_bytes": chunk})
-            missing = [name for name in _BATCH_OUTPUTS if name not in outputs]
+            outputs = self._predict(SERVING_SIGNATURE, {BATCH_INPUT: chunk})
+            missing = [name for name in BATCH_OUTPUTS if name not in outputs]
             if missing:
                 raise SignatureError(
                     "FAILED_PRECONDITION",
@@ -425,7 +430,7 @@ class ServingExtractor:
                     LocalFeatures(
                         **{
                             name: np.asarray(outputs[name][row], np.float32)[:n]
-                            for name in _FEATURE_OUTPUTS
+                            for name in FEATURE_OUTPUTS
                         }
                     )
                 )
@@ -451,7 +456,7 @@ class ServingExtractor:
         for name, value in overrides.items():
             inputs[name] = np.asarray(value, _INPUT_DTYPES[name])
         outputs = self._predict(IMAGE_SIGNATURE, inputs)
-        missing = [name for name in _FEATURE_OUTPUTS + ("fingerprint",) if name not in outputs]
+        missing = [name for name in IMAGE_OUTPUTS if name not in outputs]
         if missing:
             raise SignatureError(
                 "FAILED_PRECONDITION",
@@ -459,7 +464,7 @@ class ServingExtractor:
             )
         self._check_fingerprint(np.ravel(np.asarray(outputs["fingerprint"], dtype=object))[0])
         return LocalFeatures(
-            **{name: np.asarray(outputs[name], np.float32) for name in _FEATURE_OUTPUTS}
+            **{name: np.asarray(outputs[name], np.float32) for name in FEATURE_OUTPUTS}
         )
 
     def _signature_defaults(self) -> dict[str, np.ndarray]:
@@ -467,11 +472,11 @@ class ServingExtractor:
         if self._image_defaults is None:
             signatures = self.model_metadata()
             signature = signatures.get(IMAGE_SIGNATURE)
-            if signature is None or set(signature.inputs) != set(_IMAGE_INPUTS):
+            if signature is None or set(signature.inputs) != set(IMAGE_INPUTS):
                 raise SignatureError(
                     "FAILED_PRECONDITION",
                     f"model {self.model_name!r} has no {IMAGE_SIGNATURE} signature with inputs "
-                    f"{list(_IMAGE_INPUTS)} (signatures: {sorted(signatures)})",
+                    f"{list(IMAGE_INPUTS)} (signatures: {sorted(signatures)})",
                 )
             self._image_defaults = {
                 name: tf.make_ndarray(proto).astype(_INPUT_DTYPES[name])

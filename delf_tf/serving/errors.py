@@ -6,6 +6,7 @@ REST API carries them as HTTP statuses (`HTTP_STATUS`, `code_from_http`).
 
 from __future__ import annotations
 
+from delf_tf.errors import DelfError, FingerprintMismatchError
 from delf_tf.images import ImageError
 
 # TF Serving's mapping of status codes to HTTP (http_server.cc, ToHTTPStatusCode).
@@ -50,7 +51,7 @@ def code_from_http(status: int) -> str:
     return _FROM_HTTP.get(status, "UNKNOWN" if status >= 500 else "INVALID_ARGUMENT")
 
 
-class ServingError(RuntimeError):
+class ServingError(DelfError, RuntimeError):
     """A request to TF Serving (or `delf serve`) failed; `code` is the status name."""
 
     def __init__(self, code: str, message: str):
@@ -83,7 +84,7 @@ class InvalidImageError(ServingError, ImageError):
     """The server could not decode an image of the request (its `valid` output is False)."""
 
 
-class FingerprintMismatchError(ServingError):
+class ServedModelChangedError(ServingError, FingerprintMismatchError):
     """The served model changed: its features live in another descriptor space."""
 
 

@@ -20,11 +20,11 @@ from absl import logging
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from delf_tf.contract import SERVING_SIGNATURE, WARMUP_FILE
 from delf_tf.export import read_saved_model_proto
 from delf_tf.serving.errors import ServingError
 
-DEFAULT_SIGNATURE = "serving_default"
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+DEFAULT_SIGNATURE = SERVING_SIGNATURE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -151,7 +151,7 @@ class Trainer:
         config = self.config
         with self.strategy.scope(), distribute.dtype_policy(self.policy):
             self.model = build_delf_model(
-                self.model_config, weights=_weights_arg(config.backbone_weights), seed=config.seed
+                self.model_config, weights=_weights_arg(config.weights), seed=config.seed
             )
             if config.init_from:
                 load_init_weights(self.model, config.init_from)
@@ -303,7 +303,7 @@ class Trainer:
             logging.warning(
                 "stage %s without --init_from: training on backbone weights %r",
                 config.stage,
-                config.backbone_weights,
+                config.weights,
             )
         self._write_run_files()
         writers = self._writers()
@@ -452,7 +452,7 @@ def _weights_arg(weights: str):
     if weights in ("", "random"):
         return None
     if weights != "imagenet" and not tf.io.gfile.exists(weights):
-        raise WeightsError(f"--backbone_weights: {weights} is neither random, imagenet nor a file")
+        raise WeightsError(f"--weights: {weights} is neither random, imagenet nor a file")
     return weights
 
 
