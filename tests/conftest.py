@@ -83,3 +83,23 @@ def local_server(exported_model):
     server = LocalServer(repository, grpc_port=0, rest_port=0, poll_seconds=0).start()
     yield server
     server.stop()
+
+
+# --- files written by the reference implementation (outside the repository) -----------------
+
+
+@pytest.fixture(scope="session")
+def official_formats():
+    """Folder of reference-written .delf/.datum files: $DELF_OFFICIAL_FORMATS_DIR, else
+    <repo>/../shared/data/official-formats; the test is skipped when it is absent."""
+    from pathlib import Path
+
+    folder = os.environ.get("DELF_OFFICIAL_FORMATS_DIR")
+    root = Path(__file__).resolve().parents[1].parent
+    folder = Path(folder) if folder else root / "shared" / "data" / "official-formats"
+    if not (folder / "delf_pca40.delf").is_file():
+        pytest.skip(
+            f"reference-written files not found in {folder} (set DELF_OFFICIAL_FORMATS_DIR "
+            "to the official-formats data folder)"
+        )
+    return folder

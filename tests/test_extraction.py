@@ -105,6 +105,19 @@ def test_pca_in_graph_matches_numpy(delf_model, extractor, astronaut_small):
         np.testing.assert_array_equal(reduced.keypoints, raw.keypoints)
 
 
+def test_pca_without_variances_in_graph(delf_model, extractor, astronaut_small):
+    """A release ships no variances: the graph projects as before (no whitening)."""
+    pca = fit_pca(np.random.default_rng(0).normal(size=(300, 1024)), dim=40)
+    bare = PcaParams(mean=pca.mean, projection=pca.projection, variances=None)
+    config = extractor.config.replace(pca_dim=40)
+    a = InProcessExtractor.from_model(delf_model, config, pca)
+    b = InProcessExtractor.from_model(delf_model, config, bare)
+    np.testing.assert_array_equal(
+        a.extract(astronaut_small).descriptors, b.extract(astronaut_small).descriptors
+    )
+    assert a.fingerprint != b.fingerprint  # the variances are part of the stored PCA
+
+
 def test_fit_pca_matches_numpy_svd(tmp_path):
     rng = np.random.default_rng(1)
     data = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32))

@@ -193,5 +193,6 @@ def extractor_fingerprint(model: DelfModel, config: ExtractionConfig, pca: PcaPa
     if pca is not None:
         digest.update(f"pca:{config.pca_dim}:{pca.whiten}".encode())
         for array in (pca.mean, pca.projection, pca.variances):
-            digest.update(np.ascontiguousarray(array).tobytes())
+            if array is not None:  # variances: None for a release that ships none
+                digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()

@@ -1,4 +1,9 @@
-"""PCA of DELF descriptors: fit in numpy, store as `.npz` (no pickle), apply in the graph."""
+"""PCA of DELF descriptors: fit in numpy, store as `.npz` (no pickle), apply in the graph.
+
+Also reads and writes the reference's layout: a folder of `.datum` files
+(mean.datum [D], pca_proj_mat.datum [K, D] with the components as rows,
+optional pca_vars.datum), see `PcaParams.from_datum_folder`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from delf_tf.atomic import atomic_write
+from delf_tf.errors import ConfigError
+from delf_tf.formats.datum import read_datum, write_datum
+
+# File names of the reference release (pca_vars.datum: name used by the example data,
+# the release ships no variances).
+MEAN_DATUM = "mean.datum"
+PROJECTION_DATUM = "pca_proj_mat.datum"
+VARIANCES_DATUM = "pca_vars.datum"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,25 +32,31 @@ class PcaParams:
     Attributes:
       mean: float32 [D] descriptor mean.
       projection: float32 [K, D] principal axes as rows, by decreasing variance.
-      variances: float32 [K] variance along each axis (eigenvalues).
+      variances: float32 [K] variance along each axis (eigenvalues), or None when
+        unknown (a reference release ships none); whitening then is refused.
       whiten: divide each component by the square root of its variance.
     """
 
     mean: np.ndarray
     projection: np.ndarray
-    variances: np.ndarray
+    variances: np.ndarray | None
     whiten: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mean", "projection", "variances"):
+            if name == "variances" and self.variances is None:
+                continue
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float32))
         object.__setattr__(self, "whiten", bool(self.whiten))
         k, d = self.projection.shape if self.projection.ndim == 2 else (-1, -1)
-        if self.mean.shape != (d,) or self.variances.shape != (k,) or k < 1:
+        variances_shape = None if self.variances is None else self.variances.shape
+        if self.mean.shape != (d,) or variances_shape not in (None, (k,)) or k < 1:
             raise ValueError(
                 f"inconsistent PCA shapes: mean {self.mean.shape}, projection "
-                f"{self.projection.shape}, variances {self.variances.shape}"
+                f"{self.projection.shape}, variances {variances_shape}"
             )
+        if self.whiten and self.variances is None:
+            raise ConfigError("PCA whitening needs the variances of the components; none given")
 
     @property
     def input_dim(self) -> int:
@@ -48,23 +67,19 @@ class PcaParams:
         return int(self.projection.shape[0])
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write(
-            path,
-            lambda handle: np.savez(
-                handle,
-                mean=self.mean,
-                projection=self.projection,
-                variances=self.variances,
-                whiten=np.array(self.whiten),
-            ),
-        )
+        """Writes an `.npz` (mean, projection, whiten, and variances unless None)."""
+        arrays = {"mean": self.mean, "projection": self.projection}
+        if self.variances is not None:
+            arrays["variances"] = self.variances
+        atomic_write(path, lambda handle: np.savez(handle, **arrays, whiten=np.array(self.whiten)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PcaParams:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in ("mean", "projection", "variances")}
+                arrays = {name: data[name] for name in ("mean", "projection")}
+                arrays["variances"] = data["variances"] if "variances" in data.files else None
                 arrays["whiten"] = bool(data["whiten"]) if "whiten" in data.files else False
         except KeyError as error:
             raise ValueError(f"{path}: not a PCA file (missing array {error})") from error
@@ -74,6 +89,57 @@ class PcaParams:
             return cls(**arrays)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
+
+    @classmethod
+    def from_datum_folder(
+        cls,
+        folder_or_paths: str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike],
+        whiten: bool = False,
+        variances_path: str | os.PathLike | None = None,
+    ) -> PcaParams:
+        """Reads PCA parameters in the reference layout.
+
+        Args:
+          folder_or_paths: a folder holding mean.datum [D] and pca_proj_mat.datum
+            [K, D] (components as rows), or the pair (mean path, projection path),
+            e.g. the mean_path / projection_matrix_path of a DelfConfig.
+          whiten: as DelfPcaParameters.use_whitening; needs variances.
+          variances_path: a [K] or [D] (first K used) variances datum (the
+            config's pca_variances_path). Default: pca_vars.datum in the folder
+            when it exists, else no variances.
+        Raises:
+          InputError (DatumError) for unreadable files, ConfigError for
+          inconsistent shapes or whitening without variances.
+        """
+        if isinstance(folder_or_paths, tuple):
+            mean_path, projection_path = (Path(p) for p in folder_or_paths)
+        else:
+            folder = Path(folder_or_paths)
+            mean_path, projection_path = folder / MEAN_DATUM, folder / PROJECTION_DATUM
+            if variances_path is None and (folder / VARIANCES_DATUM).is_file():
+                variances_path = folder / VARIANCES_DATUM
+        mean = read_datum(mean_path).astype(np.float32)
+        projection = read_datum(projection_path).astype(np.float32)
+        variances = None
+        if variances_path is not None:
+            variances = read_datum(variances_path).astype(np.float32)
+            if variances.ndim == 1 and projection.ndim == 2:
+                variances = variances[: projection.shape[0]]
+        try:
+            return cls(mean=mean, projection=projection, variances=variances, whiten=whiten)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(f"{projection_path.parent}: {error}") from error
+
+    def save_datum_folder(self, folder: str | os.PathLike) -> None:
+        """Writes mean.datum, pca_proj_mat.datum and (unless None) pca_vars.datum, each
+        atomically, in the reference layout (float32 DatumProtos)."""
+        folder = Path(folder)
+        write_datum(folder / MEAN_DATUM, self.mean)
+        write_datum(folder / PROJECTION_DATUM, self.projection)
+        if self.variances is not None:
+            write_datum(folder / VARIANCES_DATUM, self.variances)
 
 
 def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False) -> PcaParams:

@@ -2,19 +2,31 @@
 
 Layout:
   <root>/manifest.json          format version, extractor fingerprint and description
+                                (and "formats" when not just npz)
   <root>/<relative path>.npz    LocalFeatures of image <relative path>
+  <root>/<relative path>.delf   the same features in the reference format, with
+  <root>/<relative path>.delg_global  its global descriptor when there is one
+                                (written for the "delf" format, see FORMATS)
 
 Writes are atomic (temporary file + rename), so an interrupted extraction leaves
 only complete files and resumes by skipping the keys that exist.
+
+A folder without manifest.json that holds `.delf` / `.delg_local` files (the
+reference extractor's output, optionally with `.delg_global` beside them) opens
+as a store whose fingerprint is None: nothing records which extractor wrote the
+files, so nothing can check that they match another store, an index or a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from absl import logging
 
 from delf_tf.atomic import atomic_write, atomic_write_text
 from delf_tf.errors import FingerprintMismatchError, InputError
@@ -23,6 +35,10 @@ from delf_tf.features.local_features import LocalFeatures
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SUFFIX = ".npz"
+FORMATS = ("npz", "delf")  # what `save` writes: our .npz, the reference's .delf (+ .delg_global)
+DELF_SUFFIXES = (".delf", ".delg_local")  # read in this order; written: .delf
+GLOBAL_SUFFIX = ".delg_global"
+_warned_roots: set[str] = set()
 
 
 class StoreMismatchError(FingerprintMismatchError):
@@ -32,21 +48,38 @@ class StoreMismatchError(FingerprintMismatchError):
 class FeatureStore:
     """Features of many images, keyed by the image path relative to the image root."""
 
-    def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        manifest: dict[str, Any],
+        formats: tuple[str, ...] | list[str] | None = None,
+    ):
+        """`formats`: which files `save` writes, a non-empty subset of FORMATS;
+        default: the manifest's "formats", else ("npz",). Reading uses the .npz
+        when "npz" is among them, else the .delf files."""
         self.root = Path(root)
         self.manifest = manifest
+        formats = tuple(formats or manifest.get("formats") or ("npz",))
+        if not set(formats) <= set(FORMATS) or len(set(formats)) != len(formats):
+            raise InputError(f"{root}: feature formats {list(formats)}, expected some of {FORMATS}")
+        self.formats = formats
 
     @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
+    def fingerprint(self) -> str | None:
+        """The extractor's fingerprint; None for a folder of reference `.delf` files."""
+        return self.manifest.get("fingerprint")
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> FeatureStore:
+    def open(cls, root: str | os.PathLike, formats: tuple[str, ...] | None = None) -> FeatureStore:
+        """Opens a store; a folder of reference `.delf` files without manifest opens
+        with fingerprint None (and a warning)."""
         root = Path(root)
         path = root / MANIFEST
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
+            if _holds_delf_files(root):
+                return cls._reference_files(root)
             raise InputError(f"{root}: not a feature store (no {MANIFEST})") from error
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"{path}: unreadable manifest ({error})") from error
@@ -55,19 +88,43 @@ class FeatureStore:
                 f"{path}: format_version {manifest.get('format_version')!r}, "
                 f"this version of delf-tf reads {FORMAT_VERSION}"
             )
+        return cls(root, manifest, formats)
+
+    @classmethod
+    def _reference_files(cls, root: Path) -> FeatureStore:
+        if str(root.resolve()) not in _warned_roots:
+            _warned_roots.add(str(root.resolve()))
+            logging.warning(
+                "%s: reference .delf files without %s: no extractor fingerprint, so nothing "
+                "checks that they match the model or index they are used with",
+                root,
+                MANIFEST,
+            )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": None,
+            "extractor": {"source": "reference .delf / .delg_local files"},
+            "formats": ["delf"],
+        }
         return cls(root, manifest)
 
     @classmethod
     def open_or_create(
-        cls, root: str | os.PathLike, fingerprint: str, description: dict[str, Any]
+        cls,
+        root: str | os.PathLike,
+        fingerprint: str,
+        description: dict[str, Any],
+        formats: tuple[str, ...] | None = None,
     ) -> FeatureStore:
         """Opens the store at `root` if it was made by the same extractor, else creates it.
 
+        `formats` (see __init__) is recorded in a new manifest when not ("npz",);
+        None keeps an existing store's formats.
         Raises StoreMismatchError when `root` holds features of another extractor.
         """
         root = Path(root)
         if (root / MANIFEST).exists():
-            store = cls.open(root)
+            store = cls.open(root, formats)
             if store.fingerprint != fingerprint:
                 raise StoreMismatchError(
                     f"{root}: holds features of extractor {store.fingerprint[:12]}, "
@@ -79,24 +136,77 @@ class FeatureStore:
             "fingerprint": fingerprint,
             "extractor": description,
         }
+        if formats and tuple(formats) != ("npz",):
+            manifest["formats"] = list(formats)
+        store = cls(root, manifest, formats)  # validates formats before anything is written
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        return cls(root, manifest)
+        return store
+
+    def _delf_path(self, key: str) -> Path:
+        """The existing .delf or .delg_local file of `key`, else where .delf goes."""
+        for suffix in DELF_SUFFIXES:
+            candidate = self.root / (key + suffix)
+            if candidate.is_file():
+                return candidate
+        return self.root / (key + DELF_SUFFIXES[0])
 
     def path(self, key: str) -> Path:
-        return self.root / (key + SUFFIX)
+        """The file `load` reads: the .npz when "npz" is a format, else the .delf."""
+        return self.root / (key + SUFFIX) if "npz" in self.formats else self._delf_path(key)
 
     def __contains__(self, key: str) -> bool:
-        return self.path(key).is_file()
+        if "npz" in self.formats and not (self.root / (key + SUFFIX)).is_file():
+            return False
+        return "delf" not in self.formats or self._delf_path(key).is_file()
 
     def save(self, key: str, features: LocalFeatures) -> None:
-        atomic_write(self.path(key), features.save)
+        """Writes the features in every format, each file atomically (the .npz last)."""
+        if "delf" in self.formats:
+            from delf_tf.formats import delf_file  # here: delf_file imports this package
+
+            delf_file.local_features_to_delf(features, self.root / (key + DELF_SUFFIXES[0]))
+            global_path = self.root / (key + GLOBAL_SUFFIX)
+            if features.global_descriptor is not None:
+                delf_file.write_global_descriptor(global_path, features.global_descriptor)
+            else:
+                global_path.unlink(missing_ok=True)  # no stale descriptor of an older save
+        if "npz" in self.formats:
+            atomic_write(self.root / (key + SUFFIX), features.save)
 
     def load(self, key: str) -> LocalFeatures:
-        return LocalFeatures.load(self.path(key))
+        """LocalFeatures of `key`; from .delf files with the .delg_global attached if any."""
+        if "npz" in self.formats:
+            return LocalFeatures.load(self.path(key))
+        from delf_tf.formats import delf_file
+
+        features = delf_file.local_features_from_delf(self._delf_path(key))
+        global_path = self.root / (key + GLOBAL_SUFFIX)
+        if global_path.is_file():
+            descriptor = delf_file.read_global_descriptor(global_path)
+            features = dataclasses.replace(features, global_descriptor=descriptor)
+        return features
 
     def stored_keys(self) -> Iterator[str]:
         """Keys of all stored images, sorted."""
-        for path in sorted(self.root.rglob("*" + SUFFIX)):
-            if not path.name.startswith("."):
-                yield path.relative_to(self.root).as_posix()[: -len(SUFFIX)]
+        if "npz" in self.formats:
+            for path in sorted(self.root.rglob("*" + SUFFIX)):
+                if not path.name.startswith("."):
+                    yield path.relative_to(self.root).as_posix()[: -len(SUFFIX)]
+            return
+        keys = set()
+        for suffix in DELF_SUFFIXES:
+            for path in self.root.rglob("*" + suffix):
+                if not path.name.startswith(".") and path.is_file():
+                    keys.add(path.relative_to(self.root).as_posix()[: -len(suffix)])
+        yield from sorted(keys)
+
+
+def _holds_delf_files(root: Path) -> bool:
+    """Whether `root` (recursively) holds a visible .delf or .delg_local file."""
+    if not root.is_dir():
+        return False
+    return any(
+        path.suffix in DELF_SUFFIXES and not path.name.startswith(".") and path.is_file()
+        for path in root.rglob("*")
+    )
