@@ -65,7 +65,7 @@ def test_folder_of_reference_files_opens_without_fingerprint(tmp_path, caplog):
 
 def test_folder_without_features_is_still_not_a_store(tmp_path):
     (tmp_path / "image.jpg").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(InputError, match="not a feature store .no manifest.json"):
         FeatureStore.open(tmp_path)
 
 
