@@ -110,8 +110,11 @@ class ExtractionConfig(JsonConfig):
     """Every knob of the in-graph multi-scale extraction, with the paper's defaults.
 
     Attributes:
-      max_image_size: the long side is resized down to this before the pyramid
-        (-1 keeps the image as it is). Images are never upscaled by this step.
+      max_image_size: an image whose long side is longer is resized (Pillow's
+        bilinear, as the reference extractor) so that it is this long, before the
+        pyramid; -1 keeps every image as it is.
+      min_image_size: an image whose long side is shorter is enlarged to this
+        (-1: never; the reference's `min_image_size`).
       scales: pyramid scales applied to the (possibly downsized) image.
       score_threshold: keep locations whose attention score is >= this. 100.0 is
         the reference value for trained models; an untrained attention head
@@ -120,17 +123,28 @@ class ExtractionConfig(JsonConfig):
       iou_threshold: NMS on receptive-field boxes when < 1.0; 1.0 disables NMS.
       pca_dim: descriptor size after PCA (used only when PCA parameters are given;
         whether to whiten is recorded in the PCA file, see `delf fit-pca --whiten`).
+      global_scale_indices: for models with a global head (DELG): indices into
+        `scales` whose global descriptors are pooled (empty: all scales).
     """
 
     max_image_size: int = 1024
+    min_image_size: int = -1
     scales: tuple[float, ...] = DEFAULT_SCALES
     score_threshold: float = 100.0
     max_features: int = 1000
     iou_threshold: float = 1.0
     pca_dim: int = 40
+    global_scale_indices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        object.__setattr__(
+            self, "global_scale_indices", tuple(int(i) for i in self.global_scale_indices)
+        )
+        if any(i < 0 for i in self.global_scale_indices):
+            raise ConfigError(f"global_scale_indices must be >= 0: {self.global_scale_indices}")
+        if self.min_image_size == 0 or self.min_image_size < -1:
+            raise ConfigError(f"min_image_size must be positive or -1, got {self.min_image_size}")
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ConfigError(f"scales must be a non-empty list of positive numbers: {self.scales}")
         if self.max_image_size == 0 or self.max_image_size < -1:

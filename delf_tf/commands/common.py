@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # Settings of the in-process extractor; with --server the served export's own apply.
 _LOCAL_ONLY_FLAGS = (
     "model",
+    "delf_config",
     "pca",
     "extraction_config",
     "model_config",
@@ -61,15 +62,27 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
         "preset",
         None,
         sorted(EXTRACTION_PRESETS),
-        "named extraction settings (paper: the reference values; fast: 4 scales, 500 features, "
-        "long side 512); default paper",
+        "named extraction settings: paper (the reference values), fast (4 scales, 500 "
+        "features, long side 512) or a released model's reference config; default: paper, "
+        "or the release's own for a release folder",
+        **define,
+    )
+    flags.DEFINE_string(
+        "delf_config",
+        None,
+        "a reference DelfConfig text file (.pbtxt) for a released model: its model_path, "
+        "scales, size limits, threshold, top-K and PCA files",
         **define,
     )
     flags.DEFINE_string(
         "extraction_config", None, "ExtractionConfig JSON file (over the preset)", **define
     )
     flags.DEFINE_string(
-        "pca", None, "PCA .npz from `delf fit-pca` (not with an exported SavedModel)", **define
+        "pca",
+        None,
+        "PCA .npz from `delf fit-pca`, or a folder of reference .datum files (mean.datum, "
+        "pca_proj_mat.datum); not with an exported SavedModel",
+        **define,
     )
     flags.DEFINE_float(
         "score_threshold",
@@ -110,16 +123,12 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
 def extraction_config_from_flags(
     flag_values: flags.FlagValues,
 ) -> tuple[ExtractionConfig | None, dict[str, object]]:
-    """(the preset or --extraction_config, or None if neither; single-field overrides)."""
-    from delf_tf.presets import extraction_preset
-
+    """(--extraction_config or None; single-field overrides)."""
     if flag_values.preset and flag_values.extraction_config:
         raise InputError("give --preset or --extraction_config, not both")
     config = None
     if flag_values.extraction_config:
         config = ExtractionConfig.load(flag_values.extraction_config)
-    elif flag_values.preset:
-        config = extraction_preset(flag_values.preset)
     overrides = {
         name: flag_values[name].value
         for name in OVERRIDE_FLAGS
@@ -151,6 +160,8 @@ def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
         overrides=overrides,
         pca=flag_values.pca,
         model_config=model_config,
+        preset=flag_values.preset,
+        delf_config=flag_values.delf_config,
     )
 
 

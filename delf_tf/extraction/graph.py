@@ -1,24 +1,40 @@
-"""The one extraction graph: image pyramid -> attention -> top-K -> PCA, as a tf.function.
+"""The one extraction graph: size limits -> network -> reference post-processing, a tf.function.
 
 `ExtractionModule.extract` runs in process, inside the exported SavedModel and in
 the tests: it is the same traced function everywhere. It uses standard TF ops
 only (no py_function, no XLA), so TF Serving can run it as it is.
+
+The graph has three stages; only the middle one depends on the model:
+1. size limits (`resize.resize_to_limits`): the reference's `ResizeImage`, Pillow's
+   bilinear resize when the long side is over max_image_size (or under
+   min_image_size), with the resize factors kept;
+2. the network (a `FeatureNetwork`): the image pyramid, attention, threshold and
+   top-K. Back ends: the project's Keras DelfModel (`keras_network.KerasNetwork`)
+   or a released reference model's own TF1 graph (`delf_tf.releases.ReleaseNetwork`);
+3. the reference post-processing (OFFICIAL_DELF.md, "Post-processing"): locations
+   divided by the resize factors (original-image pixels), descriptors L2-normalised,
+   then PCA `(d - mean) @ P[:pca_dim].T` (whitening: / sqrt(variances)) and L2
+   again; a global descriptor (DELG) L2-normalised per scale, summed over the
+   selected scales, L2-normalised again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+from typing import Any, Protocol
 
 import numpy as np
 import tensorflow as tf
 
 from delf_tf.config import ExtractionConfig
+from delf_tf.errors import ConfigError
 from delf_tf.extraction.pca import PcaParams
-from delf_tf.model.delf import DelfModel
-from delf_tf.model.receptive_field import compute_receptive_field
+from delf_tf.extraction.resize import resize_to_limits
 
 FINGERPRINT_VERSION = "delf-tf-extractor-1"
+# Images whose shorter side is below this after the size limits give no features
+# (the reference extractor's rule).
+MIN_IMAGE_SIDE = 10
 # Inputs of `ExtractionModule.extract` (and of the exported `extract_image` signature).
 EXTRACT_SIGNATURE = (
     tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
@@ -28,8 +44,34 @@ EXTRACT_SIGNATURE = (
 )
 
 
+class FeatureNetwork(Protocol):
+    """The model stage of the graph: a DelfModel or a released model's graph.
+
+    Attributes: local_dim (raw descriptor size), global_dim (raw global
+    descriptor size, or None without a global head).
+    """
+
+    local_dim: int
+    global_dim: int | None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description (backend, model, ...)."""
+
+    def update_fingerprint(self, digest: Any) -> None:
+        """Adds the identity of the descriptor space (architecture, weights) to a sha256."""
+
+    def __call__(
+        self, image, scales, score_threshold, max_features, global_scale_indices
+    ) -> dict[str, tf.Tensor]:
+        """uint8 [H, W, 3], scales float32 [S], [] float32, [] int32, int32 [S'] -> dict
+        sorted by decreasing score: locations float32 [N, 2] (y, x) in `image` pixels,
+        descriptors float32 [N, D] (raw), scales float32 [N] (1 / pyramid scale),
+        scores float32 [N]; plus global_descriptors float32 [S', G] (raw) when
+        global_dim is set."""
+
+
 class ExtractionModule(tf.Module):
-    """Multi-scale DELF extraction around a DelfModel (+ optional PCA).
+    """Multi-scale extraction around a FeatureNetwork (+ optional PCA of the local descriptors).
 
     `extract(image, max_features, score_threshold, scales)`:
       image: uint8 [H, W, 3] RGB.
@@ -37,36 +79,42 @@ class ExtractionModule(tf.Module):
       score_threshold: float32 [] (minimum attention score).
       scales: float32 [S] pyramid scales.
     Returns a dict, sorted by decreasing score, N <= max_features:
-      keypoints: float32 [N, 2] (x, y) in original-image pixels (pixel centres at
-        integer coordinates), the centre of each feature's receptive field;
-      scales: float32 [N] 1 / (pyramid scale x downsizing factor);
+      keypoints: float32 [N, 2] (x, y) in original-image pixels, the centre of
+        each feature's receptive field;
+      scales: float32 [N] 1 / pyramid scale;
       scores: float32 [N] attention scores;
-      descriptors: float32 [N, D] unit L2 norm, D = pca_dim with PCA, else 1024.
-    A pyramid level whose shorter side is below the feature stride (16 px) is
-    skipped, so images too small for the network give N = 0.
+      descriptors: float32 [N, D] unit L2 norm, D = pca_dim with PCA, else raw size;
+      global_descriptor: float32 [G] unit L2 norm, only when the network has a
+        global head (pooled over config.global_scale_indices, those < S).
+    Images whose shorter side is under 10 px after the size limits give N = 0.
     """
 
-    def __init__(self, model: DelfModel, config: ExtractionConfig, pca: PcaParams | None = None):
+    def __init__(self, network, config: ExtractionConfig, pca: PcaParams | None = None):
         super().__init__(name="delf_extraction")
-        self.model = model
+        from delf_tf.extraction.keras_network import KerasNetwork
+        from delf_tf.model.delf import DelfModel
+
+        if isinstance(network, DelfModel):
+            network = KerasNetwork(network, iou_threshold=config.iou_threshold)
+        self.network = network
         self.config = config
-        field = compute_receptive_field(model.backbone)
-        self.rf_size, self.rf_stride, self.rf_padding = field.size, field.stride, field.padding
-        self.fingerprint = extractor_fingerprint(model, config, pca)
-        self.descriptor_dim = model.feature_depth
+        self.global_dim = network.global_dim
+        self.descriptor_dim = network.local_dim
         self.pca_mean = self.pca_projection = self.pca_scale = None
         if pca is not None:
-            if pca.input_dim != model.feature_depth:
-                raise ValueError(
+            if pca.input_dim != network.local_dim:
+                raise ConfigError(
                     f"PCA was fitted on {pca.input_dim}-D descriptors, the model gives "
-                    f"{model.feature_depth}-D"
+                    f"{network.local_dim}-D"
                 )
             if config.pca_dim > pca.output_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"pca_dim {config.pca_dim} exceeds the {pca.output_dim} components stored"
                 )
             scale = np.ones(config.pca_dim, np.float32)
             if pca.whiten:
+                if pca.variances is None:
+                    raise ConfigError("PCA whitening needs the PCA variances, and none are given")
                 scale = 1.0 / np.sqrt(np.maximum(pca.variances[: config.pca_dim], 1e-12))
             self.pca_mean = tf.Variable(pca.mean, trainable=False, name="pca_mean")
             self.pca_projection = tf.Variable(
@@ -74,11 +122,26 @@ class ExtractionModule(tf.Module):
             )
             self.pca_scale = tf.Variable(scale, trainable=False, name="pca_scale")
             self.descriptor_dim = config.pca_dim
+        self.fingerprint = extractor_fingerprint(network, config, pca)
         self.extract = tf.function(
             self._extract,
             input_signature=EXTRACT_SIGNATURE,
             autograph=False,
         )
+
+    @property
+    def model(self):
+        """The Keras DelfModel of a KerasNetwork (None for other back ends)."""
+        return getattr(self.network, "model", None)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.network.describe(),
+            "extraction_config": self.config.to_dict(),
+            "pca": self.pca_projection is not None,
+            "descriptor_dim": self.descriptor_dim,
+            "global_dim": self.global_dim,
+        }
 
     def default_arguments(self) -> dict[str, tf.Tensor]:
         """The config's values of `extract`'s optional arguments."""
@@ -89,87 +152,52 @@ class ExtractionModule(tf.Module):
         }
 
     def _extract(self, image, max_features, score_threshold, scales):
-        original_size = tf.cast(tf.shape(image)[:2], tf.float32)
-        downsize = tf.constant(1.0)
-        if self.config.max_image_size > 0:
-            downsize = tf.minimum(1.0, self.config.max_image_size / tf.reduce_max(original_size))
-        pixels = tf.cast(image, tf.float32)
-        depth = self.model.feature_depth
-
-        def level(i, keypoints, level_scales, scores, descriptors):
-            scale = scales[i] * downsize
-            size = tf.maximum(tf.cast(tf.round(original_size * scale), tf.int32), 1)
-            found = tf.cond(
-                tf.reduce_min(size) >= self.rf_stride,
-                lambda: self._level_features(
-                    pixels, size, original_size, scale, max_features, score_threshold
-                ),
-                lambda: (
-                    tf.zeros([0, 2]),
-                    tf.zeros([0]),
-                    tf.zeros([0]),
-                    tf.zeros([0, depth]),
-                ),
-            )
-            arrays = (keypoints, level_scales, scores, descriptors)
-            return (i + 1,) + tuple(a.write(i, f) for a, f in zip(arrays, found, strict=True))
-
-        def array(shape):
-            return tf.TensorArray(
-                tf.float32, size=tf.shape(scales)[0], infer_shape=False, element_shape=shape
-            )
-
-        _, *arrays = tf.while_loop(
-            lambda i, *_: i < tf.shape(scales)[0],
-            level,
-            (tf.constant(0), array([None, 2]), array([None]), array([None]), array([None, depth])),
+        resized, factors = resize_to_limits(
+            image, self.config.max_image_size, self.config.min_image_size
         )
-        keypoints, level_scales, scores, descriptors = (a.concat() for a in arrays)
-        keep = self._select(keypoints, level_scales, scores, max_features)
-        descriptors = self._postprocess(tf.gather(descriptors, keep))
-        return {
-            "keypoints": tf.gather(keypoints, keep),
-            "scales": tf.gather(level_scales, keep),
-            "scores": tf.gather(scores, keep),
-            "descriptors": descriptors,
+        large_enough = tf.reduce_min(tf.shape(resized)[:2]) >= MIN_IMAGE_SIDE
+        return tf.cond(
+            large_enough,
+            lambda: self._features(resized, factors, max_features, score_threshold, scales),
+            lambda: self._no_features(),
+        )
+
+    def _global_scale_indices(self, scales) -> tf.Tensor:
+        """int32 [S']: the config's global scale indices below S (all scales if none are)."""
+        wanted = tf.constant(np.array(self.config.global_scale_indices, np.int32).reshape(-1))
+        count = tf.shape(scales)[0]
+        valid = tf.boolean_mask(wanted, (wanted >= 0) & (wanted < count))
+        return tf.cond(tf.size(valid) > 0, lambda: valid, lambda: tf.range(count))
+
+    def _features(self, image, factors, max_features, score_threshold, scales):
+        raw = self.network(
+            image, scales, score_threshold, max_features, self._global_scale_indices(scales)
+        )
+        locations = raw["locations"] / factors  # (y, x) in original-image pixels
+        outputs = {
+            "keypoints": tf.reverse(locations, axis=[1]),
+            "scales": raw["scales"],
+            "scores": raw["scores"],
+            "descriptors": self._postprocess(raw["descriptors"]),
         }
+        if self.global_dim is not None:
+            per_scale = tf.math.l2_normalize(raw["global_descriptors"], axis=1)
+            outputs["global_descriptor"] = tf.math.l2_normalize(tf.reduce_sum(per_scale, 0), 0)
+        return outputs
 
-    def _level_features(self, pixels, size, original_size, scale, max_features, threshold):
-        """Features of one pyramid level: the top `max_features` above `threshold`."""
-        resized = tf.image.resize(pixels, size, method="bilinear", antialias=True)
-        features, attention = self.model.features_and_attention(resized[None], training=False)
-        width = tf.shape(attention)[2]
-        attention = tf.reshape(attention, [-1])
-        features = tf.reshape(features, [-1, self.model.feature_depth])
-        candidates = tf.where(attention >= threshold)[:, 0]
-        candidate_scores = tf.gather(attention, candidates)
-        count = tf.minimum(max_features, tf.size(candidate_scores))
-        top = tf.math.top_k(candidate_scores, k=count)
-        index = tf.cast(tf.gather(candidates, top.indices), tf.int32)
-        grid = tf.cast(tf.stack([index % width, index // width], axis=1), tf.float32)
-        centers = grid * self.rf_stride - self.rf_padding + (self.rf_size - 1) / 2.0
-        # Map level pixel centres to original pixel centres (half-pixel convention of
-        # tf.image.resize): x_original = (x_level + 0.5) / factor - 0.5.
-        factor = tf.reverse(tf.cast(size, tf.float32) / original_size, axis=[0])
-        keypoints = (centers + 0.5) / factor - 0.5
-        # Centres of border units may fall up to half a level pixel outside the image.
-        keypoints = tf.clip_by_value(keypoints, 0.0, tf.reverse(original_size, axis=[0]) - 1.0)
-        level_scales = tf.fill([count], 1.0 / scale)
-        return keypoints, level_scales, top.values, tf.gather(features, index)
-
-    def _select(self, keypoints, level_scales, scores, max_features):
-        """Indices of the kept features, by decreasing score (NMS if iou_threshold < 1)."""
-        if self.config.iou_threshold < 1.0:
-            half = (self.rf_size - 1) / 2.0 * level_scales[:, None]
-            corners = tf.concat([keypoints - half, keypoints + half], axis=1)
-            boxes = tf.gather(corners, [1, 0, 3, 2], axis=1)  # (y1, x1, y2, x2)
-            return tf.image.non_max_suppression(
-                boxes, scores, max_features, iou_threshold=self.config.iou_threshold
-            )
-        return tf.math.top_k(scores, k=tf.minimum(max_features, tf.size(scores))).indices
+    def _no_features(self):
+        outputs = {
+            "keypoints": tf.zeros([0, 2]),
+            "scales": tf.zeros([0]),
+            "scores": tf.zeros([0]),
+            "descriptors": tf.zeros([0, self.descriptor_dim]),
+        }
+        if self.global_dim is not None:
+            outputs["global_descriptor"] = tf.zeros([self.global_dim])
+        return outputs
 
     def _postprocess(self, descriptors):
-        """L2 norm -> PCA (+ whitening) -> L2 norm. [N, 1024] -> [N, D]."""
+        """L2 norm -> PCA (+ whitening) -> L2 norm. [N, D_raw] -> [N, D]."""
         descriptors = tf.math.l2_normalize(descriptors, axis=1)
         if self.pca_projection is None:
             return descriptors
@@ -177,19 +205,20 @@ class ExtractionModule(tf.Module):
         return tf.math.l2_normalize(projected, axis=1)
 
 
-def extractor_fingerprint(model: DelfModel, config: ExtractionConfig, pca: PcaParams | None) -> str:
-    """Identity of the descriptor space: sha256 of model architecture and weights, PCA.
+def extractor_fingerprint(network, config: ExtractionConfig, pca: PcaParams | None) -> str:
+    """Identity of the descriptor space: sha256 of the network's identity and the PCA.
 
     Settings that change which features are kept but not what a descriptor means
     (threshold, top-K, scales, image size) are left out, so features extracted
     with different such settings can still be matched against each other.
     """
+    from delf_tf.extraction.keras_network import KerasNetwork
+    from delf_tf.model.delf import DelfModel
+
+    if isinstance(network, DelfModel):
+        network = KerasNetwork(network)
     digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for variable in model.weights:
-        value = np.ascontiguousarray(variable.numpy())
-        digest.update(f"{variable.path}:{value.shape}:{value.dtype}".encode())
-        digest.update(value.tobytes())
+    network.update_fingerprint(digest)
     if pca is not None:
         digest.update(f"pca:{config.pca_dim}:{pca.whiten}".encode())
         for array in (pca.mean, pca.projection, pca.variances):

@@ -1,0 +1,120 @@
+"""The project's own DelfModel as the network stage of the extraction graph.
+
+`KerasNetwork(model)(image, scales, score_threshold, max_features)` runs the image
+pyramid in a tf.while_loop: each level is the image resized by one scale
+(bilinear, half-pixel centres, no antialiasing, as the reference's TF2 exports do),
+run through the backbone and attention head; the level's locations scoring at
+least the threshold are kept (at most max_features per level), then the top
+max_features over all levels (or NMS on receptive-field boxes when
+iou_threshold < 1). Keypoints are receptive-field centres, computed from the
+Keras layers (`delf_tf.model.receptive_field`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from delf_tf.model.delf import DelfModel
+from delf_tf.model.receptive_field import compute_receptive_field
+
+
+class KerasNetwork(tf.Module):
+    """A DelfModel behind the FeatureNetwork interface of `delf_tf.extraction.graph`."""
+
+    global_dim = None
+
+    def __init__(self, model: DelfModel, iou_threshold: float = 1.0, source: str = "in-memory"):
+        super().__init__(name="keras_network")
+        self.model = model
+        self.iou_threshold = iou_threshold
+        self.source = source
+        field = compute_receptive_field(model.backbone)
+        self.rf_size, self.rf_stride, self.rf_padding = field.size, field.stride, field.padding
+        self.local_dim = model.feature_depth
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "in-process keras", "model": self.source, **self._identity()}
+
+    def _identity(self) -> dict[str, Any]:
+        return {"model_config": self.model.config.to_dict()}
+
+    def update_fingerprint(self, digest: hashlib._Hash) -> None:
+        """Adds the descriptor space's identity: the architecture and every weight."""
+        digest.update(json.dumps(self.model.config.to_dict(), sort_keys=True).encode())
+        for variable in self.model.weights:
+            value = np.ascontiguousarray(variable.numpy())
+            digest.update(f"{variable.path}:{value.shape}:{value.dtype}".encode())
+            digest.update(value.tobytes())
+
+    def __call__(self, image, scales, score_threshold, max_features, global_scale_indices=None):
+        """uint8 [H, W, 3] -> dict, sorted by decreasing score, N <= max_features:
+        locations float32 [N, 2] (y, x) receptive-field centres in `image` pixels,
+        descriptors float32 [N, D] raw features, scales float32 [N] 1 / pyramid scale,
+        scores float32 [N] attention. Levels shorter than the stride are skipped."""
+        del global_scale_indices  # no global head
+        size = tf.cast(tf.shape(image)[:2], tf.float32)
+        pixels = tf.cast(image, tf.float32)
+        depth = self.local_dim
+
+        def level(i, *arrays):
+            scale = scales[i]
+            level_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
+            found = tf.cond(
+                tf.reduce_min(level_size) >= self.rf_stride,
+                lambda: self._level(pixels, level_size, size, scale, max_features, score_threshold),
+                lambda: (tf.zeros([0, 2]), tf.zeros([0]), tf.zeros([0]), tf.zeros([0, depth])),
+            )
+            return (i + 1,) + tuple(a.write(i, f) for a, f in zip(arrays, found, strict=True))
+
+        def array(shape):
+            return tf.TensorArray(
+                tf.float32, size=tf.shape(scales)[0], infer_shape=False, element_shape=shape
+            )
+
+        _, *arrays = tf.while_loop(
+            lambda i, *_: i < tf.shape(scales)[0],
+            level,
+            (tf.constant(0), array([None, 2]), array([None]), array([None]), array([None, depth])),
+        )
+        locations, level_scales, scores, descriptors = (a.concat() for a in arrays)
+        keep = self._select(locations, level_scales, scores, max_features)
+        return {
+            "locations": tf.gather(locations, keep),
+            "descriptors": tf.gather(descriptors, keep),
+            "scales": tf.gather(level_scales, keep),
+            "scores": tf.gather(scores, keep),
+        }
+
+    def _level(self, pixels, level_size, size, scale, max_features, threshold):
+        """One pyramid level: (locations [n, 2] (y, x), scales [n], scores [n], features [n, D])."""
+        resized = tf.image.resize(pixels, level_size, method="bilinear")
+        features, attention = self.model.features_and_attention(resized[None], training=False)
+        width = tf.shape(attention)[2]
+        attention = tf.reshape(attention, [-1])
+        features = tf.reshape(features, [-1, self.local_dim])
+        candidates = tf.where(attention >= threshold)[:, 0]
+        candidate_scores = tf.gather(attention, candidates)
+        top = tf.math.top_k(candidate_scores, k=tf.minimum(max_features, tf.size(candidates)))
+        index = tf.cast(tf.gather(candidates, top.indices), tf.int32)
+        grid = tf.cast(tf.stack([index // width, index % width], axis=1), tf.float32)
+        centers = grid * self.rf_stride - self.rf_padding + (self.rf_size - 1) / 2.0
+        # Level pixel centres -> image pixel centres (half-pixel convention of tf.image.resize).
+        factor = tf.cast(level_size, tf.float32) / size
+        locations = tf.clip_by_value((centers + 0.5) / factor - 0.5, 0.0, size - 1.0)
+        count = tf.size(index)
+        return locations, tf.fill([count], 1.0 / scale), top.values, tf.gather(features, index)
+
+    def _select(self, locations, level_scales, scores, max_features):
+        """Indices of the kept features, by decreasing score (NMS if iou_threshold < 1)."""
+        if self.iou_threshold < 1.0:
+            half = (self.rf_size - 1) / 2.0 * level_scales[:, None]
+            boxes = tf.concat([locations - half, locations + half], axis=1)  # (y1, x1, y2, x2)
+            return tf.image.non_max_suppression(
+                boxes, scores, max_features, iou_threshold=self.iou_threshold
+            )
+        return tf.math.top_k(scores, k=tf.minimum(max_features, tf.size(scores))).indices
