@@ -41,7 +41,8 @@ class ExtractionModule(tf.Module):
         integer coordinates), the centre of each feature's receptive field;
       scales: float32 [N] 1 / (pyramid scale x downsizing factor);
       scores: float32 [N] attention scores;
-      descriptors: float32 [N, D] unit L2 norm, D = pca_dim with PCA, else 1024.
+      descriptors: float32 [N, D] unit L2 norm, D = pca_dim with PCA, else the model's
+        feature_depth (1024 for ResNet50).
     A pyramid level whose shorter side is below the feature stride (16 px) is
     skipped, so images too small for the network give N = 0.
     """
@@ -169,7 +170,7 @@ class ExtractionModule(tf.Module):
         return tf.math.top_k(scores, k=tf.minimum(max_features, tf.size(scores))).indices
 
     def _postprocess(self, descriptors):
-        """L2 norm -> PCA (+ whitening) -> L2 norm. [N, 1024] -> [N, D]."""
+        """L2 norm -> PCA (+ whitening) -> L2 norm. [N, feature_depth] -> [N, D]."""
         descriptors = tf.math.l2_normalize(descriptors, axis=1)
         if self.pca_projection is None:
             return descriptors
