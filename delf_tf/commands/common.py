@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from absl import flags
 
-from delf_tf.config import ExtractionConfig
+from delf_tf.config import ExtractionConfig, ModelConfig
 from delf_tf.extraction.extractor import Extractor, build_extractor
 
 # Settings of the in-process extractor; with --server the served export's own apply.
-_LOCAL_ONLY_FLAGS = ("model", "pca", "config", "score_threshold", "max_features", "max_image_size")
+_LOCAL_ONLY_FLAGS = (
+    "model",
+    "model_config",
+    "pca",
+    "config",
+    "score_threshold",
+    "max_features",
+    "max_image_size",
+)
 
 
 def define_extractor_flags(flag_values: flags.FlagValues) -> None:
-    """--model, --weights, --seed, --config, --pca, per-field overrides; --server for TF Serving."""
+    """--model, --weights, --seed, --model_config, --config, --pca, per-field overrides;
+    --server for TF Serving."""
     define = {"flag_values": flag_values}
     flags.DEFINE_string(
         "model", None, "a trained DelfModel (.keras) or an exported SavedModel directory", **define
@@ -25,6 +34,13 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
         **define,
     )
     flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
+    flags.DEFINE_string(
+        "model_config",
+        None,
+        "ModelConfig JSON of the fresh model built when --model is not given (default: "
+        'ResNet50; e.g. {"backbone": "tiny", "feature_depth": 64} for quick tests)',
+        **define,
+    )
     flags.DEFINE_string("config", None, "ExtractionConfig JSON file", **define)
     flags.DEFINE_string(
         "pca", None, "PCA .npz from `delf fit-pca` (not with a SavedModel)", **define
@@ -70,6 +86,9 @@ def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
         return ServingExtractor(
             flag_values.server, model_name=flag_values.model_name, protocol=flag_values.protocol
         )
+    if flag_values.model and flag_values.model_config:
+        raise ValueError("--model_config applies only without --model (a model has its own)")
+    model_config = ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
     config = ExtractionConfig.load(flag_values.config) if flag_values.config else None
     overrides = {
         name: flag_values[name].value
@@ -83,6 +102,7 @@ def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
         config=config,
         overrides=overrides,
         pca=flag_values.pca,
+        model_config=model_config,
     )
 
 

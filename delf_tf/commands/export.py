@@ -31,7 +31,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
     flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
     flags.DEFINE_string(
-        "model_config", None, "ModelConfig JSON of a checkpoint given by --model", **define
+        "model_config",
+        None,
+        "ModelConfig JSON: the architecture of a checkpoint given by --model, or of the fresh "
+        "model built from --weights (default: ResNet50)",
+        **define,
     )
     flags.DEFINE_string("pca", None, "PCA .npz from `delf fit-pca`, applied in the graph", **define)
     flags.DEFINE_string(
@@ -50,13 +54,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def run(flag_values: flags.FlagValues) -> int:
     if flag_values.model and flag_values["weights"].present:
         raise SystemExit("delf export: --weights applies only without --model")
+    model_config = ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
     if flag_values.model:
-        model_config = (
-            ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
-        )
         model = load_delf_model(flag_values.model, model_config)
     else:
-        model = build_delf_model(weights=flag_values.weights, seed=flag_values.seed)
+        model = build_delf_model(model_config, weights=flag_values.weights, seed=flag_values.seed)
         if flag_values.weights == "random":
             print("note: untrained (random) weights: the export shows the pipeline, not quality")
     config = ExtractionConfig.load(flag_values.config) if flag_values.config else ExtractionConfig()
