@@ -15,6 +15,10 @@ from delf_tf.errors import ConfigError
 
 T = TypeVar("T", bound="JsonConfig")
 
+# Backbones of ModelConfig.backbone; ResNet50's conv4 output has 1024 channels.
+BACKBONES: tuple[str, ...] = ("resnet50", "tiny")
+RESNET50_FEATURE_DEPTH = 1024
+
 # Image pyramid of the paper: 7 scales, a factor sqrt(2) apart, 0.25 .. 2.0.
 DEFAULT_SCALES: tuple[float, ...] = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
@@ -88,13 +92,30 @@ class ModelConfig(JsonConfig):
       attention_hidden_units: channels of the first 1x1 conv of the attention head.
       weight_decay: L2 penalty `weight_decay * sum(w**2)` on every conv / dense
         kernel, added to `model.losses` (0 disables it).
+      backbone: "resnet50" (the paper's ResNet50 cut after conv4) or "tiny" (five
+        small convs with average pooling, `build_tiny_backbone`: for fast tests and
+        experiments; no pretrained weights). Both have stride 16 and take
+        caffe-preprocessed input.
+      feature_depth: channels of the backbone output (the raw descriptor size):
+        fixed at 1024 for resnet50, any value >= 1 for tiny (e.g. 64).
     """
 
     num_classes: int = 0
     attention_hidden_units: int = 512
     weight_decay: float = 1e-4
+    backbone: str = "resnet50"
+    feature_depth: int = RESNET50_FEATURE_DEPTH
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        if self.backbone == "resnet50" and self.feature_depth != RESNET50_FEATURE_DEPTH:
+            raise ConfigError(
+                f"feature_depth is fixed at {RESNET50_FEATURE_DEPTH} for backbone 'resnet50', "
+                f"got {self.feature_depth} (only backbone 'tiny' has a configurable depth)"
+            )
+        if self.feature_depth < 1:
+            raise ConfigError(f"feature_depth must be >= 1, got {self.feature_depth}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.attention_hidden_units < 1:

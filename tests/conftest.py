@@ -1,4 +1,10 @@
-"""Shared fixtures: one seeded random DelfModel per session, tiny images, CPU only."""
+"""Shared fixtures: one seeded random DelfModel per session, tiny images, CPU only.
+
+The session's model has the tiny backbone (`TINY_MODEL`): the pipeline around the
+network (extraction graph, export, serving, retrieval, commands) does not depend on
+ResNet50's numbers, and the tiny net builds and traces in a fraction of the time.
+Tests where ResNet50 itself matters build it and are marked `slow`.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +18,27 @@ import pytest  # noqa: E402
 import skimage.data  # noqa: E402
 import skimage.transform  # noqa: E402
 
-from delf_tf.config import ExtractionConfig  # noqa: E402
+from delf_tf.config import ExtractionConfig, ModelConfig  # noqa: E402
 
 SMALL_SCALES = (0.5, 1.0)
+# The tests' model: stride 16 like ResNet50 conv4, 128-D features, receptive field 78 px.
+TINY_MODEL = ModelConfig(backbone="tiny", feature_depth=128, attention_hidden_units=32)
 
 
 @pytest.fixture(scope="session")
 def delf_model():
+    """The seeded (seed 0) random DelfModel of TINY_MODEL: `delf ... --model_config=...`."""
     from delf_tf.model import build_delf_model
 
-    return build_delf_model(seed=0)
+    return build_delf_model(TINY_MODEL, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_config_file(tmp_path_factory):
+    """TINY_MODEL as a JSON file: `--model_config=<it> --seed=0` rebuilds `delf_model`."""
+    path = tmp_path_factory.mktemp("model_config") / "tiny.json"
+    TINY_MODEL.save(path)
+    return path
 
 
 @pytest.fixture(scope="session")

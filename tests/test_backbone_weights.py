@@ -1,4 +1,7 @@
-"""Backbone weights from local files (by layer name) and a fast, clear offline failure."""
+"""Backbone weights from local files (by layer name) and a fast, clear offline failure.
+
+Pretrained weights exist only for ResNet50, so every test here builds it: `slow`.
+"""
 
 import time
 
@@ -9,6 +12,8 @@ import pytest
 
 from delf_tf.model import WeightsError, build_backbone, load_backbone_weights
 from delf_tf.model import backbone as backbone_module
+
+pytestmark = pytest.mark.slow
 
 
 def legacy_h5(model: keras.Model, path) -> None:
@@ -51,17 +56,18 @@ def test_keras_model_file_loads_by_layer_name(tmp_path):
 
 
 def test_bad_weights_files_are_named(tmp_path):
+    backbone = build_backbone()  # each failure below leaves it as it was
     with pytest.raises(WeightsError, match="not found"):
-        load_backbone_weights(build_backbone(), tmp_path / "missing.h5")
+        load_backbone_weights(backbone, tmp_path / "missing.h5")
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5")
     with pytest.raises(WeightsError, match="junk.h5"):
-        load_backbone_weights(build_backbone(), junk)
+        load_backbone_weights(backbone, junk)
     other = tmp_path / "other.h5"
     inputs = keras.Input((8,))
     legacy_h5(keras.Model(inputs, keras.layers.Dense(2, name="unrelated")(inputs)), other)
     with pytest.raises(WeightsError, match="no layer"):
-        load_backbone_weights(build_backbone(), other)
+        load_backbone_weights(backbone, other)
 
 
 def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):

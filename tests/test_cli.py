@@ -4,12 +4,22 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_MODEL
 from PIL import Image
 
 from delf_tf.cli import main
 from delf_tf.features import FeatureStore, LocalFeatures
 
-FAST = ["--score_threshold=0", "--max_image_size=64", "--max_features=50"]
+
+@pytest.fixture()
+def fast(model_config_file):
+    """Flags of a quick extraction with the tests' tiny model (seeded random weights)."""
+    return [
+        f"--model_config={model_config_file}",
+        "--score_threshold=0",
+        "--max_image_size=64",
+        "--max_features=50",
+    ]
 
 
 @pytest.fixture()
@@ -22,9 +32,9 @@ def image_folder(tmp_path, astronaut_small):
     return root
 
 
-def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, capsys):
+def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, capsys, fast):
     out = tmp_path / "features"
-    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *FAST]) == 0
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *fast]) == 0
     printed = capsys.readouterr()
     assert "broken.jpg" in printed.err and "untrained" in printed.err
     summary = json.loads(printed.out)  # stdout holds exactly the JSON summary
@@ -33,32 +43,37 @@ def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, ca
     assert list(store.stored_keys()) == ["a.jpg", "sub/b.png"]
     with np.load(out / "sub" / "b.png.npz", allow_pickle=False) as data:
         assert sorted(data.files) == ["descriptors", "keypoints", "scales", "scores"]
-        assert data["descriptors"].shape == (50, 1024)
+        assert data["descriptors"].shape == (50, TINY_MODEL.feature_depth)
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["fingerprint"]) == 64
     first = store.load("a.jpg")
 
     # A second run skips what exists and gives the same features (seeded weights).
     (out / "a.jpg.npz").unlink()
-    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *FAST]) == 0
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *fast]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["extracted"] == 1 and summary["skipped_existing"] == 1
     np.testing.assert_array_equal(store.load("a.jpg").descriptors, first.descriptors)
 
-    # Another model (seed) refuses to write into this store.
-    argv = ["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", "--seed=1"]
-    assert main([*argv, *FAST]) == 1
-    error = capsys.readouterr().err.strip().splitlines()
-    assert (
-        error[-1].startswith("delf extract: error: ") and "holds features of extractor" in error[-1]
-    )
+
+def test_another_model_into_a_store_is_a_one_line_error(image_folder, tmp_path, capsys, fast):
+    """Another model (seed) refuses to write into a store: `delf extract: error: ...`, exit 1."""
+    out = tmp_path / "features"
+    image = f"--images={image_folder / 'a.jpg'}"
+    assert main(["delf", "extract", image, f"--output_dir={out}", *fast]) == 0
+    capsys.readouterr()
+    assert main(["delf", "extract", image, f"--output_dir={out}", "--seed=1", *fast]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("delf extract: error: ")]
+    assert len(errors) == 1 and "holds features of extractor" in errors[0], err
+    assert "Traceback" not in err
 
 
-def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys):
+def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys, fast):
     out = tmp_path / "one"
     assert (
         main(
-            ["delf", "extract", f"--images={image_folder / 'a.jpg'}", f"--output_dir={out}", *FAST]
+            ["delf", "extract", f"--images={image_folder / 'a.jpg'}", f"--output_dir={out}", *fast]
         )
         == 0
     )
@@ -88,7 +103,7 @@ def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys):
         f"--output_dir={reduced}",
         f"--pca={pca_path}",
         f"--extraction_config={config}",
-        *FAST,
+        *fast,
     ]
     assert main(["delf", "extract", *args]) == 0
     features = LocalFeatures.load(reduced / "a.jpg.npz")
@@ -102,3 +117,24 @@ def test_usage_and_flag_errors(capsys):
     assert main(["delf", "nonsense"]) == 2
     assert main(["delf", "extract", "--images=x"]) == 2  # --output_dir missing
     assert "output_dir" in capsys.readouterr().err
+
+
+def test_model_config_builds_the_fresh_model_only(model_config_file, delf_model):
+    from absl import flags
+
+    from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
+    from delf_tf.config import ExtractionConfig
+    from delf_tf.extraction.graph import extractor_fingerprint
+
+    def extractor(*argv):
+        flag_values = flags.FlagValues()
+        define_extractor_flags(flag_values)
+        flag_values(["delf", *argv])
+        return extractor_from_flags(flag_values)
+
+    built = extractor(f"--model_config={model_config_file}", "--score_threshold=0")
+    assert built.describe()["model_config"] == TINY_MODEL.to_dict()
+    # --seed=0 (the default) rebuilds the session's model: same weights, same fingerprint.
+    assert built.fingerprint == extractor_fingerprint(delf_model, ExtractionConfig(), None)
+    with pytest.raises(ValueError, match="model_config"):
+        extractor(f"--model_config={model_config_file}", "--server=localhost:8500")

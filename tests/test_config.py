@@ -3,6 +3,7 @@ import json
 import pytest
 
 from delf_tf.config import DEFAULT_SCALES, ExtractionConfig, ModelConfig
+from delf_tf.errors import ConfigError
 
 
 def test_extraction_defaults_are_the_papers():
@@ -42,5 +43,30 @@ def test_unknown_field_is_named(tmp_path):
     [{"scales": ()}, {"max_features": 0}, {"iou_threshold": 0.0}, {"max_image_size": 0}],
 )
 def test_invalid_values_are_refused(changes):
-    with pytest.raises(ValueError):
+    (field,) = changes
+    with pytest.raises(ValueError, match=field):
         ExtractionConfig(**changes)
+
+
+def test_model_backbones_and_feature_depth():
+    assert ModelConfig().backbone == "resnet50" and ModelConfig().feature_depth == 1024
+    tiny = ModelConfig(backbone="tiny", feature_depth=64)
+    assert ModelConfig.from_json(tiny.to_json()) == tiny
+    # A config written before the backbone field existed is the ResNet50 model.
+    assert ModelConfig.from_json('{"num_classes": 3}') == ModelConfig(num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"backbone": "vgg16"}, "backbone"),
+        ({"feature_depth": 512}, "feature_depth"),  # resnet50 is fixed at 1024
+        ({"backbone": "tiny", "feature_depth": 0}, "feature_depth"),
+        ({"num_classes": -1}, "num_classes"),
+        ({"attention_hidden_units": 0}, "attention_hidden_units"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+    ],
+)
+def test_invalid_model_values_are_refused(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**changes)

@@ -21,7 +21,7 @@ def photo(name: str, size: int = 128) -> np.ndarray:
     )
 
 
-def test_evaluate_json_dataset(tmp_path, extractor, small_config, capsys):
+def test_evaluate_json_dataset(tmp_path, extractor, small_config, model_config_file, capsys):
     images = tmp_path / "bench" / "images"
     images.mkdir(parents=True)
     views = {
@@ -49,6 +49,7 @@ def test_evaluate_json_dataset(tmp_path, extractor, small_config, capsys):
         f"--index={tmp_path / 'index'}",
         f"--output_dir={report_dir}",
         f"--extraction_config={config}",
+        f"--model_config={model_config_file}",  # the session's `extractor` (tiny, seed 0)
     ]
     assert main(["delf", "evaluate", *args]) == 0
     assert json.loads(capsys.readouterr().out)["queries"] == 2

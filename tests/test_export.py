@@ -20,7 +20,7 @@ from delf_tf.export import export_saved_model, graph_ops, uses_xla
 from delf_tf.extraction import ExtractionModule
 from delf_tf.features import LocalFeatures
 from delf_tf.images import decode_image, encode_png
-from delf_tf.model.loading import load_delf_model
+from delf_tf.model.loading import MODEL_CONFIG_FILE, load_delf_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,19 +55,20 @@ def assert_same_features(outputs, row, expected, atol=1e-5):
     assert not outputs["descriptors"][row, n:].any() and not outputs["keypoints"][row, n:].any()
 
 
-def test_layout_and_export_info(exported_model, serving_reference, serving_config):
+def test_layout_and_export_info(exported_model, serving_reference, serving_config, delf_model):
     assert exported_model.name == "1"
     assert (exported_model / "saved_model.pb").is_file()
     assert (exported_model / "variables").is_dir()
     assert (exported_model / "assets.extra" / "tf_serving_warmup_requests").is_file()
     info = json.loads((exported_model / "assets" / "extraction_config.json").read_text())
     assert info["fingerprint"] == serving_reference.fingerprint
-    assert info["descriptor_dim"] == 1024
+    assert info["descriptor_dim"] == delf_model.feature_depth
+    assert info["model_config"] == delf_model.config.to_dict()
     assert info["extraction_config"] == serving_config.to_dict()
     assert [p.name for p in exported_model.parent.iterdir()] == ["1"], "no staging left behind"
 
 
-def test_saved_model_cli_lists_both_signatures(exported_model):
+def test_saved_model_cli_lists_both_signatures(exported_model, delf_model):
     shown = subprocess.run(
         [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--all"]
         + ["--dir", str(exported_model)],
@@ -87,7 +88,7 @@ def test_saved_model_cli_lists_both_signatures(exported_model):
     assert "inputs['image_bytes']" in serving and "DT_STRING" in serving
     for output, shape in [
         ("keypoints", "(-1, 50, 2)"),
-        ("descriptors", "(-1, 50, 1024)"),
+        ("descriptors", f"(-1, 50, {delf_model.feature_depth})"),
         ("scores", "(-1, 50)"),
         ("scales", "(-1, 50)"),
         ("num_features", "(-1)"),
@@ -208,9 +209,9 @@ def test_failed_export_leaves_nothing(delf_model, serving_config, tmp_path, monk
 
 
 def test_delf_export_command_with_random_weights(
-    exported_model, serving_config, tmp_path, capsys, monkeypatch
+    exported_model, serving_config, model_config_file, tmp_path, capsys, monkeypatch
 ):
-    """`delf export --weights=random --seed=0` rebuilds the fixture's model and config.
+    """`delf export --weights=random --seed=0 --model_config=F` rebuilds the fixture's model.
 
     The export itself is the fixture's code path (export_model); here it is replaced
     by a recorder so the command's plumbing is checked without a second export.
@@ -237,6 +238,7 @@ def test_delf_export_command_with_random_weights(
     serving_config.save(config)
     (tmp_path / "models" / "delf" / "1").mkdir(parents=True)
     argv = ["delf", "export", "--weights=random", "--seed=0", f"--extraction_config={config}"]
+    argv.append(f"--model_config={model_config_file}")
     assert main(argv + [f"--export_base={tmp_path / 'models'}"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert calls == [("delf", None, serving_config, None)]
@@ -249,9 +251,16 @@ def test_delf_export_command_with_random_weights(
 
 def test_load_model_from_checkpoint(delf_model, tmp_path):
     tf.train.Checkpoint(model=delf_model).write(str(tmp_path / "ckpt" / "weights"))
-    restored = load_delf_model(tmp_path / "ckpt")  # the directory: its only .index prefix
-    for original, loaded in zip(delf_model.weights, restored.weights, strict=True):
+    # The architecture: the given ModelConfig, else model_config.json beside the checkpoint.
+    restored = load_delf_model(tmp_path / "ckpt", delf_model.config)
+    delf_model.config.save(tmp_path / "ckpt" / MODEL_CONFIG_FILE)
+    from_file = load_delf_model(tmp_path / "ckpt")  # the directory: its only .index prefix
+    assert restored.config == from_file.config == delf_model.config
+    for original, loaded, other in zip(
+        delf_model.weights, restored.weights, from_file.weights, strict=True
+    ):
         np.testing.assert_array_equal(original.numpy(), loaded.numpy())
+        np.testing.assert_array_equal(original.numpy(), other.numpy())
     other = tf.train.Checkpoint(model=tf.Module())
     other.model.v = tf.Variable(1.0)
     other.write(str(tmp_path / "bad" / "weights"))
@@ -301,3 +310,41 @@ def test_delf_extract_takes_an_exported_model(exported_model, serving_reference,
     # The export fixes its graph settings; the command says so instead of ignoring them.
     argv = ["delf", "extract", f"--images={image_path}", f"--output_dir={tmp_path / 'x'}"]
     assert main([*argv, f"--model={model_dir}", "--max_image_size=64"]) == 1
+
+
+@pytest.mark.slow
+def test_resnet50_export_serves_what_in_process_extracts(serving_config, astronaut_small, tmp_path):
+    """The paper's network end to end: ResNet50 conv4 (1024-D, 291-px receptive field)
+    exported, served over gRPC by `delf serve`'s server, same features as in process.
+
+    Every other export and serving test uses the session's tiny model.
+    """
+    from delf_tf.export import export_model
+    from delf_tf.extraction import InProcessExtractor
+    from delf_tf.model import build_delf_model
+    from delf_tf.serving.client import ServingExtractor
+    from delf_tf.serving.local_server import LocalServer
+    from delf_tf.serving.repository import ModelRepository, ModelSource
+
+    model = build_delf_model(seed=0)
+    assert model.config.backbone == "resnet50" and model.feature_depth == 1024
+    reference = InProcessExtractor.from_model(model, serving_config)
+    path = export_model(model, tmp_path / "models", serving_config)
+    info = json.loads((path / "assets" / "extraction_config.json").read_text())
+    assert info["descriptor_dim"] == 1024 and info["fingerprint"] == reference.fingerprint
+    assert info["model_config"]["backbone"] == "resnet50"
+    repository = ModelRepository([ModelSource("delf", path.parent)])
+    server = LocalServer(repository, grpc_port=0, rest_port=0, poll_seconds=0).start()
+    try:
+        served = ServingExtractor(server.addresses()["grpc"], protocol="grpc")
+        image = astronaut_small[:, :100]
+        features = served.extract(image)
+        assert served.fingerprint == reference.fingerprint
+    finally:
+        server.stop()
+    expected = reference.extract(image)
+    assert len(features) == len(expected) == serving_config.max_features
+    assert features.descriptors.shape == (len(expected), 1024)
+    np.testing.assert_allclose(features.keypoints, expected.keypoints, atol=1e-3)
+    np.testing.assert_allclose(features.scores, expected.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features.descriptors, expected.descriptors, atol=1e-5)

@@ -12,7 +12,16 @@ from delf_tf.extraction.folder import extract_to_store
 from delf_tf.retrieval import Index
 from delf_tf.retrieval.queries import rotated
 
-FAST = ["--score_threshold=0", "--max_image_size=128", "--max_features=100"]
+
+@pytest.fixture()
+def fast(model_config_file):
+    """Flags of a quick extraction with the tests' tiny model (the session's `extractor`)."""
+    return [
+        f"--model_config={model_config_file}",
+        "--score_threshold=0",
+        "--max_image_size=128",
+        "--max_features=100",
+    ]
 
 
 def small(name, size=128):
@@ -33,10 +42,10 @@ def folders(tmp_path):
     return tmp_path
 
 
-def test_index_append_search_and_errors(folders, extractor, capsys):
+def test_index_append_search_and_errors(folders, extractor, capsys, fast):
     root = folders
     index = root / "index"
-    # The session's extractor has the weights of `delf ... --seed=0` (the default), so
+    # The session's extractor has the weights of `delf ... --model_config=<tiny> --seed=0`, so
     # its stores match the command's query extractor; it is traced once per session.
     for number in (1, 2):
         extract_to_store(extractor, root / f"photos{number}", root / f"features{number}", False)
@@ -72,7 +81,7 @@ def test_index_append_search_and_errors(folders, extractor, capsys):
     ]
 
     picture = root / "results.png"
-    search = ["delf", "search", f"--index={index}", f"--image={root / 'query.png'}", *FAST]
+    search = ["delf", "search", f"--index={index}", f"--image={root / 'query.png'}", *fast]
     assert main([*search, "--top_k=2", f"--visualize={picture}"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [r["key"] for r in payload["results"]][0] == "astronaut.png"
@@ -81,7 +90,7 @@ def test_index_append_search_and_errors(folders, extractor, capsys):
     assert Image.open(picture).size[0] > 128
 
     # A bad query image: a clear error naming the file, before any model is built.
-    bad = ["delf", "search", f"--index={index}", f"--image={root / 'broken.jpg'}", *FAST]
+    bad = ["delf", "search", f"--index={index}", f"--image={root / 'broken.jpg'}", *fast]
     assert main(bad) == 1
     assert "broken.jpg" in capsys.readouterr().err
     # Another model than the index's: refused.
@@ -89,13 +98,13 @@ def test_index_append_search_and_errors(folders, extractor, capsys):
     assert "built from features of extractor" in capsys.readouterr().err
 
 
-def test_match_draws_a_picture(folders, capsys):
+def test_match_draws_a_picture(folders, capsys, fast):
     output = folders / "match.png"
     args = [
         f"--image1={folders / 'query.png'}",
         f"--image2={folders / 'photos1' / 'astronaut.png'}",
     ]
-    assert main(["delf", "match", *args, f"--output_file={output}", *FAST]) == 0
+    assert main(["delf", "match", *args, f"--output_file={output}", *fast]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["inliers"] >= 10 and summary["matches"] >= summary["inliers"]
     assert np.asarray(summary["transform"]).shape == (3, 3)

@@ -56,7 +56,12 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
     )
     flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
     flags.DEFINE_string(
-        "model_config", None, "ModelConfig JSON of the model built from --weights", **define
+        "model_config",
+        None,
+        "ModelConfig JSON: the architecture of a checkpoint given by --model, or of the fresh "
+        'model built from --weights (default: ResNet50; e.g. {"backbone": "tiny", '
+        '"feature_depth": 64} for quick tests)',
+        **define,
     )
     flags.DEFINE_enum(
         "preset",

@@ -28,7 +28,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **define,
     )
     flags.DEFINE_integer("seed", 0, "seed of the random initialisation", **define)
-    flags.DEFINE_string("model_config", None, "ModelConfig JSON of the model", **define)
+    flags.DEFINE_string(
+        "model_config",
+        None,
+        "ModelConfig JSON: the architecture of a checkpoint given by --model, or of the fresh "
+        "model built from --weights (default: ResNet50)",
+        **define,
+    )
     flags.DEFINE_string("pca", None, "PCA .npz from `delf fit-pca`, applied in the graph", **define)
     flags.DEFINE_enum(
         "preset",

@@ -1,8 +1,9 @@
 """`delf train` (and `training/train.py`): one stage of DELF training from absl flags.
 
 Every TrainingConfig field is a flag of the same name with the same default,
-plus the model's --weight_decay and --attention_hidden_units; all of them can
-come from --flagfile (samples in training/configs/).
+plus the model's --weight_decay, --attention_hidden_units, --backbone and
+--feature_depth; all of them can come from --flagfile (samples in
+training/configs/).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from absl import flags
 
 from delf_tf.config import (
+    BACKBONES,
     LR_SCHEDULES,
     STRATEGIES,
     TRAINING_STAGES,
@@ -59,7 +61,7 @@ HELP = {
     "tfds_data_dir": "TFDS data directory (default: TFDS's)",
     "tfds_manual_dir": "manual_dir to prepare an unprepared TFDS dataset from (offline)",
 }
-MODEL_FLAGS = ("weight_decay", "attention_hidden_units")
+MODEL_FLAGS = ("weight_decay", "attention_hidden_units", "backbone", "feature_depth")
 REQUIRED = ("train_data", "model_dir")
 _CHOICES = {"stage": TRAINING_STAGES, "lr_schedule": LR_SCHEDULES, "strategy": STRATEGIES}
 
@@ -94,6 +96,20 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "attention_hidden_units",
         model_defaults.attention_hidden_units,
         "channels of the attention head's hidden 1x1 conv",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "backbone",
+        model_defaults.backbone,
+        list(BACKBONES),
+        "resnet50 (the paper's; --backbone_weights apply) or tiny (a small conv net for "
+        "quick tests; --backbone_weights=random only)",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "feature_depth",
+        model_defaults.feature_depth,
+        "channels of the backbone output: 1024 for resnet50, any for tiny",
         **define,
     )
     flags.mark_flags_as_required(list(REQUIRED), **define)

@@ -19,8 +19,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from delf_tf.config import ModelConfig
 from delf_tf.model.delf import DelfModel
 from delf_tf.model.receptive_field import compute_receptive_field
+
+
+_LATER_FIELDS = ("backbone", "feature_depth")
 
 
 class KerasNetwork(tf.Module):
@@ -44,8 +48,17 @@ class KerasNetwork(tf.Module):
         return {"model_config": self.model.config.to_dict()}
 
     def update_fingerprint(self, digest: hashlib._Hash) -> None:
-        """Adds the descriptor space's identity: the architecture and every weight."""
-        digest.update(json.dumps(self.model.config.to_dict(), sort_keys=True).encode())
+        """Adds the descriptor space's identity: the architecture and every weight.
+
+        ModelConfig fields added after the first release (backbone, feature_depth)
+        are hashed only when they differ from their defaults, so fingerprints of
+        earlier ResNet50 stores and indexes stay valid.
+        """
+        config = self.model.config.to_dict()
+        for name in _LATER_FIELDS:
+            if config.get(name) == getattr(ModelConfig, name):
+                config.pop(name, None)
+        digest.update(json.dumps(config, sort_keys=True).encode())
         for variable in self.model.weights:
             value = np.ascontiguousarray(variable.numpy())
             digest.update(f"{variable.path}:{value.shape}:{value.dtype}".encode())

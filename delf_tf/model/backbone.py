@@ -1,6 +1,7 @@
-"""ResNet50 backbone cut after conv4 (`conv4_block6_out`: 1024 channels, stride 16).
+"""Backbones: ResNet50 cut after conv4 (`conv4_block6_out`: 1024 channels, stride 16),
+and a tiny conv net of the same stride for fast tests (`ModelConfig.backbone="tiny"`).
 
-Weights come from one of three sources:
+ResNet50 weights come from one of three sources:
   * None: random initialisation (Keras defaults, seeded by `keras.utils.set_random_seed`);
   * "imagenet": the Keras download (needs internet, or the file in the Keras cache);
   * a path to a local ResNet50 weights file: a legacy `.h5` weights or model file
@@ -18,10 +19,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from delf_tf.config import RESNET50_FEATURE_DEPTH
 from delf_tf.errors import DelfError
 
 CUT_LAYER = "conv4_block6_out"
-FEATURE_DEPTH = 1024
+FEATURE_DEPTH = RESNET50_FEATURE_DEPTH
+# Channels of the tiny backbone's four pooled stages (its last conv has feature_depth).
+TINY_WIDTHS = (16, 32, 64, 128)
 # Mean of ImageNet in BGR order: Keras' ResNet50 weights expect "caffe" preprocessing.
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
@@ -46,6 +50,36 @@ def build_backbone(name: str = "resnet50_conv4") -> keras.Model:
         include_top=False, weights=None, input_shape=(None, None, 3)
     )
     return keras.Model(resnet.input, resnet.get_layer(CUT_LAYER).output, name=name)
+
+
+def build_tiny_backbone(feature_depth: int, name: str = "tiny_conv") -> keras.Model:
+    """A small stride-16 conv net, randomly initialised: ModelConfig(backbone="tiny").
+
+    A stand-in for ResNet50 where its numbers do not matter (tests, quick
+    experiments): same stride, output size and input convention, about 3% of
+    ResNet50-conv4's parameters (feature_depth 128). Four times 3x3 conv -> BatchNorm -> ReLU -> 2x2 average pooling
+    (widths TINY_WIDTHS), then 3x3 conv (feature_depth) -> BatchNorm -> ReLU.
+    Average pooling, not strided convs, halves the resolution: with random
+    weights, strided 3x3 convs alias, so their descriptors change with small
+    shifts and rotations and do not match transformed copies of an image.
+    Receptive field 78 px, stride 16, padding 31 (independent of the input size).
+
+    Input: float32 [B, H, W, 3] BGR, caffe-normalised (see `preprocess_images`).
+    Output: float32 [B, ceil(H/16), ceil(W/16), feature_depth], >= 0.
+    """
+    inputs = keras.Input((None, None, 3), name="tiny_input")
+    x = inputs
+    for stage, width in enumerate(TINY_WIDTHS, start=1):
+        x = _conv_bn_relu(x, width, f"tiny{stage}")
+        x = keras.layers.AveragePooling2D(2, padding="same", name=f"tiny{stage}_pool")(x)
+    x = _conv_bn_relu(x, feature_depth, f"tiny{len(TINY_WIDTHS) + 1}")
+    return keras.Model(inputs, x, name=name)
+
+
+def _conv_bn_relu(x, width: int, name: str):
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
 def preprocess_images(images):

@@ -1,4 +1,5 @@
-"""The DELF Keras model: ResNet50-conv4 backbone, attention head, two classifier heads."""
+"""The DELF Keras model: a stride-16 backbone (ResNet50-conv4 or tiny), attention head,
+two classifier heads."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import keras
 from keras import layers, ops
 
-from delf_tf.config import ModelConfig
+from delf_tf.config import RESNET50_FEATURE_DEPTH, ModelConfig
+from delf_tf.errors import ConfigError
 from delf_tf.model.attention import AttentionHead, attention_pool
 from delf_tf.model.backbone import (
-    FEATURE_DEPTH,
     build_backbone,
+    build_tiny_backbone,
     load_backbone_weights,
     preprocess_images,
 )
@@ -19,10 +21,11 @@ from delf_tf.model.backbone import (
 
 @keras.saving.register_keras_serializable(package="delf_tf")
 class DelfModel(keras.Model):
-    """DELF: dense conv4 features scored by an attention head.
+    """DELF: dense backbone features (ResNet50 conv4, or tiny) scored by an attention head.
 
     Calling the model on RGB images float32 [B, H, W, 3] in [0, 255] returns a dict:
-      features: float32 [B, h, w, 1024], h = ceil(H / 16), w = ceil(W / 16);
+      features: float32 [B, h, w, D], h = ceil(H / 16), w = ceil(W / 16),
+        D = feature_depth (1024 for ResNet50);
       attention: float32 [B, h, w, 1], softplus scores;
       descriptor_logits: float32 [B, num_classes] (global average pooling + dense),
         only when num_classes > 0;
@@ -37,6 +40,8 @@ class DelfModel(keras.Model):
         num_classes: int = 0,
         attention_hidden_units: int = 512,
         weight_decay: float = 1e-4,
+        backbone: str = "resnet50",
+        feature_depth: int = RESNET50_FEATURE_DEPTH,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -44,8 +49,13 @@ class DelfModel(keras.Model):
             num_classes=num_classes,
             attention_hidden_units=attention_hidden_units,
             weight_decay=weight_decay,
+            backbone=backbone,
+            feature_depth=feature_depth,
         )
-        self.backbone = build_backbone()
+        if backbone == "tiny":
+            self.backbone = build_tiny_backbone(feature_depth)
+        else:
+            self.backbone = build_backbone()
         self.attention = AttentionHead(attention_hidden_units, name="attention")
         self.descriptor_classifier = None
         self.attention_classifier = None
@@ -56,14 +66,15 @@ class DelfModel(keras.Model):
 
     @property
     def feature_depth(self) -> int:
-        return FEATURE_DEPTH
+        """Channels of the backbone output (the raw descriptor size)."""
+        return self.config.feature_depth
 
     def build(self, input_shape):
-        feature_shape = (None, None, None, FEATURE_DEPTH)
+        feature_shape = (None, None, None, self.feature_depth)
         self.attention.build(feature_shape)
         for head in (self.descriptor_classifier, self.attention_classifier):
             if head is not None:
-                head.build((None, FEATURE_DEPTH))
+                head.build((None, self.feature_depth))
         if self.config.weight_decay > 0:
             decay = keras.regularizers.L2(self.config.weight_decay)
             for variable in self._decayed_kernels():
@@ -80,7 +91,7 @@ class DelfModel(keras.Model):
         return kernels
 
     def features_and_attention(self, images, training=False, attention_stop_gradient=True):
-        """RGB float [B, H, W, 3] -> (features [B, h, w, 1024], attention [B, h, w, 1])."""
+        """RGB float [B, H, W, 3] -> (features [B, h, w, D], attention [B, h, w, 1])."""
         features = self.backbone(preprocess_images(images), training=training)
         attention_input = ops.stop_gradient(features) if attention_stop_gradient else features
         return features, self.attention(attention_input, training=training)
@@ -116,9 +127,16 @@ def build_delf_model(
 ) -> DelfModel:
     """A DelfModel with backbone `weights` (None/"random", "imagenet" or a local file).
 
-    `seed` makes the random initialisation of every layer reproducible.
+    `seed` makes the random initialisation of every layer reproducible. Weights
+    other than random exist only for the ResNet50 backbone (ConfigError otherwise).
     """
     config = config or ModelConfig()
+    if config.backbone != "resnet50" and weights not in (None, "random"):
+        raise ConfigError(
+            f"backbone weights {str(weights)!r} exist only for backbone 'resnet50', not "
+            f"{config.backbone!r}: use random weights (--weights=random, "
+            "--backbone_weights=random)"
+        )
     if seed is not None:
         keras.utils.set_random_seed(seed)
     model = DelfModel(**config.to_dict(), name="delf")
