@@ -43,7 +43,9 @@ from delf_tf.contract import (
     BATCH_INPUT,
     EXPORT_FORMAT_VERSION,
     EXPORT_INFO_ASSET,
+    FEATURE_OUTPUTS,
     FORBIDDEN_OPS,
+    GLOBAL_OUTPUT,
     IMAGE_SIGNATURE,
     SERVING_SIGNATURE,
     SIGNATURES,
@@ -110,10 +112,18 @@ class ServingModule(tf.Module):
         )
 
     def _serve_image_bytes(self, image_bytes):
-        """string [B] -> padded features [B, K, ...], num_features, valid, fingerprint [B]."""
+        """string [B] -> padded features [B, K, ...], num_features, valid, fingerprint [B]
+        (+ global_descriptor [B, G] for a model with a global head)."""
         batch = tf.shape(image_bytes)[0]
         k = self.extraction.config.max_features
         depth = self.extraction.descriptor_dim
+        names = FEATURE_OUTPUTS + ("num_features",)
+        element_shapes = ([k, 2], [k], [k], [k, depth], [])
+        dtypes = (tf.float32,) * 4 + (tf.int32,)
+        if self.extraction.global_dim is not None:
+            names += (GLOBAL_OUTPUT,)
+            element_shapes += ([self.extraction.global_dim],)
+            dtypes += (tf.float32,)
         indices, pixels, shapes = decode_batch(image_bytes, self.max_pixels)
         sizes = tf.reduce_prod(tf.cast(shapes, tf.int64), axis=1)  # a batch may pass 2**31 bytes
         offsets = tf.cumsum(sizes, exclusive=True)
@@ -133,10 +143,10 @@ class ServingModule(tf.Module):
                 tf.pad(found["descriptors"], [[0, k - n], [0, 0]]),
                 n,
             )
+            if GLOBAL_OUTPUT in names:
+                padded += (found[GLOBAL_OUTPUT],)
             return (i + 1,) + tuple(a.write(i, p) for a, p in zip(arrays, padded, strict=True))
 
-        element_shapes = ([k, 2], [k], [k], [k, depth], [])
-        dtypes = (tf.float32,) * 4 + (tf.int32,)
         arrays = tuple(
             tf.TensorArray(dtype, size=count, element_shape=shape)
             for dtype, shape in zip(dtypes, element_shapes, strict=True)
@@ -146,12 +156,7 @@ class ServingModule(tf.Module):
         stacked = [a.stack() for a in arrays]
         outputs = {
             name: tf.scatter_nd(where, value, tf.concat([[batch], tf.constant(shape, tf.int32)], 0))
-            for name, value, shape in zip(
-                ("keypoints", "scales", "scores", "descriptors", "num_features"),
-                stacked,
-                element_shapes,
-                strict=True,
-            )
+            for name, value, shape in zip(names, stacked, element_shapes, strict=True)
         }
         outputs["valid"] = tf.scatter_nd(where, tf.ones([count], tf.int32), [batch]) > 0
         outputs["fingerprint"] = tf.fill([batch], self._fingerprint)
@@ -202,7 +207,11 @@ def export_saved_model(
             "extraction_config": extraction.config.to_dict(),
             "fingerprint": extraction.fingerprint,
             "descriptor_dim": int(extraction.descriptor_dim),
-            "model_config": extraction.model.config.to_dict(),
+            "global_dim": extraction.global_dim,
+            "network": extraction.network.describe(),
+            "model_config": (
+                extraction.model.config.to_dict() if extraction.model is not None else None
+            ),
             "pca": extraction.pca_projection is not None,
             "max_pixels": max_pixels,
             "signatures": list(SIGNATURES),

@@ -213,27 +213,24 @@ def test_delf_export_command_with_random_weights(
 ):
     """`delf export --weights=random --seed=0 --model_config=F` rebuilds the fixture's model.
 
-    The export itself is the fixture's code path (export_model); here it is replaced
-    by a recorder so the command's plumbing is checked without a second export.
+    The export itself is the fixture's code path (export_saved_model); here it is
+    replaced by a recorder so the command's plumbing is checked without a second export.
     """
     import delf_tf.export
 
     calls = []
 
-    def record(model, export_base, config, pca, model_name, version):
-        calls.append((model_name, version, config, pca))
-        module = ExtractionModule(model, config, pca)
+    def record(module, export_base, model_name, version):
+        calls.append((model_name, version, module.config, module.pca_projection))
         target = (
             Path(export_base)
             / model_name
             / str(version or next_version(Path(export_base) / model_name))
         )
-        (target / "assets").mkdir(parents=True)
-        info = {"fingerprint": module.fingerprint, "descriptor_dim": module.descriptor_dim}
-        (target / "assets" / "extraction_config.json").write_text(json.dumps(info))
+        target.mkdir(parents=True)
         return target
 
-    monkeypatch.setattr(delf_tf.export, "export_model", record)
+    monkeypatch.setattr(delf_tf.export, "export_saved_model", record)
     config = tmp_path / "config.json"
     serving_config.save(config)
     (tmp_path / "models" / "delf" / "1").mkdir(parents=True)

@@ -73,8 +73,9 @@ def test_image_downsized_to_max_image_size(delf_model, astronaut_small):
     config = ExtractionConfig(scales=(1.0,), score_threshold=0.0, max_image_size=64)
     features = InProcessExtractor.from_model(delf_model, config).extract(astronaut_small)
     assert len(features) == 16  # 128 px -> 64 px -> 4 x 4 grid
-    np.testing.assert_allclose(features.scales, 2.0)  # relative to the original image
-    assert features.keypoints.max() <= 127
+    np.testing.assert_allclose(features.scales, 1.0)  # 1 / pyramid scale, as the reference
+    # Keypoints are in original-image pixels: the 64-px grid's centres divided by 0.5.
+    assert 64 < features.keypoints.max() <= 127
 
 
 @pytest.mark.parametrize("shape", [(5, 5, 3), (1, 300, 3), (15, 15, 3)])
@@ -128,7 +129,8 @@ def test_pca_in_graph_matches_numpy(delf_model, extractor, astronaut_small):
 
 def test_pca_without_variances_in_graph(delf_model, extractor, astronaut_small):
     """A release ships no variances: the graph projects as before (no whitening)."""
-    pca = fit_pca(np.random.default_rng(0).normal(size=(300, 1024)), dim=40)
+    depth = delf_model.feature_depth
+    pca = fit_pca(np.random.default_rng(0).normal(size=(300, depth)), dim=40)
     bare = PcaParams(mean=pca.mean, projection=pca.projection, variances=None)
     config = extractor.config.replace(pca_dim=40)
     a = InProcessExtractor.from_model(delf_model, config, pca)

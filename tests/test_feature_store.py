@@ -10,9 +10,9 @@ import pytest
 
 from delf_tf.errors import InputError
 from delf_tf.features import FeatureStore, LocalFeatures
+from delf_tf.features.delf_io import local_features_to_delf
 from delf_tf.formats import (
     delf_to_bytes,
-    local_features_to_delf,
     read_global_descriptor,
     write_global_descriptor,
 )

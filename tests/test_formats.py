@@ -16,6 +16,7 @@ import pytest
 from delf_tf.config import ExtractionConfig
 from delf_tf.errors import ConfigError, InputError
 from delf_tf.features import LocalFeatures
+from delf_tf.features.delf_io import local_features_from_delf, local_features_to_delf
 from delf_tf.formats import (
     DatumError,
     DelfFileError,
@@ -23,8 +24,6 @@ from delf_tf.formats import (
     datum_to_bytes,
     delf_from_bytes,
     delf_to_bytes,
-    local_features_from_delf,
-    local_features_to_delf,
     parse_delf_config,
     protos,
     read_datum,

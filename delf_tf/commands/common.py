@@ -36,8 +36,9 @@ _LOCAL_ONLY_FLAGS = (
 OVERRIDE_FLAGS = ("score_threshold", "max_features", "max_image_size")
 
 
-def define_extractor_flags(flag_values: flags.FlagValues) -> None:
-    """--model, --weights, --seed, configs, --pca, per-field overrides; --server for TF Serving."""
+def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -> None:
+    """--model, --weights, --seed, configs, --pca, per-field overrides; with `remote`,
+    --server/--protocol/--model_name for extraction in TF Serving."""
     define = {"flag_values": flag_values}
     defaults = ExtractionConfig()
     flags.DEFINE_string(
@@ -108,6 +109,8 @@ def define_extractor_flags(flag_values: flags.FlagValues) -> None:
         f"long side limit before the pyramid, -1 keeps (default {defaults.max_image_size})",
         **define,
     )
+    if not remote:
+        return
     flags.DEFINE_string(
         "server",
         None,
@@ -144,7 +147,7 @@ def extraction_config_from_flags(
 
 def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
     """The extractor the flags describe: TF Serving with --server, else in process."""
-    if flag_values.server:
+    if "server" in flag_values and flag_values.server:
         given = [f"--{name}" for name in _LOCAL_ONLY_FLAGS if flag_values[name].present]
         if given:
             raise InputError(f"--server uses the served model and its settings; drop {given}")

@@ -173,15 +173,17 @@ class ExtractionModule(tf.Module):
         raw = self.network(
             image, scales, score_threshold, max_features, self._global_scale_indices(scales)
         )
-        locations = raw["locations"] / factors  # (y, x) in original-image pixels
+        locations = tf.reshape(raw["locations"], [-1, 2]) / factors  # (y, x), original pixels
+        raw_descriptors = tf.reshape(raw["descriptors"], [-1, self.network.local_dim])
         outputs = {
             "keypoints": tf.reverse(locations, axis=[1]),
-            "scales": raw["scales"],
-            "scores": raw["scores"],
-            "descriptors": self._postprocess(raw["descriptors"]),
+            "scales": tf.reshape(raw["scales"], [-1]),
+            "scores": tf.reshape(raw["scores"], [-1]),
+            "descriptors": self._postprocess(raw_descriptors),
         }
         if self.global_dim is not None:
-            per_scale = tf.math.l2_normalize(raw["global_descriptors"], axis=1)
+            raw_global = tf.reshape(raw["global_descriptors"], [-1, self.global_dim])
+            per_scale = tf.math.l2_normalize(raw_global, axis=1)
             outputs["global_descriptor"] = tf.math.l2_normalize(tf.reduce_sum(per_scale, 0), 0)
         return outputs
 

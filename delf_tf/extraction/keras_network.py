@@ -23,7 +23,6 @@ from delf_tf.config import ModelConfig
 from delf_tf.model.delf import DelfModel
 from delf_tf.model.receptive_field import compute_receptive_field
 
-
 _LATER_FIELDS = ("backbone", "feature_depth")
 
 

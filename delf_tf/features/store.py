@@ -30,7 +30,9 @@ from absl import logging
 
 from delf_tf.atomic import atomic_write, atomic_write_text
 from delf_tf.errors import FingerprintMismatchError, InputError
+from delf_tf.features.delf_io import local_features_from_delf, local_features_to_delf
 from delf_tf.features.local_features import LocalFeatures
+from delf_tf.formats import delf_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -163,9 +165,7 @@ class FeatureStore:
     def save(self, key: str, features: LocalFeatures) -> None:
         """Writes the features in every format, each file atomically (the .npz last)."""
         if "delf" in self.formats:
-            from delf_tf.formats import delf_file  # here: delf_file imports this package
-
-            delf_file.local_features_to_delf(features, self.root / (key + DELF_SUFFIXES[0]))
+            local_features_to_delf(features, self.root / (key + DELF_SUFFIXES[0]))
             global_path = self.root / (key + GLOBAL_SUFFIX)
             if features.global_descriptor is not None:
                 delf_file.write_global_descriptor(global_path, features.global_descriptor)
@@ -178,9 +178,7 @@ class FeatureStore:
         """LocalFeatures of `key`; from .delf files with the .delg_global attached if any."""
         if "npz" in self.formats:
             return LocalFeatures.load(self.path(key))
-        from delf_tf.formats import delf_file
-
-        features = delf_file.local_features_from_delf(self._delf_path(key))
+        features = local_features_from_delf(self._delf_path(key))
         global_path = self.root / (key + GLOBAL_SUFFIX)
         if global_path.is_file():
             descriptor = delf_file.read_global_descriptor(global_path)

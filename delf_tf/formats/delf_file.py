@@ -23,7 +23,6 @@ from google.protobuf.message import DecodeError
 
 from delf_tf.atomic import atomic_write
 from delf_tf.errors import InputError
-from delf_tf.features.local_features import FeatureFileError, LocalFeatures
 from delf_tf.formats import protos
 from delf_tf.formats._wire import (
     decode_float_datum,
@@ -39,7 +38,7 @@ _TRAILER = np.dtype([("tag", "u1"), ("value", "<f4")])  # packed: 5 bytes per fl
 _TRAILER_BYTES = 5 * _TRAILER.itemsize
 
 
-class DelfFileError(FeatureFileError):
+class DelfFileError(InputError):
     """A `.delf` / `.delg_local` / `.delg_global` file is unreadable or malformed."""
 
 
@@ -215,26 +214,6 @@ def write_delf(
     """Writes a `.delf` file atomically, byte-identical to the reference writer's."""
     data = delf_to_bytes(locations_yx, scales, descriptors, attention, orientations, str(path))
     atomic_write(path, lambda handle: handle.write(data))
-
-
-def local_features_to_delf(features: LocalFeatures, path: str | os.PathLike) -> None:
-    """Writes LocalFeatures as a `.delf` file: keypoints (x, y) -> locations (y, x),
-    scores -> attention, orientation 0. The global descriptor is not part of it
-    (see `write_global_descriptor`)."""
-    write_delf(
-        path, features.keypoints[:, ::-1], features.scales, features.descriptors, features.scores
-    )
-
-
-def local_features_from_delf(path: str | os.PathLike) -> LocalFeatures:
-    """Reads a `.delf` / `.delg_local` file as LocalFeatures (orientations are dropped)."""
-    arrays = read_delf(path)
-    return LocalFeatures(
-        keypoints=arrays.locations_yx[:, ::-1],
-        scales=arrays.scales,
-        scores=arrays.attention,
-        descriptors=arrays.descriptors,
-    )
 
 
 def read_global_descriptor(path: str | os.PathLike) -> np.ndarray:

@@ -17,13 +17,16 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from delf_tf.extraction.pca import PcaParams
 from delf_tf.releases.folder import ReleaseFolder
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceSettings:
-    """What the reference extractor reads from its DelfConfig."""
+    """What the reference extractor reads from its DelfConfig.
+
+    pca: anything with mean [D], projection [K, D], variances [K] and whiten (a
+    `delf_tf.extraction.pca.PcaParams`), or None.
+    """
 
     scales: tuple[float, ...]
     score_threshold: float
@@ -31,7 +34,7 @@ class ReferenceSettings:
     max_image_size: int = -1
     min_image_size: int = -1
     global_scale_indices: tuple[int, ...] = ()
-    pca: PcaParams | None = None
+    pca: object | None = None
     pca_dim: int = 40
 
 

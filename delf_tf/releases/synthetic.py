@@ -289,20 +289,21 @@ def build_in_subprocess(
     resource: bool = False,
 ) -> Path:
     """`build` in a fresh Python process (its TF1 switches stay there); returns the folder."""
-    command = [
-        sys.executable,
-        "-m",
-        "delf_tf.releases.synthetic",
-        f"--output_dir={output_dir}",
-        f"--kind={kind}",
-        f"--size={size}",
-        f"--seed={seed}",
-    ] + (["--resource_variables"] if resource else [])
+    return build_many_in_subprocess([(output_dir, kind, size, seed, resource)])[0]
+
+
+def build_many_in_subprocess(specs: list[tuple]) -> list[Path]:
+    """Several releases, [(output_dir, kind, size, seed, resource)], in one fresh process."""
+    calls = "; ".join(
+        f"build({str(out)!r}, {kind!r}, {size!r}, {seed}, {resource})"
+        for out, kind, size, seed, resource in specs
+    )
+    command = [sys.executable, "-c", f"from delf_tf.releases.synthetic import build; {calls}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:
-        raise RuntimeError(f"building the synthetic release failed:\n{done.stderr[-3000:]}")
-    return Path(output_dir)
+        raise RuntimeError(f"building synthetic releases failed:\n{done.stderr[-3000:]}")
+    return [Path(spec[0]) for spec in specs]
 
 
 def main(argv: list[str] | None = None) -> None:

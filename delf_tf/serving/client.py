@@ -41,6 +41,7 @@ from delf_tf.contract import (
     BATCH_INPUT,
     BATCH_OUTPUTS,
     FEATURE_OUTPUTS,
+    GLOBAL_OUTPUT,
     IMAGE_INPUTS,
     IMAGE_OUTPUTS,
     IMAGE_SIGNATURE,
@@ -426,14 +427,12 @@ class ServingExtractor:
                     results.append(None)
                     continue
                 n = int(outputs["num_features"][row])
-                results.append(
-                    LocalFeatures(
-                        **{
-                            name: np.asarray(outputs[name][row], np.float32)[:n]
-                            for name in FEATURE_OUTPUTS
-                        }
-                    )
-                )
+                arrays = {
+                    name: np.asarray(outputs[name][row], np.float32)[:n] for name in FEATURE_OUTPUTS
+                }
+                if GLOBAL_OUTPUT in outputs:
+                    arrays[GLOBAL_OUTPUT] = np.asarray(outputs[GLOBAL_OUTPUT][row], np.float32)
+                results.append(LocalFeatures(**arrays))
         if invalid and not skip_invalid:
             raise InvalidImageError(
                 "INVALID_ARGUMENT",
@@ -463,9 +462,10 @@ class ServingExtractor:
                 f"{IMAGE_SIGNATURE} of {self.model_name!r} lacks outputs {missing}",
             )
         self._check_fingerprint(np.ravel(np.asarray(outputs["fingerprint"], dtype=object))[0])
-        return LocalFeatures(
-            **{name: np.asarray(outputs[name], np.float32) for name in FEATURE_OUTPUTS}
-        )
+        arrays = {name: np.asarray(outputs[name], np.float32) for name in FEATURE_OUTPUTS}
+        if GLOBAL_OUTPUT in outputs:
+            arrays[GLOBAL_OUTPUT] = np.asarray(outputs[GLOBAL_OUTPUT], np.float32)
+        return LocalFeatures(**arrays)
 
     def _signature_defaults(self) -> dict[str, np.ndarray]:
         """extract_image's recorded defaults (from the metadata), so all four inputs are sent."""
