@@ -57,11 +57,23 @@ def photo():
     return (image * 255).round().astype(np.uint8)
 
 
-@pytest.fixture(scope="session")
-def delg_extractor(releases):
+def median_score_threshold(release_dir, image) -> float:
+    """The median attention score of a synthetic release on `image` (random weights put the
+    scores anywhere): a threshold that keeps about half of the locations."""
     from delf_tf.extraction.extractor import build_extractor
 
-    return build_extractor(model=releases["delg"], overrides={"max_image_size": 256})
+    extractor = build_extractor(model=release_dir, overrides={"max_image_size": 256})
+    scores = extractor.extract(image, score_threshold=-np.inf).scores
+    return float(np.median(scores))
+
+
+@pytest.fixture(scope="session")
+def delg_extractor(releases, photo):
+    from delf_tf.extraction.extractor import build_extractor
+
+    threshold = median_score_threshold(releases["delg"], photo)
+    overrides = {"max_image_size": 256, "score_threshold": threshold}
+    return build_extractor(model=releases["delg"], overrides=overrides)
 
 
 def reference_extract(release_dir, config, pca=None):
@@ -84,9 +96,10 @@ def reference_extract(release_dir, config, pca=None):
 def assert_same_features(ours, reference):
     """Same keypoint set within 0.01 px (order-free), descriptors to 1e-5, global to 1e-5."""
     assert len(ours) == len(reference["scores"]) > 0
-    distances = np.linalg.norm(
-        ours.keypoints[:, None, :] - reference["keypoints"][None, :, :], axis=2
-    )
+    # Features of different levels can share a keypoint: match on (x, y, level scale).
+    ours_points = np.column_stack([ours.keypoints, 1e3 * ours.scales])
+    reference_points = np.column_stack([reference["keypoints"], 1e3 * reference["scales"]])
+    distances = np.linalg.norm(ours_points[:, None, :] - reference_points[None, :, :], axis=2)
     nearest = distances.argmin(axis=1)
     assert distances[np.arange(len(ours)), nearest].max() < 0.01
     assert sorted(nearest.tolist()) == list(range(len(ours)))  # a one-to-one match
@@ -116,10 +129,11 @@ def test_release_folders_are_recognised_by_their_contents(releases, tmp_path):
 def test_presets_follow_the_reference_configs(releases, delg_extractor):
     from delf_tf.extraction.extractor import build_extractor
 
-    config = delg_extractor.config
+    config = build_extractor(model=releases["delg"]).config
     assert config.score_threshold == 175.0 and config.max_features == 1000
     assert config.scales == DELG_SCALES and config.global_scale_indices == (3, 4, 5)
-    assert config.max_image_size == 256  # the test's override of the preset's 1024
+    assert config.max_image_size == 1024
+    assert delg_extractor.config.max_image_size == 256  # a flag overrides the preset
     described = delg_extractor.describe()
     assert described["release"] == "r50delg_gld_20200814"
     assert (described["descriptor_dim"], described["global_dim"]) == (128, 2048)
@@ -148,7 +162,8 @@ def test_delf_release_applies_its_pca_as_the_reference_does(releases, photo):
     from delf_tf.extraction.extractor import build_extractor
     from delf_tf.extraction.pca import PcaParams
 
-    extractor = build_extractor(model=releases["delf"], overrides={"score_threshold": 140.0})
+    threshold = median_score_threshold(releases["delf"], photo)
+    extractor = build_extractor(model=releases["delf"], overrides={"score_threshold": threshold})
     ours = extractor.extract(photo)
     pca = PcaParams.from_datum_folder(releases["delf"] / "pca")
     expected = reference_extract(releases["delf"], extractor.config, pca).extract(photo)
@@ -170,7 +185,7 @@ def test_a_delf_config_file_configures_the_release(releases, photo, tmp_path):
             image_scales: 0.5
             image_scales: 1.0
             image_scales: 1.4142135
-            delf_local_config {{ use_pca: false max_feature_num: 50 score_threshold: 150.0 }}
+            delf_local_config {{ use_pca: false max_feature_num: 50 score_threshold: 60.0 }}
             delf_global_config {{ use_pca: false image_scales_ind: 0 image_scales_ind: 2 }}
             max_image_size: 200
             """
@@ -178,8 +193,8 @@ def test_a_delf_config_file_configures_the_release(releases, photo, tmp_path):
     )
     extractor = build_extractor(delf_config=config_file)
     config = extractor.config
-    assert config.scales == (0.5, 1.0, 1.4142135)
-    assert (config.max_features, config.score_threshold, config.max_image_size) == (50, 150.0, 200)
+    assert config.scales == (0.5, 1.0, float(np.float32(1.4142135)))  # float32, as the proto
+    assert (config.max_features, config.score_threshold, config.max_image_size) == (50, 60.0, 200)
     assert config.global_scale_indices == (0, 2)
     expected = reference_extract(releases["delg"], config).extract(photo)
     assert_same_features(extractor.extract(photo), expected)
@@ -200,14 +215,14 @@ def test_release_export_survives_a_fresh_process_and_saved_model_cli(
     from delf_tf.images import encode_png
 
     ours = delg_extractor.extract(photo)
-    np.save(tmp_path / "photo.npy", photo)
+    (tmp_path / "photo.png").write_bytes(encode_png(photo))
     script = textwrap.dedent(
         f"""
-        import json, numpy as np, tensorflow as tf
-        image = np.load({str(tmp_path / "photo.npy")!r})
+        import json, pathlib, tensorflow as tf
+        data = pathlib.Path({str(tmp_path / "photo.png")!r}).read_bytes()
         model = tf.saved_model.load({str(release_export)!r})
         served = model.signatures["serving_default"](
-            image_bytes=tf.constant([{encode_png(photo)!r}, b"not an image"]))
+            image_bytes=tf.constant([data, b"not an image"]))
         out = {{k: v.numpy().tolist() for k, v in served.items() if k != "fingerprint"}}
         print(json.dumps(out))
         """
