@@ -95,6 +95,15 @@ def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys, fast):
     )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["dim"] == 8 and report["whiten"] is True
+    # The reference's layout: a folder of .datum files, read back as the same PCA.
+    datum_dir = tmp_path / "pca_datum"
+    argv = ["delf", "fit-pca", f"--features={out}", "--dim=8", "--format=datum"]
+    assert main([*argv, f"--output_file={datum_dir}"]) == 0
+    capsys.readouterr()
+    from delf_tf.extraction.pca import PcaParams
+
+    from_datum = PcaParams.from_datum_folder(datum_dir)
+    np.testing.assert_array_equal(from_datum.projection, PcaParams.load(pca_path).projection)
     reduced = tmp_path / "reduced"
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"pca_dim": 8, "scales": [1.0]}))

@@ -284,12 +284,23 @@ def test_delf_extract_and_export_take_a_release_folder(releases, photo, tmp_path
     images.mkdir()
     Image.fromarray(photo).save(images / "a.png")
     store_dir = tmp_path / "features"
-    argv = ["delf", "extract", f"--images={images}", f"--output_dir={store_dir}"]
-    assert main([*argv, f"--model={releases['delg']}", "--max_image_size=256"]) == 0
+    argv = ["delf", "extract", f"--images={images}", f"--output_dir={store_dir}", "--format=both"]
+    model = [f"--model={releases['delg']}", "--max_image_size=256", "--score_threshold=0"]
+    assert main([*argv, *model]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["extracted"] == 1
     stored = FeatureStore.open(store_dir).load("a.png")
     assert stored.global_descriptor.shape == (2048,) and stored.descriptors.shape[1] == 128
+    # The reference's files beside the .npz: the same arrays.
+    from delf_tf.features.delf_io import local_features_from_delf
+    from delf_tf.formats.delf_file import read_global_descriptor
+
+    as_delf = local_features_from_delf(store_dir / "a.png.delf")
+    np.testing.assert_array_equal(as_delf.keypoints, stored.keypoints)
+    np.testing.assert_array_equal(as_delf.descriptors, stored.descriptors)
+    np.testing.assert_array_equal(
+        read_global_descriptor(store_dir / "a.png.delg_global"), stored.global_descriptor
+    )
     argv = ["delf", "export", f"--model={releases['delf']}", f"--export_base={tmp_path / 'm'}"]
     assert main(argv) == 0
     exported = json.loads(capsys.readouterr().out)

@@ -14,6 +14,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     flags.DEFINE_string("images", None, "an image file or a folder (recursive)", **define)
     flags.DEFINE_string("output_dir", None, "feature store directory", **define)
+    flags.DEFINE_enum(
+        "format",
+        None,
+        ["npz", "delf", "both"],
+        "feature files: npz (one .npz per image), delf (the reference's .delf, with a "
+        ".delg_global for a DELG model) or both; default npz, or what the store records",
+        **define,
+    )
     flags.mark_flags_as_required(["images", "output_dir"], **define)
     define_extractor_flags(flag_values)
 
@@ -23,7 +31,13 @@ def run(flag_values: flags.FlagValues) -> int:
 
     extractor = extractor_from_flags(flag_values)
     warn_if_untrained(extractor)
-    store, summary = extract_to_store(extractor, flag_values.images, flag_values.output_dir)
+    formats = {None: None, "npz": ("npz",), "delf": ("delf",), "both": ("npz", "delf")}
+    store, summary = extract_to_store(
+        extractor,
+        flag_values.images,
+        flag_values.output_dir,
+        formats=formats[flag_values.format],
+    )
     for path, reason in summary.failed:
         print(f"failed: {path!r}: {reason}", file=sys.stderr)
     print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))

@@ -13,7 +13,18 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer("dim", 40, "number of principal components to keep", **define)
     flags.DEFINE_bool("whiten", False, "whiten: divide components by sqrt(variance)", **define)
     flags.DEFINE_string(
-        "output_file", None, "output .npz (mean, projection, variances, whiten)", **define
+        "output_file",
+        None,
+        "output .npz (mean, projection, variances, whiten); with --format=datum a folder "
+        "of mean.datum, pca_proj_mat.datum, pca_vars.datum that the reference extractor reads",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "format",
+        "npz",
+        ["npz", "datum"],
+        "PCA file format: this project's or the reference's",
+        **define,
     )
     flags.DEFINE_integer("max_descriptors", 1_000_000, "random subsample bound", **define)
     flags.DEFINE_integer("seed", 0, "seed of the subsample", **define)
@@ -37,12 +48,16 @@ def run(flag_values: flags.FlagValues) -> int:
         rng = np.random.default_rng(flag_values.seed)
         data = data[rng.choice(data.shape[0], flag_values.max_descriptors, replace=False)]
     pca = fit_pca(data, flag_values.dim, whiten=flag_values.whiten)
-    pca.save(flag_values.output_file)
+    if flag_values.format == "datum":
+        pca.save_datum_folder(flag_values.output_file)
+    else:
+        pca.save(flag_values.output_file)
     explained = float(pca.variances.sum() / max(np.var(data, axis=0, ddof=1).sum(), 1e-12))
     print(
         json.dumps(
             {
                 "output_file": flag_values.output_file,
+                "format": flag_values.format,
                 "descriptors": int(data.shape[0]),
                 "dim": pca.output_dim,
                 "whiten": pca.whiten,

@@ -55,16 +55,20 @@ def extract_to_store(
     images: str | os.PathLike,
     output: str | os.PathLike,
     progress: bool = True,
+    formats: tuple[str, ...] | None = None,
 ) -> tuple[FeatureStore, ExtractionSummary]:
     """Extracts every image under `images` (a file or a folder, recursive) into `output`.
 
     Images whose features are already in the store are skipped, so an interrupted
     run resumes where it stopped. Unreadable images are logged and listed in the
-    summary; the run goes on.
+    summary; the run goes on. `formats`: the store's file formats (see
+    FeatureStore; None: npz, or what an existing store records).
     """
     root = Path(images)
     paths = list_images(root)
-    store = FeatureStore.open_or_create(output, extractor.fingerprint or "", extractor.describe())
+    store = FeatureStore.open_or_create(
+        output, extractor.fingerprint or "", extractor.describe(), formats=formats
+    )
     summary = ExtractionSummary(images=len(paths))
     for path in tqdm(paths, desc="extract", unit="img", disable=not progress):
         key = image_key(path, root)
