@@ -28,8 +28,8 @@ from delf_tf.evaluation.datasets import load_dataset
 from delf_tf.evaluation.engine import engine_rank_fn
 from delf_tf.evaluation.evaluate import evaluate
 from delf_tf.extraction.extractor import build_extractor
-from delf_tf.extraction.pca import fit_pca
 from delf_tf.extraction.folder import extract_to_store
+from delf_tf.extraction.pca import fit_pca
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.retrieval.index import Index
 from delf_tf.retrieval.search import Searcher

@@ -146,6 +146,10 @@ class ExtractionConfig(JsonConfig):
         whether to whiten is recorded in the PCA file, see `delf fit-pca --whiten`).
       global_scale_indices: for models with a global head (DELG): indices into
         `scales` whose global descriptors are pooled (empty: all scales).
+      precision: the network's arithmetic: "float32", "bfloat16" (fast on CPUs
+        with AVX512-BF16/AMX and on GPUs/TPUs) or "float16" (GPUs); Keras
+        mixed-precision policies, float32 variables. Attention scores, keypoints
+        and the post-processing stay float32. Not for released TF1 graphs.
     """
 
     max_image_size: int = 1024
@@ -156,8 +160,10 @@ class ExtractionConfig(JsonConfig):
     iou_threshold: float = 1.0
     pca_dim: int = 40
     global_scale_indices: tuple[int, ...] = ()
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         object.__setattr__(
             self, "global_scale_indices", tuple(int(i) for i in self.global_scale_indices)
@@ -178,6 +184,7 @@ class ExtractionConfig(JsonConfig):
             raise ConfigError(f"pca_dim must be >= 1, got {self.pca_dim}")
 
 
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 TRAINING_STAGES: tuple[str, ...] = ("descriptor", "attention", "joint")
 LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 STRATEGIES: tuple[str, ...] = ("default", "mirrored", "multi_worker", "tpu")

@@ -21,15 +21,24 @@ def test_output_contract(extractor, astronaut_small):
     assert set(np.round(features.scales, 4)) <= {2.0, 1.0}  # 1 / scale for scales 0.5, 1.0
 
 
-def test_keypoints_lie_inside_the_image(extractor):
+def test_keypoints_are_receptive_field_centres_over_the_scale(extractor, delf_model):
+    """Every grid cell of every level (threshold 0): centre = (stride i - pad + (rf-1)/2) / s."""
+    field = compute_receptive_field(delf_model.backbone)
     image = np.random.default_rng(0).integers(0, 255, (70, 150, 3), dtype=np.uint8)
-    features = extractor.extract(image, scales=(0.5, 1.0, 2.0), max_features=10_000)
-    x, y = features.keypoints[:, 0], features.keypoints[:, 1]
-    assert x.min() >= 0 and y.min() >= 0 and x.max() <= 149 and y.max() <= 69
-    # Every level's full grid is kept (threshold 0): ceil(size / 16) per axis.
-    assert len(features) == sum(
-        int(np.ceil(round(70 * s) / 16)) * int(np.ceil(round(150 * s) / 16)) for s in (0.5, 1, 2)
-    )
+    scales = (0.5, 1.0, 2.0)
+    features = extractor.extract(image, scales=scales, max_features=10_000)
+    expected = set()
+    for s in scales:
+        rows, cols = int(np.ceil(round(70 * s) / 16)), int(np.ceil(round(150 * s) / 16))
+        for i in range(rows):
+            for j in range(cols):
+                y, x = (field.centers(np.array([i, j])) / s).tolist()
+                expected.add((round(x, 3), round(y, 3), round(1 / s, 3)))
+    found = {
+        (round(float(x), 3), round(float(y), 3), round(float(v), 3))
+        for (x, y), v in zip(features.keypoints, features.scales, strict=True)
+    }
+    assert len(features) == len(expected) and found == expected
 
 
 def test_keypoints_follow_a_rescaled_image(extractor, astronaut_small):
@@ -41,9 +50,9 @@ def test_keypoints_follow_a_rescaled_image(extractor, astronaut_small):
     assert len(small) == len(large) == 64
     order_small = np.lexsort(small.keypoints.T)
     order_large = np.lexsort(large.keypoints.T)
-    # Continuous coordinates double: x_big + 0.5 == 2 * (x_small + 0.5).
+    # Receptive-field centres / scale (the reference's convention): coordinates double.
     np.testing.assert_allclose(
-        large.keypoints[order_large] + 0.5, 2 * (small.keypoints[order_small] + 0.5), atol=1e-3
+        large.keypoints[order_large], 2 * small.keypoints[order_small], atol=1e-3
     )
     np.testing.assert_allclose(large.scales, 2.0)
     np.testing.assert_allclose(small.scales, 1.0)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from absl import flags
 
-from delf_tf.config import ExtractionConfig, ModelConfig
+from delf_tf.config import PRECISIONS, ExtractionConfig, ModelConfig
 from delf_tf.errors import InputError
 from delf_tf.presets import EXTRACTION_PRESETS
 
@@ -32,8 +32,9 @@ _LOCAL_ONLY_FLAGS = (
     "score_threshold",
     "max_features",
     "max_image_size",
+    "precision",
 )
-OVERRIDE_FLAGS = ("score_threshold", "max_features", "max_image_size")
+OVERRIDE_FLAGS = ("score_threshold", "max_features", "max_image_size", "precision")
 
 
 def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -> None:
@@ -107,6 +108,15 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         "max_image_size",
         None,
         f"long side limit before the pyramid, -1 keeps (default {defaults.max_image_size})",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "precision",
+        None,
+        list(PRECISIONS),
+        f"the network's arithmetic (default {defaults.precision}): bfloat16 is faster on CPUs "
+        "with AVX512-BF16/AMX and on GPUs, float16 on GPUs; see bench/extraction.py for its "
+        "measured fidelity",
         **define,
     )
     if not remote:

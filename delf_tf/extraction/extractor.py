@@ -81,7 +81,9 @@ class InProcessExtractor:
         source: str = "in-memory model",
     ) -> InProcessExtractor:
         config = config or ExtractionConfig()
-        network = KerasNetwork(model, iou_threshold=config.iou_threshold, source=source)
+        network = KerasNetwork(
+            model, iou_threshold=config.iou_threshold, source=source, precision=config.precision
+        )
         return cls.from_module(ExtractionModule(network, config, pca))
 
     @classmethod

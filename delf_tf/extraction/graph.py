@@ -95,7 +95,14 @@ class ExtractionModule(tf.Module):
         from delf_tf.model.delf import DelfModel
 
         if isinstance(network, DelfModel):
-            network = KerasNetwork(network, iou_threshold=config.iou_threshold)
+            network = KerasNetwork(
+                network, iou_threshold=config.iou_threshold, precision=config.precision
+            )
+        elif config.precision != "float32" and not isinstance(network, KerasNetwork):
+            raise ConfigError(
+                f"precision {config.precision!r} applies to DelfModels; a released TF1 graph "
+                "runs in float32"
+            )
         self.network = network
         self.config = config
         self.global_dim = network.global_dim

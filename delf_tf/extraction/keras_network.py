@@ -6,8 +6,10 @@ pyramid in a tf.while_loop: each level is the image resized by one scale
 run through the backbone and attention head; the level's locations scoring at
 least the threshold are kept (at most max_features per level), then the top
 max_features over all levels (or NMS on receptive-field boxes when
-iou_threshold < 1). Keypoints are receptive-field centres, computed from the
-Keras layers (`delf_tf.model.receptive_field`).
+iou_threshold < 1). Keypoints are receptive-field centres (the receptive field
+computed from the Keras layers, `delf_tf.model.receptive_field`) divided by the
+level's scale, the reference's convention (`CalculateReceptiveBoxes`), so this
+network and a released model's graph give keypoints the same way.
 """
 
 from __future__ import annotations
@@ -31,17 +33,32 @@ class KerasNetwork(tf.Module):
 
     global_dim = None
 
-    def __init__(self, model: DelfModel, iou_threshold: float = 1.0, source: str = "in-memory"):
+    def __init__(
+        self,
+        model: DelfModel,
+        iou_threshold: float = 1.0,
+        source: str = "in-memory",
+        precision: str = "float32",
+    ):
         super().__init__(name="keras_network")
         self.model = model
         self.iou_threshold = iou_threshold
         self.source = source
+        self.precision = precision
+        # The model that computes: `model` itself, or a copy under a mixed-precision
+        # policy (float32 variables, reduced-precision arithmetic).
+        self.compute_model = model if precision == "float32" else _mixed_copy(model, precision)
         field = compute_receptive_field(model.backbone)
         self.rf_size, self.rf_stride, self.rf_padding = field.size, field.stride, field.padding
         self.local_dim = model.feature_depth
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "in-process keras", "model": self.source, **self._identity()}
+        return {
+            "backend": "in-process keras",
+            "model": self.source,
+            "precision": self.precision,
+            **self._identity(),
+        }
 
     def _identity(self) -> dict[str, Any]:
         return {"model_config": self.model.config.to_dict()}
@@ -78,7 +95,7 @@ class KerasNetwork(tf.Module):
             level_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
             found = tf.cond(
                 tf.reduce_min(level_size) >= self.rf_stride,
-                lambda: self._level(pixels, level_size, size, scale, max_features, score_threshold),
+                lambda: self._level(pixels, level_size, scale, max_features, score_threshold),
                 lambda: (tf.zeros([0, 2]), tf.zeros([0]), tf.zeros([0]), tf.zeros([0, depth])),
             )
             return (i + 1,) + tuple(a.write(i, f) for a, f in zip(arrays, found, strict=True))
@@ -102,10 +119,13 @@ class KerasNetwork(tf.Module):
             "scores": tf.gather(scores, keep),
         }
 
-    def _level(self, pixels, level_size, size, scale, max_features, threshold):
+    def _level(self, pixels, level_size, scale, max_features, threshold):
         """One pyramid level: (locations [n, 2] (y, x), scales [n], scores [n], features [n, D])."""
         resized = tf.image.resize(pixels, level_size, method="bilinear")
-        features, attention = self.model.features_and_attention(resized[None], training=False)
+        features, attention = self.compute_model.features_and_attention(
+            resized[None], training=False
+        )
+        features, attention = tf.cast(features, tf.float32), tf.cast(attention, tf.float32)
         width = tf.shape(attention)[2]
         attention = tf.reshape(attention, [-1])
         features = tf.reshape(features, [-1, self.local_dim])
@@ -115,9 +135,7 @@ class KerasNetwork(tf.Module):
         index = tf.cast(tf.gather(candidates, top.indices), tf.int32)
         grid = tf.cast(tf.stack([index // width, index % width], axis=1), tf.float32)
         centers = grid * self.rf_stride - self.rf_padding + (self.rf_size - 1) / 2.0
-        # Level pixel centres -> image pixel centres (half-pixel convention of tf.image.resize).
-        factor = tf.cast(level_size, tf.float32) / size
-        locations = tf.clip_by_value((centers + 0.5) / factor - 0.5, 0.0, size - 1.0)
+        locations = centers / scale  # the level's pixels -> the image's, as the reference
         count = tf.size(index)
         return locations, tf.fill([count], 1.0 / scale), top.values, tf.gather(features, index)
 
@@ -130,3 +148,20 @@ class KerasNetwork(tf.Module):
                 boxes, scores, max_features, iou_threshold=self.iou_threshold
             )
         return tf.math.top_k(scores, k=tf.minimum(max_features, tf.size(scores))).indices
+
+
+_POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def _mixed_copy(model: DelfModel, precision: str) -> DelfModel:
+    """A copy of `model` built under Keras' mixed `precision` policy, with its weights."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(_POLICIES[precision])
+    try:
+        copy = DelfModel.from_config(model.get_config())
+    finally:
+        keras.config.set_dtype_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy
