@@ -46,6 +46,11 @@ from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
 from delf_tf.model.delf import DelfModel, build_delf_model
+from delf_tf.serving.saved_model_proto import (  # noqa: F401 (re-exported)
+    graph_ops,
+    read_saved_model_proto,
+    uses_xla,
+)
 
 SERVING_SIGNATURE = "serving_default"
 IMAGE_SIGNATURE = "extract_image"
@@ -315,33 +320,3 @@ def export_model(
     """`export_saved_model` of a DelfModel (+ PCA) with `config` (default ExtractionConfig())."""
     extraction = ExtractionModule(model, config or ExtractionConfig(), pca)
     return export_saved_model(extraction, export_base, model_name=model_name, version=version)
-
-
-def read_saved_model_proto(version_dir: str | os.PathLike):
-    """The SavedModel protocol buffer of `<version_dir>/saved_model.pb`."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((Path(version_dir) / "saved_model.pb").read_bytes())
-    return saved_model
-
-
-def graph_ops(version_dir: str | os.PathLike) -> set[str]:
-    """Every op type in a SavedModel: graph nodes and all library functions."""
-    ops = set()
-    for meta_graph in read_saved_model_proto(version_dir).meta_graphs:
-        graph = meta_graph.graph_def
-        ops.update(node.op for node in graph.node)
-        for function in graph.library.function:
-            ops.update(node.op for node in function.node_def)
-    return ops
-
-
-def uses_xla(version_dir: str | os.PathLike) -> bool:
-    """True when a function of the SavedModel must be compiled with XLA (jit_compile)."""
-    for meta_graph in read_saved_model_proto(version_dir).meta_graphs:
-        for function in meta_graph.graph_def.library.function:
-            flag = function.attr.get("_XlaMustCompile")
-            if flag is not None and flag.b:
-                return True
-    return False
