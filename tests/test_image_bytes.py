@@ -58,14 +58,21 @@ def test_big_endian_exif_after_other_segments(photo):
     np.testing.assert_array_equal(decode(data).numpy(), decode_image(data))
 
 
-def test_gif_decoded_and_other_formats_refused(photo):
-    gif = encoded(photo, "GIF")
-    np.testing.assert_array_equal(decode(gif).numpy(), decode_image(gif))
+def test_gif_bmp_webp_decoded_and_other_formats_refused(photo):
     buffer = io.BytesIO()
     Image.fromarray(photo).save(
         buffer, "GIF", save_all=True, append_images=[Image.fromarray(photo[::-1])]
     )
-    for data in (encoded(photo, "BMP"), encoded(photo, "WEBP"), buffer.getvalue()):
+    animated_gif = buffer.getvalue()
+    for data in (
+        encoded(photo, "GIF"),
+        animated_gif,  # its first frame, as Pillow gives it
+        encoded(photo, "BMP"),
+        encoded(photo, "WEBP"),
+        encoded(photo, "WEBP", lossless=True),
+    ):
+        np.testing.assert_array_equal(decode(data).numpy(), decode_image(data))
+    for data in (encoded(photo, "TIFF"), encoded(photo, "PPM")):
         with pytest.raises(tf.errors.InvalidArgumentError):
             decode(data)
 
@@ -78,9 +85,22 @@ def test_header_size_without_decoding(photo):
         encoded(photo, "JPEG", 6),  # APP1 before SOF: size as stored
         encoded(photo, "PNG"),
         encoded(photo, "GIF"),
+        encoded(photo, "BMP"),
+        encoded(photo, "WEBP"),
+        encoded(photo, "WEBP", lossless=True),
+        encoded(photo, "WEBP", 6),  # VP8X with an EXIF chunk: size as stored
     ):
         assert size_of(data).numpy().tolist() == [48, 80]
-    for junk in (b"", b"\xff\xd8\xff", b"\xff\xd8\xff\xe1\xff\xff", b"GIF8", b"\x89PNG\r\n\x1a\n"):
+    for junk in (
+        b"",
+        b"\xff\xd8\xff",
+        b"\xff\xd8\xff\xe1\xff\xff",
+        b"GIF8",
+        b"\x89PNG\r\n\x1a\n",
+        b"BM",
+        b"RIFF",
+        b"RIFF\0\0\0\0WEBPVP8X",
+    ):
         assert size_of(junk).numpy().tolist() == [0, 0]  # never an error, whatever the bytes
 
 

@@ -1,27 +1,31 @@
 """In-graph decoding of encoded images, the served counterpart of `delf_tf.images`.
 
-Standard TF ops only (string slicing, `decode_raw`, `decode_jpeg`, `tf.data`,
-`tf.image` flips and rotations), so TF Serving runs it as it is. It gives the
-pixels `delf_tf.images.decode_image` gives for the same bytes:
+Standard TF ops only (string slicing, `decode_raw`, `decode_jpeg`, `decode_image`,
+`tf.data`, `tf.image` flips and rotations), so TF Serving runs it as it is. It
+accepts exactly the formats `delf_tf.images.decode_image` accepts
+(`delf_tf.images.SERVED_FORMATS`) and gives the same pixels for the same bytes:
 - JPEG is decoded with `dct_method="INTEGER_ACCURATE"` (libjpeg's ISLOW, what
   Pillow uses; TF's default INTEGER_FAST differs by a few grey levels);
-- the EXIF orientation tag (0x0112 of IFD0, from a JPEG APP1 "Exif" segment or
-  a PNG eXIf chunk) is parsed from the bytes and applied as Pillow's
-  `ImageOps.exif_transpose` does;
-- grey and palette images become RGB, an alpha channel is dropped.
-Formats: JPEG, PNG, single-frame GIF (one `DecodeJpeg` op decodes all three).
-Differences from Pillow that remain: BMP, WebP, animated GIFs and CMYK JPEGs are
-refused here; 16-bit PNGs keep the high byte (Pillow rounds v / 257); an
+- PNG, GIF (the first frame of an animated one), BMP (uncompressed 24 / 32 bit)
+  and WebP (still, lossy or lossless) through `decode_image`;
+- the EXIF orientation tag (0x0112 of IFD0, from a JPEG APP1 "Exif" segment, a
+  PNG eXIf chunk or a WebP EXIF chunk) is parsed from the bytes and applied as
+  Pillow's `ImageOps.exif_transpose` does;
+- grey and palette images become RGB, an alpha channel is dropped (colour kept);
+  transparent pixels of a GIF are black (TF's GIF decoder; the loader does the same).
+Refused in both paths: other formats (TIFF, JPEG XL, ...), animated WebP, BMPs
+of other bit depths or compressions. Differences that remain: 16-bit PNGs keep
+the high byte (Pillow rounds v / 257, at most one grey level apart); an
 orientation given only in XMP is ignored (Pillow reads it).
 
-`decode_image_bytes` fails (InvalidArgumentError) on unknown formats, images over
+`decode_image_bytes` fails (InvalidArgumentError) on refused formats, images over
 `max_pixels` (read from the header, before any decoding) and corrupt data.
 `decode_batch` gives per-item validity instead: the header checks run in the
 graph, and decoding runs inside a `tf.data` pipeline with `ignore_errors`, the
 one standard way to survive a kernel error, so a corrupt image never fails the
-other images of its batch. (The pipeline's map function is that single decode
-op: `tf.data` re-instantiates it per request, which costs a few milliseconds per
-op, so control flow stays outside it.)
+other images of its batch. (The pipeline's map function is the decode step
+alone: `tf.data` re-instantiates it per request, which costs a few milliseconds
+per op, so the header walks stay outside it.)
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from delf_tf.images import DEFAULT_MAX_PIXELS, EXIF_ORIENTATION_TAG
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GIF_MAGIC = b"GIF8"
+BMP_MAGIC = b"BM"
+RIFF_MAGIC = b"RIFF"
+WEBP_MAGIC = b"WEBP"  # at byte 8 of a RIFF file
 # Bounds on the header walks (segments / chunks / IFD entries looked at).
 MAX_SEGMENTS = 64
 MAX_IFD_ENTRIES = 256
@@ -159,13 +166,51 @@ def _png_exif_start(data: tf.Tensor) -> tf.Tensor:
     return start
 
 
+def _substr(data: tf.Tensor, position: int, length: int) -> tf.Tensor:
+    """`length` bytes from `position`, shorter (or empty) past the end; never an error."""
+    return tf.strings.substr(data, tf.minimum(position, tf.strings.length(data)), length)
+
+
+def _is_webp(data: tf.Tensor) -> tf.Tensor:
+    return _starts_with(data, RIFF_MAGIC) & tf.equal(_substr(data, 8, 4), WEBP_MAGIC)
+
+
+def _webp_exif_start(data: tf.Tensor) -> tf.Tensor:
+    """Byte offset of the TIFF header in the first EXIF chunk of a WebP (RIFF) file, or -1."""
+    size = tf.strings.length(data)
+    little = tf.constant(True)
+
+    def step(i, position, start):
+        header = _read(data, position, 8)
+        length = _uint32(header[4:8], little)
+        is_exif = tf.reduce_all(tf.equal(header[:4], [0x45, 0x58, 0x49, 0x46]))  # EXIF
+        # Some writers keep the JPEG "Exif\0\0" prefix in the chunk (Pillow skips it).
+        prefixed = tf.reduce_all(
+            tf.equal(_read(data, position + 8, 6), [0x45, 0x78, 0x69, 0x66, 0, 0])
+        )
+        start = tf.where(is_exif, position + 8 + tf.where(prefixed, 6, 0), start)
+        following = tf.cast(position, tf.int64) + 8 + length + length % 2  # padded to even
+        position = tf.where(
+            is_exif, size, tf.cast(tf.minimum(following, tf.cast(size, tf.int64)), tf.int32)
+        )
+        return i + 1, position, start
+
+    _, _, start = tf.while_loop(
+        lambda i, position, start: (i < MAX_SEGMENTS) & (position + 8 <= size),
+        step,
+        (tf.constant(0), tf.constant(12), tf.constant(-1)),
+    )
+    return start
+
+
 def exif_orientation(data: tf.Tensor) -> tf.Tensor:
-    """EXIF orientation (int32 [], 1..8; 1 when absent) of encoded JPEG or PNG bytes."""
+    """EXIF orientation (int32 [], 1..8; 1 when absent) of encoded JPEG, PNG or WebP bytes."""
     data = tf.convert_to_tensor(data, tf.string)
     start = tf.case(
         [
             (_starts_with(data, JPEG_MAGIC), lambda: _jpeg_walk(data)[0]),
             (_starts_with(data, PNG_MAGIC), lambda: _png_exif_start(data)),
+            (_is_webp(data), lambda: _webp_exif_start(data)),
         ],
         default=lambda: tf.constant(-1),
     )
@@ -203,30 +248,101 @@ def header_size(data: tf.Tensor) -> tf.Tensor:
         little = tf.constant(True)
         return tf.cast(tf.stack([_uint16(size[2:4], little), _uint16(size[0:2], little)]), tf.int64)
 
+    def bmp():
+        # BITMAPINFOHEADER or later (size >= 40): width, height int32 at 18, 22 (a negative
+        # height is a top-down image), bits per pixel uint16 at 28, compression uint32 at 30.
+        # TF's BMP decoder reads 24 / 32-bit BI_RGB pixels only (it ignores palettes and
+        # masks), so any other BMP counts as unknown here.
+        little = tf.constant(True)
+        fields = _read(data, 14, 20)
+        info_size = _uint32(fields[0:4], little)
+        width = _uint32(fields[4:8], little)
+        height = _uint32(fields[8:12], little)
+        height = tf.where(height >= 1 << 31, (1 << 32) - height, height)
+        bits = _uint16(fields[14:16], little)
+        compression = _uint32(fields[16:20], little)
+        supported = (info_size >= 40) & ((bits == 24) | (bits == 32)) & (compression == 0)
+        supported &= width < 1 << 31
+        return tf.where(supported, tf.stack([height, width]), tf.zeros([2], tf.int64))
+
+    def webp():
+        # The first chunk: "VP8 " (lossy: 14-bit sizes at 26, 28), "VP8L" (lossless: 14-bit
+        # sizes - 1 packed after the 0x2f byte at 20) or "VP8X" (extended: 24-bit canvas
+        # sizes - 1 at 24, 27; flag 0x02 = animation, which is refused).
+        little = tf.constant(True)
+        kind = _substr(data, 12, 4)
+        head = _read(data, 20, 10)
+        lossy = tf.stack([_uint16(head[8:10], little), _uint16(head[6:8], little)]) % (1 << 14)
+        bits = _uint32(head[1:5], little)
+        lossless = tf.stack([(bits // (1 << 14)) % (1 << 14) + 1, bits % (1 << 14) + 1])
+        canvas = tf.stack(
+            [
+                head[7] + 256 * head[8] + 65536 * head[9] + 1,
+                head[4] + 256 * head[5] + 65536 * head[6] + 1,
+            ]
+        )
+        animated = tf.bitwise.bitwise_and(head[0], 2) > 0
+        complete = tf.strings.length(data) >= 30  # the size fields are all there
+        return tf.case(
+            [
+                (
+                    complete
+                    & tf.equal(kind, b"VP8 ")
+                    & tf.reduce_all(tf.equal(head[3:6], [0x9D, 0x01, 0x2A])),
+                    lambda: tf.cast(lossy, tf.int64),
+                ),
+                (complete & tf.equal(kind, b"VP8L") & tf.equal(head[0], 0x2F), lambda: lossless),
+                (complete & tf.equal(kind, b"VP8X") & ~animated, lambda: tf.cast(canvas, tf.int64)),
+            ],
+            default=lambda: tf.zeros([2], tf.int64),
+        )
+
     return tf.case(
         [
             (_starts_with(data, JPEG_MAGIC), lambda: _jpeg_walk(data)[1]),
             (_starts_with(data, PNG_MAGIC), png),
             (_starts_with(data, GIF_MAGIC), gif),
+            (_starts_with(data, BMP_MAGIC), bmp),
+            (_is_webp(data), webp),
         ],
         default=lambda: tf.zeros([2], tf.int64),
     )
 
 
 def acceptable(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
-    """bool []: a JPEG, PNG or GIF header declaring 1 .. max_pixels pixels (nothing decoded)."""
+    """bool []: a header of a served format (`delf_tf.images.SERVED_FORMATS`) declaring
+    1 .. max_pixels pixels (nothing decoded)."""
     size = header_size(data)
     pixels = size[0] * size[1]
     return (pixels > 0) & (pixels <= max_pixels)
 
 
+# decode_image's channel counts (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) -> RGB channels.
+_RGB_CHANNELS = ((0, 0, 0), (0, 0, 0), (0, 1, 2), (0, 1, 2))
+
+
 def _decode(data: tf.Tensor) -> tf.Tensor:
-    """JPEG (Pillow's DCT), PNG or single-frame GIF string [] -> uint8 [H, W, 3] as stored."""
-    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+    """An image of a served format, string [] -> uint8 [H, W, 3] as stored (no orientation).
+
+    JPEG: `decode_jpeg` with Pillow's DCT. Others: `decode_image` in the file's own
+    channels (WebP refuses any other count), first frame, then grey -> RGB and alpha
+    dropped as Pillow's convert("RGB") does.
+    """
+
+    def other():
+        image = tf.io.decode_image(data, channels=0, expand_animations=False)
+        table = tf.constant(_RGB_CHANNELS, tf.int32)
+        return tf.gather(image, table[tf.shape(image)[2] - 1], axis=2)
+
+    return tf.cond(
+        _starts_with(data, JPEG_MAGIC),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        other,
+    )
 
 
 def decode_image_bytes(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF string [] -> RGB uint8 [H, W, 3], EXIF orientation applied.
+    """Encoded image string [] (a served format) -> RGB uint8 [H, W, 3], orientation applied.
 
     Raises InvalidArgumentError (at run time) for other formats, images of more than
     `max_pixels` pixels (checked before decoding) and corrupt or truncated data.
@@ -234,7 +350,11 @@ def decode_image_bytes(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     data = tf.convert_to_tensor(data, tf.string)
     check = tf.debugging.Assert(
         acceptable(data, max_pixels),
-        ["not a JPEG, PNG or GIF image, or height x width is 0 or over", max_pixels],
+        [
+            "not a JPEG, PNG, GIF, BMP (24/32-bit) or still WebP image, or height x width "
+            "is 0 or over",
+            max_pixels,
+        ],
     )
     with tf.control_dependencies([check]):
         image = tf.ensure_shape(_decode(data), [None, None, 3])
