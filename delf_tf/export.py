@@ -7,8 +7,8 @@ client read). Signatures (method `tensorflow/serving/predict`), both calling
 `ExtractionModule.extract`, the same traced function that runs in process:
 
 `serving_default` (batchable: every input and output has the batch dimension first)
-  image_bytes: string [B], encoded JPEG / PNG / GIF (EXIF orientation applied in
-    the graph, see `delf_tf.extraction.image_bytes`).
+  image_bytes: string [B], encoded JPEG / PNG / GIF / BMP / still WebP (EXIF
+    orientation applied in the graph, see `delf_tf.extraction.image_bytes`).
   -> keypoints float32 [B, K, 2], scales float32 [B, K], scores float32 [B, K],
      descriptors float32 [B, K, D], zero-padded past num_features;
      num_features int32 [B]; valid bool [B]: False for an image that could not be

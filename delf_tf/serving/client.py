@@ -37,6 +37,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from delf_tf.contract import IMAGE_SIGNATURE, SERVING_SIGNATURE
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.images import decode_image, encode_png
 from delf_tf.serving import rest_json
@@ -52,8 +53,6 @@ from delf_tf.serving.errors import (
     error_for,
 )
 
-SERVING_SIGNATURE = "serving_default"
-IMAGE_SIGNATURE = "extract_image"
 PROTOCOLS = ("grpc", "rest")
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
