@@ -42,7 +42,12 @@ import tensorflow as tf
 from delf_tf.config import ExtractionConfig, ModelConfig
 from delf_tf.extraction.extractor import EXPORT_INFO_ASSET
 from delf_tf.extraction.graph import EXTRACT_SIGNATURE, ExtractionModule
-from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif_orientation
+from delf_tf.extraction.image_bytes import (
+    apply_orientation,
+    decode_batch,
+    exif_orientation,
+    to_rgb,
+)
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
 from delf_tf.model.delf import DelfModel, build_delf_model
@@ -120,7 +125,7 @@ class ServingModule(tf.Module):
         count = tf.shape(indices)[0]
 
         def one_image(i, *arrays):
-            image = tf.reshape(pixels[offsets[i] : offsets[i] + sizes[i]], shapes[i])
+            image = to_rgb(tf.reshape(pixels[offsets[i] : offsets[i] + sizes[i]], shapes[i]))
             image = apply_orientation(image, exif_orientation(image_bytes[indices[i]]))
             found = self.extraction.extract(
                 image, self._max_features, self._threshold, self._scales

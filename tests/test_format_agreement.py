@@ -11,7 +11,12 @@ import tensorflow as tf
 from PIL import Image
 
 from delf_tf.contract import BATCH_INPUT, SERVING_SIGNATURE
-from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif_orientation
+from delf_tf.extraction.image_bytes import (
+    apply_orientation,
+    decode_batch,
+    exif_orientation,
+    to_rgb,
+)
 from delf_tf.images import ImageError, decode_image
 
 
@@ -88,7 +93,7 @@ def served_images(data: list[bytes]) -> list[np.ndarray | None]:
     out: list[np.ndarray | None] = [None] * len(data)
     for row, index in enumerate(indices):
         stored = pixels[offsets[row] : offsets[row] + np.prod(shapes[row])].reshape(shapes[row])
-        out[index] = apply_orientation(tf.constant(stored), orientations[index]).numpy()
+        out[index] = apply_orientation(to_rgb(tf.constant(stored)), orientations[index]).numpy()
     return out
 
 

@@ -13,6 +13,7 @@ from delf_tf.extraction.image_bytes import (
     decode_image_bytes,
     exif_orientation,
     header_size,
+    to_rgb,
 )
 from delf_tf.images import decode_image
 
@@ -125,6 +126,18 @@ def test_decode_batch_drops_failures_and_keeps_indices(photo):
     rotated = encoded(photo, "JPEG", 6)
     batch = tf.constant([good, b"junk", rotated, good[:100], b"", rotated[:-100]])
     indices, pixels, shapes = tf.function(decode_batch)(batch)
-    assert indices.numpy().tolist() == [0, 2]
+    assert indices.numpy().tolist() == [2, 0]  # JPEGs first (their own pipeline)
     assert shapes.numpy().tolist() == [[48, 80, 3], [48, 80, 3]]  # as stored, not yet rotated
-    np.testing.assert_array_equal(pixels.numpy()[: 48 * 80 * 3].reshape(48, 80, 3), photo)
+    np.testing.assert_array_equal(pixels.numpy()[48 * 80 * 3 :].reshape(48, 80, 3), photo)
+
+
+def test_decode_batch_keeps_channels_for_to_rgb(photo):
+    gray = encoded(photo[:, :, 0], "PNG")
+    rgba = encoded(np.dstack([photo, photo[:, :, :1]]), "PNG")
+    indices, pixels, shapes = tf.function(decode_batch)(tf.constant([gray, rgba]))
+    assert indices.numpy().tolist() == [0, 1]
+    assert shapes.numpy().tolist() == [[48, 80, 1], [48, 80, 4]]
+    first = tf.reshape(pixels[: 48 * 80], [48, 80, 1])
+    second = tf.reshape(pixels[48 * 80 :], [48, 80, 4])
+    np.testing.assert_array_equal(to_rgb(first).numpy(), np.dstack([photo[:, :, 0]] * 3))
+    np.testing.assert_array_equal(to_rgb(second).numpy(), photo)

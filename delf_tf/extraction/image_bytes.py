@@ -321,23 +321,30 @@ def acceptable(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> tf.Tens
 _RGB_CHANNELS = ((0, 0, 0), (0, 0, 0), (0, 1, 2), (0, 1, 2))
 
 
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [H, W, C] with C = 1 (grey), 2 (grey + alpha), 3 or 4 (RGBA) -> uint8 [H, W, 3]:
+    grey repeated, alpha dropped (colour kept), as Pillow's convert("RGB") does."""
+    table = tf.constant(_RGB_CHANNELS, tf.int32)
+    return tf.gather(image, table[tf.shape(image)[2] - 1], axis=2)
+
+
+def _decode_jpeg(data: tf.Tensor) -> tf.Tensor:
+    """JPEG string [] -> uint8 [H, W, 3] with libjpeg's accurate DCT (as Pillow)."""
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+
+def _decode_other(data: tf.Tensor) -> tf.Tensor:
+    """PNG / GIF / BMP / WebP string [] -> uint8 [H, W, C] in the file's own channels (WebP
+    refuses any other count; C in 1..4), the first frame of an animation."""
+    return tf.io.decode_image(data, channels=0, expand_animations=False)
+
+
 def _decode(data: tf.Tensor) -> tf.Tensor:
-    """An image of a served format, string [] -> uint8 [H, W, 3] as stored (no orientation).
-
-    JPEG: `decode_jpeg` with Pillow's DCT. Others: `decode_image` in the file's own
-    channels (WebP refuses any other count), first frame, then grey -> RGB and alpha
-    dropped as Pillow's convert("RGB") does.
-    """
-
-    def other():
-        image = tf.io.decode_image(data, channels=0, expand_animations=False)
-        table = tf.constant(_RGB_CHANNELS, tf.int32)
-        return tf.gather(image, table[tf.shape(image)[2] - 1], axis=2)
-
+    """An image of a served format, string [] -> uint8 [H, W, 3] as stored (no orientation)."""
     return tf.cond(
         _starts_with(data, JPEG_MAGIC),
-        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-        other,
+        lambda: _decode_jpeg(data),
+        lambda: to_rgb(_decode_other(data)),
     )
 
 
@@ -364,18 +371,33 @@ def decode_image_bytes(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 def decode_batch(images: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decodes encoded images string [B], skipping those that cannot be decoded.
 
-    Returns (indices int32 [M], pixels uint8 [sum of H*W*3], shapes int32 [M, 3]):
-    the items that decoded, in order, their pixels (as stored: apply
-    `apply_orientation(image, exif_orientation(images[index]))`) flattened one
-    after the other. Items failing `acceptable` are not decoded at all; decoding
-    errors drop the item (`tf.data` `ignore_errors`) instead of failing the batch.
+    Returns (indices int32 [M], pixels uint8 [sum of H*W*C], shapes int32 [M, 3]): the
+    items that decoded (JPEGs first, otherwise in order), their pixels as stored,
+    flattened one after the other, in C = 1..4 channels: an item is
+    `to_rgb(reshape(pixels[offset:offset + H*W*C], [H, W, C]))`, then
+    `apply_orientation(image, exif_orientation(images[index]))`. Items failing
+    `acceptable` are not decoded at all; decoding errors drop the item (`tf.data`
+    `ignore_errors`) instead of failing the batch.
+
+    Two pipelines of one decode op each (JPEG with Pillow's DCT, the other formats with
+    `decode_image`) rather than one with a `tf.cond`: `tf.data` instantiates its functions
+    for every request, and a cond costs ~15 ms there; graph rewrites of the pipeline are
+    turned off for the same reason (a few ms, nothing to gain on a handful of items).
     """
     ok = tf.map_fn(lambda data: acceptable(data, max_pixels), images, fn_output_signature=tf.bool)
-    candidates = tf.where(ok, images, "")  # an empty string fails to decode: dropped
+    is_jpeg = tf.equal(tf.strings.substr(images, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    indices = tf.range(tf.shape(images)[0])
 
-    def decode(index, data):
-        image = _decode(data)
-        return index, tf.reshape(image, [-1]), tf.shape(image)
+    def pipeline(selected, decode_fn):
+        def decode(index, data):
+            image = decode_fn(data)
+            return index, tf.reshape(image, [-1]), tf.shape(image)
+
+        chosen = ok & selected  # the others are not decoded at all
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (tf.boolean_mask(indices, chosen), tf.boolean_mask(images, chosen))
+        )
+        return dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def append(state, item):
         return tuple(
@@ -383,7 +405,9 @@ def decode_batch(images: tf.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS):
             for k, part in enumerate((item[0][None], item[1], item[2][None]))
         )
 
-    dataset = tf.data.Dataset.from_tensor_slices((tf.range(tf.shape(images)[0]), candidates))
-    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = pipeline(is_jpeg, _decode_jpeg).concatenate(pipeline(~is_jpeg, _decode_other))
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    dataset = dataset.with_options(options)
     initial = (tf.zeros([0], tf.int32), tf.zeros([0], tf.uint8), tf.zeros([0, 3], tf.int32))
     return dataset.ignore_errors().reduce(initial, append)
