@@ -12,7 +12,8 @@ fingerprint, the descriptor size, ...) and `assets.extra/<WARMUP_FILE>`.
 Signatures (method `tensorflow/serving/predict`):
 
 `serving_default` (batchable: every input and output has the batch dimension first)
-  image_bytes: string [B], encoded JPEG / PNG / GIF.
+  image_bytes: string [B], encoded JPEG / PNG / GIF (first frame) / BMP (24, 32 bit) /
+    still WebP: the formats `delf_tf.images.SERVED_FORMATS` names, for every path.
   -> keypoints float32 [B, K, 2], scales float32 [B, K], scores float32 [B, K],
      descriptors float32 [B, K, D], zero-padded past num_features;
      num_features int32 [B]; valid bool [B]; fingerprint string [B];

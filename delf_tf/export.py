@@ -7,8 +7,8 @@ client read). Signatures (method `tensorflow/serving/predict`), both calling
 `ExtractionModule.extract`, the same traced function that runs in process:
 
 `serving_default` (batchable: every input and output has the batch dimension first)
-  image_bytes: string [B], encoded JPEG / PNG / GIF (EXIF orientation applied in
-    the graph, see `delf_tf.extraction.image_bytes`).
+  image_bytes: string [B], encoded JPEG / PNG / GIF / BMP / still WebP (EXIF
+    orientation applied in the graph, see `delf_tf.extraction.image_bytes`).
   -> keypoints float32 [B, K, 2], scales float32 [B, K], scores float32 [B, K],
      descriptors float32 [B, K, D], zero-padded past num_features;
      num_features int32 [B]; valid bool [B]: False for an image that could not be
@@ -55,10 +55,20 @@ from delf_tf.contract import (
 )
 from delf_tf.errors import InputError
 from delf_tf.extraction.graph import EXTRACT_SIGNATURE, ExtractionModule
-from delf_tf.extraction.image_bytes import apply_orientation, decode_batch, exif_orientation
+from delf_tf.extraction.image_bytes import (
+    apply_orientation,
+    decode_batch,
+    exif_orientation,
+    to_rgb,
+)
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
 from delf_tf.model.delf import DelfModel
+from delf_tf.serving.saved_model_proto import (  # noqa: F401 (re-exported)
+    graph_ops,
+    read_saved_model_proto,
+    uses_xla,
+)
 
 __all__ = [
     "IMAGE_SIGNATURE",
@@ -130,7 +140,7 @@ class ServingModule(tf.Module):
         count = tf.shape(indices)[0]
 
         def one_image(i, *arrays):
-            image = tf.reshape(pixels[offsets[i] : offsets[i] + sizes[i]], shapes[i])
+            image = to_rgb(tf.reshape(pixels[offsets[i] : offsets[i] + sizes[i]], shapes[i]))
             image = apply_orientation(image, exif_orientation(image_bytes[indices[i]]))
             found = self.extraction.extract(
                 image, self._max_features, self._threshold, self._scales
@@ -264,33 +274,3 @@ def export_model(
     """`export_saved_model` of a DelfModel (+ PCA) with `config` (default ExtractionConfig())."""
     extraction = ExtractionModule(model, config or ExtractionConfig(), pca)
     return export_saved_model(extraction, export_base, model_name=model_name, version=version)
-
-
-def read_saved_model_proto(version_dir: str | os.PathLike):
-    """The SavedModel protocol buffer of `<version_dir>/saved_model.pb`."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((Path(version_dir) / "saved_model.pb").read_bytes())
-    return saved_model
-
-
-def graph_ops(version_dir: str | os.PathLike) -> set[str]:
-    """Every op type in a SavedModel: graph nodes and all library functions."""
-    ops = set()
-    for meta_graph in read_saved_model_proto(version_dir).meta_graphs:
-        graph = meta_graph.graph_def
-        ops.update(node.op for node in graph.node)
-        for function in graph.library.function:
-            ops.update(node.op for node in function.node_def)
-    return ops
-
-
-def uses_xla(version_dir: str | os.PathLike) -> bool:
-    """True when a function of the SavedModel must be compiled with XLA (jit_compile)."""
-    for meta_graph in read_saved_model_proto(version_dir).meta_graphs:
-        for function in meta_graph.graph_def.library.function:
-            flag = function.attr.get("_XlaMustCompile")
-            if flag is not None and flag.b:
-                return True
-    return False

@@ -1,10 +1,19 @@
 """Robust image decoding to RGB uint8 [H, W, 3].
 
-JPEG, PNG, BMP, TIFF, WebP and GIF (first frame) through Pillow. EXIF
-orientation is applied. Grayscale, palette, CMYK and 16-bit inputs are converted
-to 8-bit RGB; an alpha channel is dropped (the colour values are kept as they
-are, as `tf.io.decode_png(channels=3)` does, so the served model sees the same
-pixels). Every failure raises ImageError naming the file.
+One set of formats for every path (`SERVED_FORMATS`): what the served model's
+graph decodes (`delf_tf.extraction.image_bytes`) is what this loader accepts,
+with the same pixels, so an image gives the same features in process and
+through TF Serving: JPEG (also camera MPO files), PNG, GIF (the first frame of
+an animated one), BMP (uncompressed 24 / 32 bit) and WebP (still). Anything
+else (TIFF, animated WebP, 1/4/8/16-bit BMP, PPM, ...) raises ImageError naming
+the file and the format; `servable_only=False` lifts that (for tools that
+re-encode, such as the TFRecord writer).
+
+EXIF orientation is applied. Grayscale, palette, CMYK and 16-bit inputs are
+converted to 8-bit RGB; an alpha channel is dropped (the colour values are kept
+as they are, as `tf.io.decode_png(channels=3)` does); transparent GIF pixels are
+black, as TF's GIF decoder gives them. Every failure raises ImageError naming
+the file.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from delf_tf.errors import InputError
 # Pillow's own default bound: larger images are treated as decompression bombs.
 DEFAULT_MAX_PIXELS = 89_478_485
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Pillow format names of the images every path decodes alike (see the module docstring).
+SERVED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+SERVED_FORMATS_TEXT = "JPEG, PNG, GIF, BMP (24/32-bit) and still WebP"
 EXIF_ORIENTATION_TAG = 0x0112
 # Orientations whose display swaps width and height (rotated by 90 or 270 degrees).
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
@@ -31,17 +43,28 @@ class ImageError(InputError):
     """An image could not be decoded; the message starts with the file's name."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, servable_only: bool = True
+) -> np.ndarray:
     """Reads and decodes an image file to uint8 [H, W, 3] RGB (EXIF orientation applied)."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise ImageError(f"{path}: cannot read file ({error.strerror})") from error
-    return decode_image(data, name=str(path), max_pixels=max_pixels)
+    return decode_image(data, name=str(path), max_pixels=max_pixels, servable_only=servable_only)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Decodes encoded image bytes to uint8 [H, W, 3] RGB; `name` appears in errors."""
+def decode_image(
+    data: bytes,
+    name: str = "<bytes>",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    servable_only: bool = True,
+) -> np.ndarray:
+    """Decodes encoded image bytes to uint8 [H, W, 3] RGB; `name` appears in errors.
+
+    servable_only: refuse (ImageError) what the served graph does not decode, see
+    `SERVED_FORMATS`; False accepts every format Pillow reads.
+    """
     if not data:
         raise ImageError(f"{name}: empty file")
     with warnings.catch_warnings():
@@ -62,12 +85,43 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             )
         if width == 0 or height == 0:
             raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+        if servable_only:
+            _check_servable(image, data, name)
         try:
             image.load()
+            kind = image.format
             image = ImageOps.exif_transpose(image)
-            return _to_rgb_uint8(image)
+            return _to_rgb_uint8(image, gif=kind == "GIF")
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise ImageError(f"{name}: truncated or corrupt image data ({error})") from error
+
+
+def _check_servable(image: Image.Image, data: bytes, name: str) -> None:
+    """ImageError unless the served graph decodes this image too (same rules as
+    `delf_tf.extraction.image_bytes.header_size`)."""
+    kind = image.format or "unknown"
+    if kind not in SERVED_FORMATS:
+        raise ImageError(
+            f"{name}: {kind} images are not supported: delf reads {SERVED_FORMATS_TEXT}, "
+            "the formats the served model decodes (convert it, e.g. to PNG)"
+        )
+    if kind == "BMP":
+        info_size, bits, compression = (
+            int.from_bytes(data[14:18], "little"),
+            int.from_bytes(data[28:30], "little"),
+            int.from_bytes(data[30:34], "little"),
+        )
+        if info_size < 40 or bits not in (24, 32) or compression != 0:
+            raise ImageError(
+                f"{name}: BMP with {bits} bits per pixel (compression {compression}) is not "
+                "supported: only uncompressed 24 or 32-bit BMPs are, as in the served model "
+                "(convert it, e.g. to PNG)"
+            )
+    if kind == "WEBP" and getattr(image, "n_frames", 1) > 1:
+        raise ImageError(
+            f"{name}: animated WebP is not supported (the served model decodes still WebP "
+            "only; convert its first frame, e.g. to PNG)"
+        )
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -75,7 +129,7 @@ def exif_orientation(image: Image.Image) -> int:
     return int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
 
 
-def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+def _to_rgb_uint8(image: Image.Image, gif: bool = False) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit (or 32-bit integer) gray: map the 16-bit range to 8 bits.
@@ -87,6 +141,16 @@ def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
         scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
         gray = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
+    if gif and "transparency" in image.info and mode in ("P", "L"):
+        # TF's GIF decoder leaves transparent pixels black: do the same.
+        transparent = np.asarray(image) == image.info["transparency"]
+        rgb = np.array(image.convert("RGB"), dtype=np.uint8)
+        rgb[transparent] = 0
+        return rgb
+    if gif and mode == "RGBA":
+        rgba = np.array(image, dtype=np.uint8)
+        rgba[rgba[:, :, 3] == 0, :3] = 0
+        return np.ascontiguousarray(rgba[:, :, :3])
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode != "RGB":

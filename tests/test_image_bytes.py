@@ -13,6 +13,7 @@ from delf_tf.extraction.image_bytes import (
     decode_image_bytes,
     exif_orientation,
     header_size,
+    to_rgb,
 )
 from delf_tf.images import decode_image
 
@@ -58,14 +59,21 @@ def test_big_endian_exif_after_other_segments(photo):
     np.testing.assert_array_equal(decode(data).numpy(), decode_image(data))
 
 
-def test_gif_decoded_and_other_formats_refused(photo):
-    gif = encoded(photo, "GIF")
-    np.testing.assert_array_equal(decode(gif).numpy(), decode_image(gif))
+def test_gif_bmp_webp_decoded_and_other_formats_refused(photo):
     buffer = io.BytesIO()
     Image.fromarray(photo).save(
         buffer, "GIF", save_all=True, append_images=[Image.fromarray(photo[::-1])]
     )
-    for data in (encoded(photo, "BMP"), encoded(photo, "WEBP"), buffer.getvalue()):
+    animated_gif = buffer.getvalue()
+    for data in (
+        encoded(photo, "GIF"),
+        animated_gif,  # its first frame, as Pillow gives it
+        encoded(photo, "BMP"),
+        encoded(photo, "WEBP"),
+        encoded(photo, "WEBP", lossless=True),
+    ):
+        np.testing.assert_array_equal(decode(data).numpy(), decode_image(data))
+    for data in (encoded(photo, "TIFF"), encoded(photo, "PPM")):
         with pytest.raises(tf.errors.InvalidArgumentError):
             decode(data)
 
@@ -78,9 +86,22 @@ def test_header_size_without_decoding(photo):
         encoded(photo, "JPEG", 6),  # APP1 before SOF: size as stored
         encoded(photo, "PNG"),
         encoded(photo, "GIF"),
+        encoded(photo, "BMP"),
+        encoded(photo, "WEBP"),
+        encoded(photo, "WEBP", lossless=True),
+        encoded(photo, "WEBP", 6),  # VP8X with an EXIF chunk: size as stored
     ):
         assert size_of(data).numpy().tolist() == [48, 80]
-    for junk in (b"", b"\xff\xd8\xff", b"\xff\xd8\xff\xe1\xff\xff", b"GIF8", b"\x89PNG\r\n\x1a\n"):
+    for junk in (
+        b"",
+        b"\xff\xd8\xff",
+        b"\xff\xd8\xff\xe1\xff\xff",
+        b"GIF8",
+        b"\x89PNG\r\n\x1a\n",
+        b"BM",
+        b"RIFF",
+        b"RIFF\0\0\0\0WEBPVP8X",
+    ):
         assert size_of(junk).numpy().tolist() == [0, 0]  # never an error, whatever the bytes
 
 
@@ -105,6 +126,18 @@ def test_decode_batch_drops_failures_and_keeps_indices(photo):
     rotated = encoded(photo, "JPEG", 6)
     batch = tf.constant([good, b"junk", rotated, good[:100], b"", rotated[:-100]])
     indices, pixels, shapes = tf.function(decode_batch)(batch)
-    assert indices.numpy().tolist() == [0, 2]
+    assert indices.numpy().tolist() == [2, 0]  # JPEGs first (their own pipeline)
     assert shapes.numpy().tolist() == [[48, 80, 3], [48, 80, 3]]  # as stored, not yet rotated
-    np.testing.assert_array_equal(pixels.numpy()[: 48 * 80 * 3].reshape(48, 80, 3), photo)
+    np.testing.assert_array_equal(pixels.numpy()[48 * 80 * 3 :].reshape(48, 80, 3), photo)
+
+
+def test_decode_batch_keeps_channels_for_to_rgb(photo):
+    gray = encoded(photo[:, :, 0], "PNG")
+    rgba = encoded(np.dstack([photo, photo[:, :, :1]]), "PNG")
+    indices, pixels, shapes = tf.function(decode_batch)(tf.constant([gray, rgba]))
+    assert indices.numpy().tolist() == [0, 1]
+    assert shapes.numpy().tolist() == [[48, 80, 1], [48, 80, 4]]
+    first = tf.reshape(pixels[: 48 * 80], [48, 80, 1])
+    second = tf.reshape(pixels[48 * 80 :], [48, 80, 4])
+    np.testing.assert_array_equal(to_rgb(first).numpy(), np.dstack([photo[:, :, 0]] * 3))
+    np.testing.assert_array_equal(to_rgb(second).numpy(), photo)

@@ -11,9 +11,9 @@ from pathlib import Path
 from absl import flags
 
 from delf_tf.errors import InputError
+from delf_tf.serving.limits import RequestLimits, ServerLimits, parse_channel_arguments
 
-# TF Serving has no request-size flag; 256 MiB bounds one request's body.
-DEFAULT_MAX_REQUEST_BYTES = 256 << 20
+_DEFAULTS = ServerLimits()
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -40,9 +40,69 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "host", "127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)", **define
     )
     flags.DEFINE_integer(
-        "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES, "larger requests are refused", **define
+        "max_request_bytes",
+        _DEFAULTS.max_request_bytes,
+        "larger requests (gRPC message, REST body) are refused",
+        **define,
     )
-    flags.DEFINE_integer("grpc_max_threads", 8, "concurrent gRPC requests", **define)
+    flags.DEFINE_integer(
+        "max_batch_size",
+        _DEFAULTS.request.max_batch_size,
+        "most images in one serving_default request (INVALID_ARGUMENT beyond); TF Serving: "
+        "max_batch_size in --batching_parameters_file",
+        lower_bound=1,
+        **define,
+    )
+    flags.DEFINE_integer(
+        "grpc_max_threads",
+        _DEFAULTS.grpc_threads,
+        "concurrent gRPC requests",
+        lower_bound=1,
+        **define,
+    )
+    flags.DEFINE_string(
+        "grpc_channel_arguments",
+        "",
+        "extra gRPC server arguments, name=value,name=value (e.g. "
+        "grpc.max_concurrent_streams=16), as in TF Serving",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "rest_api_num_threads",
+        _DEFAULTS.rest_threads,
+        "concurrent REST requests (complete requests wait for a free thread)",
+        lower_bound=1,
+        **define,
+    )
+    flags.DEFINE_integer(
+        "rest_api_timeout_in_ms",
+        int(_DEFAULTS.rest_timeout * 1000),
+        "a REST request's body must arrive, run and be answered within this (408 / 504)",
+        lower_bound=1,
+        **define,
+    )
+    flags.DEFINE_float(
+        "rest_api_idle_timeout_seconds",
+        _DEFAULTS.rest_idle_timeout,
+        "a connection that sends no complete request header for this long is closed (REST; "
+        "also the gRPC handshake timeout)",
+        lower_bound=0.001,
+        **define,
+    )
+    flags.DEFINE_integer(
+        "rest_api_max_connections",
+        _DEFAULTS.rest_max_connections,
+        "open REST connections; more are answered 503 and closed",
+        lower_bound=1,
+        **define,
+    )
+    flags.DEFINE_float(
+        "shutdown_grace_seconds",
+        _DEFAULTS.shutdown_grace,
+        "on SIGTERM / SIGINT: seconds running requests get to finish before the server exits",
+        lower_bound=0.0,
+        **define,
+    )
     flags.DEFINE_float(
         "file_system_poll_wait_seconds",
         1.0,
@@ -64,14 +124,28 @@ def run(flag_values: flags.FlagValues) -> int:
         if not base.is_dir():
             raise InputError(f"{base}: no such directory")
         sources = [ModelSource(flag_values.model_name, base.resolve())]
+    try:
+        channel_arguments = parse_channel_arguments(flag_values.grpc_channel_arguments)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    limits = ServerLimits(
+        max_request_bytes=flag_values.max_request_bytes,
+        request=RequestLimits(max_batch_size=flag_values.max_batch_size),
+        grpc_threads=flag_values.grpc_max_threads,
+        rest_threads=flag_values.rest_api_num_threads,
+        rest_max_connections=flag_values.rest_api_max_connections,
+        rest_idle_timeout=flag_values.rest_api_idle_timeout_seconds,
+        rest_timeout=flag_values.rest_api_timeout_in_ms / 1000.0,
+        shutdown_grace=flag_values.shutdown_grace_seconds,
+    )
     server = LocalServer(
         ModelRepository(sources),
         host=flag_values.host,
         grpc_port=flag_values.port,
         rest_port=flag_values.rest_api_port or None,
-        max_request_bytes=flag_values.max_request_bytes,
-        workers=flag_values.grpc_max_threads,
         poll_seconds=flag_values.file_system_poll_wait_seconds,
+        limits=limits,
+        grpc_arguments=channel_arguments,
     )
     serve_until_signalled(server)
     return 0

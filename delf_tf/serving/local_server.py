@@ -8,20 +8,25 @@ gRPC: PredictionService.Predict and GetModelMetadata, ModelService.GetModelStatu
 REST: GET /v1/models/<name>[/versions/<v>] (status),
       GET /v1/models/<name>[/versions/<v>]/metadata,
       POST /v1/models/<name>[/versions/<v>]:predict.
-Models come from `<model_base_path>/<version>/` (the highest version is served)
-or a `--model_config_file`. Requests over `max_request_bytes` are refused;
-bad requests get INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION and the
-server keeps serving.
+Models come from `<model_base_path>/<version>/` or a `--model_config_file`
+(version rules: `repository.ModelRepository`). Every request is checked
+against `ServerLimits` before the model runs; bad requests get
+INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION (REST: a 4xx with a JSON
+`{"error": ...}`) and the server keeps serving. REST I/O runs on one asyncio
+loop with timeouts and a connection bound (`http_front`), gRPC in grpc-core
+with keepalive, idle and handshake limits, so stalled clients hold no threads.
+`stop()` (SIGTERM / SIGINT in `serve_until_signalled`) stops accepting, lets
+running requests finish within the grace period, then returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
 import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import numpy as np
@@ -38,9 +43,18 @@ from tensorflow_serving.apis import (
 
 from delf_tf.serving import rest_json
 from delf_tf.serving.errors import HTTP_STATUS, ServingError
-from delf_tf.serving.repository import DEFAULT_SIGNATURE, ModelRepository
+from delf_tf.serving.http_front import HttpFrontEnd, error_body
+from delf_tf.serving.limits import (
+    RequestLimits,
+    ServerLimits,
+)
+from delf_tf.serving.repository import (
+    DEFAULT_SIGNATURE,
+    ModelRepository,
+    check_tensor_proto,
+)
 
-DEFAULT_MAX_REQUEST_BYTES = 256 << 20
+INT64_MAX = (1 << 63) - 1
 _REST_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
@@ -52,20 +66,27 @@ def _state_code(state: str) -> int:
     return get_model_status_pb2.ModelVersionStatus.State.Value(state)
 
 
-def predict(repository: ModelRepository, request: predict_pb2.PredictRequest):
+def predict(
+    repository: ModelRepository,
+    request: predict_pb2.PredictRequest,
+    limits: RequestLimits | None = None,
+):
     """PredictRequest -> PredictResponse (raises ServingError)."""
+    limits = limits or RequestLimits()
     spec = request.model_spec
     if spec.version_label:
         raise ServingError("UNIMPLEMENTED", "version labels are not supported by delf serve")
     servable = repository.resolve(
         spec.name, spec.version.value if spec.HasField("version") else None
     )
+    signature = spec.signature_name or DEFAULT_SIGNATURE
+    for key, proto in request.inputs.items():
+        check_tensor_proto(key, proto, signature, limits)  # before decoding anything
     try:
         inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
     except (TypeError, ValueError) as error:
         raise ServingError("INVALID_ARGUMENT", f"malformed input TensorProto ({error})") from error
-    signature = spec.signature_name or DEFAULT_SIGNATURE
-    outputs = servable.predict(signature, inputs, list(request.output_filter))
+    outputs = servable.predict(signature, inputs, list(request.output_filter), limits)
     response = predict_pb2.PredictResponse()
     response.model_spec.name = spec.name
     response.model_spec.version.value = servable.version
@@ -103,24 +124,26 @@ def model_metadata(
 def model_status(
     repository: ModelRepository, request
 ) -> get_model_status_pb2.GetModelStatusResponse:
+    """AVAILABLE for served versions; END with the load error for versions that failed."""
     spec = request.model_spec
     version = spec.version.value if spec.HasField("version") else None
     response = get_model_status_pb2.GetModelStatusResponse()
-    for number, state, message in repository.status(spec.name, version):
+    for number, state, code, message in repository.status(spec.name, version):
         status = response.model_version_status.add()
         status.version = number
         status.state = _state_code(state)
-        status.status.error_code = 0 if not message else 2  # OK / UNKNOWN
+        status.status.error_code = grpc.StatusCode[code].value[0]
         status.status.error_message = message
     return response
 
 
 class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, limits: RequestLimits):
         self.repository = repository
+        self.limits = limits
 
     def Predict(self, request, context):  # noqa: N802 (gRPC method name)
-        return _answer(context, predict, self.repository, request)
+        return _answer(context, predict, self.repository, request, self.limits)
 
     def GetModelMetadata(self, request, context):  # noqa: N802
         return _answer(context, model_metadata, self.repository, request)
@@ -134,9 +157,12 @@ class _ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return _answer(context, model_status, self.repository, request)
 
 
-def _answer(context, handler, repository, request):
+def _answer(context, handler, *arguments):
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:  # waited for a thread past its deadline
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before it ran")
     try:
-        return handler(repository, request)
+        return handler(*arguments)
     except ServingError as error:
         context.abort(grpc.StatusCode[error.code], error.message)
     except Exception as error:  # keep serving: report, do not crash the worker
@@ -144,109 +170,84 @@ def _answer(context, handler, repository, request):
         context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
-class _RestHandler(BaseHTTPRequestHandler):
-    """TF Serving's REST API over `self.server.repository`."""
+class RestApi:
+    """TF Serving's REST API over a repository: (method, target, body) -> (status, JSON bytes).
 
-    protocol_version = "HTTP/1.1"
-    server_version = "delf-serve"
+    Every malformed request gets a 4xx with `{"error": ...}`; 500 only for bugs.
+    """
 
-    def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's signature)
-        logging.debug("REST %s " + format, self.address_string(), *args)
+    def __init__(self, repository: ModelRepository, limits: RequestLimits):
+        self.repository = repository
+        self.limits = limits
 
-    def do_GET(self):  # noqa: N802
-        self._handle("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._handle("POST")
-
-    def _handle(self, method: str) -> None:
+    def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes):
         try:
-            body = self._read_body() if method == "POST" else None
-            match = _REST_PATH.match(self.path.split("?", 1)[0])
-            if match is None:
-                raise ServingError("NOT_FOUND", f"malformed request path: {method} {self.path}")
-            if match["label"]:
-                raise ServingError(
-                    "UNIMPLEMENTED", "version labels are not supported by delf serve"
-                )
-            action = match["action"] or ""
-            allowed = "POST" if action.startswith(":") else "GET"
-            if method != allowed:
-                raise ServingError("INVALID_ARGUMENT", f"{method} is not allowed on {self.path}")
-            name = match["name"]
-            version = int(match["version"]) if match["version"] else None
-            if action == ":predict":
-                answer = self._predict(name, version, body)
-            elif action in (":classify", ":regress"):
-                raise ServingError("UNIMPLEMENTED", f"{action[1:]} is not supported by delf serve")
-            elif action == "/metadata":
-                request = get_model_metadata_pb2.GetModelMetadataRequest(
-                    metadata_field=["signature_def"]
-                )
-                request.model_spec.name = name
-                if version is not None:
-                    request.model_spec.version.value = version
-                response = model_metadata(self.server.repository, request)
-                signature_map = get_model_metadata_pb2.SignatureDefMap()
-                response.metadata["signature_def"].Unpack(signature_map)
-                answer = {
-                    "model_spec": {
-                        "name": name,
-                        "signature_name": "",
-                        "version": str(response.model_spec.version.value),
-                    },
-                    "metadata": {"signature_def": json_format.MessageToDict(signature_map)},
-                }
-            else:
-                request = get_model_status_pb2.GetModelStatusRequest()
-                request.model_spec.name = name
-                if version is not None:
-                    request.model_spec.version.value = version
-                answer = json_format.MessageToDict(
-                    model_status(self.server.repository, request), preserving_proto_field_name=True
-                )
-            self._send(200, answer)
+            if method not in ("GET", "POST"):
+                return 405, error_body(f"{method} is not allowed; use GET or POST")
+            status, answer = 200, self._answer(method, target, body)
         except ServingError as error:
-            self._send(HTTP_STATUS.get(error.code, 500), {"error": error.message})
+            status, answer = HTTP_STATUS.get(error.code, 500), {"error": error.message}
         except Exception as error:  # keep serving
             logging.exception("internal error")
-            self._send(500, {"error": f"{type(error).__name__}: {error}"})
+            status, answer = 500, {"error": f"{type(error).__name__}: {error}"}
+        return status, json.dumps(answer, default=_json_default).encode("utf-8")
 
-    def _read_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise ServingError("INVALID_ARGUMENT", "a POST request needs a Content-Length header")
-        length = int(length)
-        if length > self.server.max_request_bytes:
-            self._discard(length)
-            raise ServingError(
-                "RESOURCE_EXHAUSTED",
-                f"request size {length} bytes is larger than the limit of "
-                f"{self.server.max_request_bytes} bytes",
+    def _answer(self, method: str, target: str, body: bytes):
+        match = _REST_PATH.match(target.split("?", 1)[0])
+        if match is None:
+            raise ServingError("NOT_FOUND", f"malformed request path: {method} {target[:200]}")
+        if match["label"]:
+            raise ServingError("UNIMPLEMENTED", "version labels are not supported by delf serve")
+        action = match["action"] or ""
+        allowed = "POST" if action.startswith(":") else "GET"
+        if method != allowed:
+            raise ServingError("INVALID_ARGUMENT", f"{method} is not allowed on {target[:200]}")
+        name = match["name"]
+        version = None
+        if match["version"]:
+            version = int(match["version"][:40])
+            if len(match["version"]) > 40 or version > INT64_MAX:
+                raise ServingError(
+                    "INVALID_ARGUMENT",
+                    f"Failed to convert version: {match['version'][:40]} to numeric.",
+                )
+        if action == ":predict":
+            return self._predict(name, version, _parse_json(body))
+        if action in (":classify", ":regress"):
+            raise ServingError("UNIMPLEMENTED", f"{action[1:]} is not supported by delf serve")
+        if action == "/metadata":
+            request = get_model_metadata_pb2.GetModelMetadataRequest(
+                metadata_field=["signature_def"]
             )
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {error}") from error
-
-    def _discard(self, length: int) -> None:
-        """Reads and drops a refused body (so the client sees the answer), unless it is huge."""
-        self.close_connection = True
-        if length > 16 * self.server.max_request_bytes:
-            return
-        while length > 0:
-            chunk = self.rfile.read(min(length, 1 << 20))
-            if not chunk:
-                return
-            length -= len(chunk)
+            request.model_spec.name = name
+            if version is not None:
+                request.model_spec.version.value = version
+            response = model_metadata(self.repository, request)
+            signature_map = get_model_metadata_pb2.SignatureDefMap()
+            response.metadata["signature_def"].Unpack(signature_map)
+            return {
+                "model_spec": {
+                    "name": name,
+                    "signature_name": "",
+                    "version": str(response.model_spec.version.value),
+                },
+                "metadata": {"signature_def": json_format.MessageToDict(signature_map)},
+            }
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = name
+        if version is not None:
+            request.model_spec.version.value = version
+        return json_format.MessageToDict(
+            model_status(self.repository, request), preserving_proto_field_name=True
+        )
 
     def _predict(self, name, version, body):
-        servable = self.server.repository.resolve(name, version)
+        servable = self.repository.resolve(name, version)
         if not isinstance(body, dict):
             raise ServingError("INVALID_ARGUMENT", "the request body must be a JSON object")
         signature_name = body.get("signature_name") or DEFAULT_SIGNATURE
+        if not isinstance(signature_name, str):
+            raise ServingError("INVALID_ARGUMENT", "'signature_name' must be a string")
         signature = servable.signature_defs.get(signature_name)
         if signature is None:
             raise ServingError(
@@ -255,20 +256,24 @@ class _RestHandler(BaseHTTPRequestHandler):
         dtypes = {key: tf.as_dtype(info.dtype) for key, info in signature.inputs.items()}
         try:
             inputs, row_format = rest_json.parse_request(body, dtypes)
-            outputs = servable.predict(signature_name, inputs)
+        except rest_json.JsonTensorError as error:
+            raise ServingError("INVALID_ARGUMENT", str(error)) from error
+        except RecursionError as error:
+            raise ServingError("INVALID_ARGUMENT", "JSON tensor nested too deeply") from error
+        outputs = servable.predict(signature_name, inputs, None, self.limits)
+        try:
             return rest_json.format_response(outputs, row_format)
         except rest_json.JsonTensorError as error:
             raise ServingError("INVALID_ARGUMENT", str(error)) from error
 
-    def _send(self, status: int, answer) -> None:
-        data = json.dumps(answer, default=_json_default).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {error}") from error
+    except RecursionError as error:
+        raise ServingError("INVALID_ARGUMENT", "JSON Parse error: nested too deeply") from error
 
 
 def _json_default(value):
@@ -277,14 +282,26 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-class _RestServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address, repository: ModelRepository, max_request_bytes: int):
-        super().__init__(address, _RestHandler)
-        self.repository = repository
-        self.max_request_bytes = max_request_bytes
+def grpc_options(limits: ServerLimits, extra: dict[str, int | str] | None = None) -> list:
+    """gRPC server channel arguments: message size, streams, keepalive, idle and handshake."""
+    idle_ms = int(limits.rest_idle_timeout * 1000)
+    options = {
+        "grpc.max_receive_message_length": limits.max_request_bytes,
+        "grpc.max_send_message_length": -1,
+        "grpc.so_reuseport": 0,
+        "grpc.max_concurrent_streams": limits.grpc_max_concurrent_streams,
+        # A TCP connection that never completes the HTTP/2 handshake is closed after this.
+        "grpc.server_handshake_timeout_ms": idle_ms,
+        # A connection without calls for this long gets a GOAWAY (clients reconnect).
+        "grpc.max_connection_idle_ms": max(idle_ms, 10_000),
+        # Pings find dead peers; clients may ping at most every 10 s.
+        "grpc.keepalive_time_ms": 60_000,
+        "grpc.keepalive_timeout_ms": 20_000,
+        "grpc.http2.min_ping_interval_without_data_ms": 10_000,
+        "grpc.keepalive_permit_without_calls": 1,
+    }
+    options.update(extra or {})
+    return list(options.items())
 
 
 class LocalServer:
@@ -293,7 +310,10 @@ class LocalServer:
     Ports: an int binds that port, 0 lets the system pick a free one (read it back
     from `grpc_port` / `rest_port` after `start()`), None disables that API.
     `poll_seconds` > 0 rescans the model directories that often (new versions are
-    loaded, unselected ones dropped); 0 scans once at start.
+    loaded, unselected ones dropped); 0 scans once at start. `limits` bounds
+    requests and connections (`ServerLimits`); the keyword arguments below
+    override single fields of it. `grpc_arguments` are extra gRPC channel
+    arguments (TF Serving's --grpc_channel_arguments).
     """
 
     def __init__(
@@ -302,36 +322,50 @@ class LocalServer:
         host: str = "127.0.0.1",
         grpc_port: int | None = 8500,
         rest_port: int | None = 8501,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        workers: int = 8,
+        max_request_bytes: int | None = None,
+        workers: int | None = None,
         poll_seconds: float = 1.0,
+        limits: ServerLimits | None = None,
+        grpc_arguments: dict[str, int | str] | None = None,
+        **overrides,
     ):
+        limits = limits or ServerLimits()
+        if max_request_bytes is not None:
+            overrides["max_request_bytes"] = max_request_bytes
+        if workers is not None:
+            overrides["grpc_threads"] = workers
+        if "max_batch_size" in overrides:
+            batch = overrides.pop("max_batch_size")
+            overrides["request"] = dataclasses.replace(limits.request, max_batch_size=batch)
+        self.limits = dataclasses.replace(limits, **overrides)
         self.repository = repository
         self.host = host
         self.grpc_port = grpc_port
         self.rest_port = rest_port
-        self.max_request_bytes = max_request_bytes
-        self.workers = workers
         self.poll_seconds = poll_seconds
+        self.grpc_arguments = grpc_arguments or {}
         self._grpc = None
-        self._rest = None
+        self._rest: HttpFrontEnd | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    @property
+    def max_request_bytes(self) -> int:
+        return self.limits.max_request_bytes
+
     def start(self) -> LocalServer:
         self.repository.refresh()
+        limits = self.limits
         if self.grpc_port is not None:
-            options = [
-                ("grpc.max_receive_message_length", self.max_request_bytes),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),
-            ]
             self._grpc = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="grpc"),
-                options=options,
+                futures.ThreadPoolExecutor(
+                    max_workers=limits.grpc_threads, thread_name_prefix="grpc"
+                ),
+                options=grpc_options(limits, self.grpc_arguments),
+                maximum_concurrent_rpcs=8 * limits.grpc_threads,
             )
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-                _PredictionService(self.repository), self._grpc
+                _PredictionService(self.repository, limits.request), self._grpc
             )
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
                 _ModelService(self.repository), self._grpc
@@ -343,11 +377,17 @@ class LocalServer:
             self.grpc_port = port
             self._grpc.start()
         if self.rest_port is not None:
-            self._rest = _RestServer(
-                (self.host, self.rest_port), self.repository, self.max_request_bytes
-            )
-            self.rest_port = self._rest.server_address[1]
-            self._spawn(self._rest.serve_forever, "rest")
+            self._rest = HttpFrontEnd(
+                self.host,
+                self.rest_port,
+                RestApi(self.repository, limits.request),
+                max_body_bytes=limits.max_request_bytes,
+                threads=limits.rest_threads,
+                max_connections=limits.rest_max_connections,
+                idle_timeout=limits.rest_idle_timeout,
+                request_timeout=limits.rest_timeout,
+            ).start()
+            self.rest_port = self._rest.port
         if self.poll_seconds > 0:
             self._spawn(self._poll, "model-poll")
         return self
@@ -364,25 +404,27 @@ class LocalServer:
             except Exception:  # keep serving what is loaded
                 logging.exception("model refresh failed")
 
-    def stop(self, grace: float = 2.0) -> None:
-        """Stops accepting requests, lets running ones finish for `grace` seconds."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stops accepting requests at once, lets running ones finish for `grace` seconds
+        (default: limits.shutdown_grace), then closes everything."""
+        grace = self.limits.shutdown_grace if grace is None else grace
         self._stopping.set()
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait()
-            self._grpc = None
+        stopped = self._grpc.stop(grace) if self._grpc is not None else None  # does not block
         if self._rest is not None:
-            self._rest.shutdown()
-            self._rest.server_close()
+            self._rest.stop(grace)
             self._rest = None
+        if stopped is not None:
+            stopped.wait(grace + 5)
+            self._grpc = None
         for thread in self._threads:
-            thread.join(timeout=grace)
+            thread.join(timeout=max(grace, 1.0))
         self._threads = []
 
     def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.stop(grace=min(self.limits.shutdown_grace, 2.0))
 
     def addresses(self) -> dict[str, str]:
         out = {}
@@ -394,19 +436,34 @@ class LocalServer:
 
 
 def serve_until_signalled(server: LocalServer) -> None:
-    """Starts `server`, blocks until SIGTERM or SIGINT, then stops it cleanly."""
+    """Starts `server`, blocks until SIGTERM or SIGINT, then stops it gracefully.
+
+    The first signal starts the graceful stop (`server.limits.shutdown_grace`); the
+    handlers are then restored, so a second signal ends the process at once.
+    """
     stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def on_signal(number, frame):
+        stop.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
     try:
         server.start()
         addresses = ", ".join(f"{api} on {where}" for api, where in server.addresses().items())
         print(f"delf serve: ready: {addresses}", flush=True)
         while not stop.wait(0.5):
             pass
-        print("delf serve: stopping", flush=True)
+        print(
+            f"delf serve: stopping (running requests get {server.limits.shutdown_grace:g} s)",
+            flush=True,
+        )
     finally:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    print("delf serve: stopped", flush=True)

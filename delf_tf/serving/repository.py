@@ -2,14 +2,26 @@
 
 Each model has a base path and a version policy (TF Serving's
 `model_version_policy`: latest N, default 1; all; specific versions). `refresh`
-loads the versions the policy selects and drops the others, as TF Serving's file
-system poller does. Predict validates a request against the SignatureDef (input
-names, dtypes, shapes, defaults) and answers with TF Serving's status codes.
+(called at start and on every file-system poll) follows TF Serving's
+availability-preserving rules:
+- a version is loaded (and warmed up) before a version it replaces is unloaded;
+- a version that fails to load never unloads a serving one: with "latest N" the
+  newest N versions that *loaded* are served, so a corrupt newer export leaves
+  the working older one serving;
+- a failed version is retried only when its files change (size, mtime or inode
+  of `saved_model.pb`, `variables/*` and `assets.extra/*`), not on every poll;
+- status (GetModelStatus, REST GET /v1/models/<name>) reports each served
+  version as AVAILABLE and each failed one as END with its error code and message.
+Predict validates a request against the SignatureDef (input names, dtypes,
+shapes, defaults) and the server's `RequestLimits` before anything runs, and
+answers with TF Serving's status codes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import threading
 from pathlib import Path
 
@@ -17,12 +29,20 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from google.protobuf import message as protobuf_message
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from delf_tf.contract import SERVING_SIGNATURE, WARMUP_FILE
-from delf_tf.export import read_saved_model_proto
+from delf_tf.contract import (
+    IMAGE_SIGNATURE,
+    SAVED_MODEL_FILE,
+    SERVING_SIGNATURE,
+    WARMUP_FILE,
+    existing_versions,
+)
 from delf_tf.serving.errors import ServingError
+from delf_tf.serving.limits import RequestLimits
+from delf_tf.serving.saved_model_proto import read_saved_model_proto
 
 DEFAULT_SIGNATURE = SERVING_SIGNATURE
 
@@ -38,12 +58,20 @@ class ModelSource:
     versions: tuple[int, ...] = ()
 
     def select(self, available: list[int]) -> list[int]:
-        """The versions to serve among those on disk (sorted)."""
+        """The versions to serve among those on disk (sorted), if all of them load."""
+        return sorted(self.candidates(available)[: self.wanted_count(available)])
+
+    def candidates(self, available: list[int]) -> list[int]:
+        """Versions in the order they are tried (newest first for "latest")."""
         if self.policy == "all":
-            return sorted(available)
+            return sorted(available, reverse=True)
         if self.policy == "specific":
-            return sorted(set(available) & set(self.versions))
-        return sorted(available)[-self.num_versions :]
+            return sorted(set(available) & set(self.versions), reverse=True)
+        return sorted(available, reverse=True)
+
+    def wanted_count(self, available: list[int]) -> int:
+        """How many versions to serve: N for "latest", every candidate otherwise."""
+        return self.num_versions if self.policy == "latest" else len(available)
 
 
 def sources_from_config_file(path: str | Path) -> list[ModelSource]:
@@ -52,7 +80,7 @@ def sources_from_config_file(path: str | Path) -> list[ModelSource]:
     config = model_server_config_pb2.ModelServerConfig()
     try:
         text_format.Parse(path.read_text(encoding="utf-8"), config)
-    except (OSError, text_format.ParseError) as error:
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as error:
         raise ValueError(f"{path}: not a readable ModelServerConfig ({error})") from error
     sources = []
     for model in config.model_config_list.config:
@@ -71,6 +99,75 @@ def sources_from_config_file(path: str | Path) -> list[ModelSource]:
     if not sources:
         raise ValueError(f"{path}: model_config_list has no model")
     return sources
+
+
+def check_tensor_proto(key: str, proto, signature_name: str, limits: RequestLimits) -> None:
+    """Refuses (INVALID_ARGUMENT) a TensorProto over the limits before it is decoded."""
+    dims = [dim.size for dim in proto.tensor_shape.dim]
+    if any(size < 0 for size in dims):
+        raise ServingError("INVALID_ARGUMENT", f"input '{key}': negative dimension in {dims}")
+    if signature_name == SERVING_SIGNATURE and dims:
+        _check_batch(key, dims[0], limits)
+    itemsize = 8 if proto.dtype == tf.string.as_datatype_enum else 0
+    if not itemsize:
+        try:
+            itemsize = tf.as_dtype(proto.dtype).size
+        except TypeError as error:
+            raise ServingError("INVALID_ARGUMENT", f"input '{key}': {error}") from error
+    if math.prod(dims) * max(itemsize, 1) > limits.max_tensor_bytes:
+        raise ServingError(
+            "INVALID_ARGUMENT",
+            f"input '{key}': shape {dims} is over the server's limit of "
+            f"{limits.max_tensor_bytes} bytes per input tensor",
+        )
+
+
+def _check_batch(key: str, size: int, limits: RequestLimits) -> None:
+    if size > limits.max_batch_size:
+        raise ServingError(
+            "INVALID_ARGUMENT",
+            f"batch size {size} of input '{key}' is over the server's max_batch_size of "
+            f"{limits.max_batch_size}; send at most {limits.max_batch_size} items per request",
+        )
+
+
+def check_request(signature_name: str, inputs: dict[str, np.ndarray], limits: RequestLimits):
+    """Refuses (INVALID_ARGUMENT) the values of a request that are out of the limits."""
+    if signature_name == SERVING_SIGNATURE:
+        for key, value in inputs.items():
+            if np.ndim(value):
+                _check_batch(key, np.shape(value)[0], limits)
+    if signature_name != IMAGE_SIGNATURE:
+        return
+    if "scales" in inputs:
+        scales = np.asarray(inputs["scales"], np.float64).ravel()
+        if not 1 <= scales.size <= limits.max_scales:
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                f"input 'scales': {scales.size} values; 1 to {limits.max_scales} are allowed",
+            )
+        if not (np.all(np.isfinite(scales)) and np.all(scales > 0)) or np.any(
+            scales > limits.max_scale
+        ):
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                f"input 'scales': every scale must be a finite number in (0, {limits.max_scale}]"
+                f", got {scales.tolist()}",
+            )
+    if "max_features" in inputs:
+        count = np.asarray(inputs["max_features"])
+        if count.size != 1 or not 1 <= int(count.ravel()[0]) <= limits.max_features:
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                f"input 'max_features': must be in 1..{limits.max_features}, got {count.tolist()}",
+            )
+    if "score_threshold" in inputs:
+        threshold = np.asarray(inputs["score_threshold"], np.float64)
+        if not np.all(np.isfinite(threshold)):
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                f"input 'score_threshold': must be a finite number, got {threshold.tolist()}",
+            )
 
 
 class ServableVersion:
@@ -107,15 +204,20 @@ class ServableVersion:
         signature_name: str,
         inputs: dict[str, np.ndarray],
         output_filter: list[str] | None = None,
+        limits: RequestLimits | None = None,
     ) -> dict[str, np.ndarray]:
-        """Runs a signature; ServingError (INVALID_ARGUMENT, FAILED_PRECONDITION) for bad requests."""
+        """Runs a signature; ServingError (INVALID_ARGUMENT, FAILED_PRECONDITION) for bad requests.
+
+        limits: checked on the request's own values (not on the signature's defaults)
+        before the model runs; None checks none (warm-up requests).
+        """
         signature_name = signature_name or DEFAULT_SIGNATURE
         signature = self.signature_defs.get(signature_name)
         if signature is None:
             raise ServingError(
                 "FAILED_PRECONDITION", f'Serving signature key "{signature_name}" not found.'
             )
-        arguments = {}
+        arrays = {}
         for key, value in inputs.items():
             info = signature.inputs.get(key)
             if info is None:
@@ -124,13 +226,19 @@ class ServableVersion:
                     f"input tensor alias not found in signature: {key}. Inputs expected to be "
                     f"in the set {{{','.join(sorted(signature.inputs))}}}.",
                 )
-            arguments[key] = _checked_tensor(key, value, info)
-        missing = sorted(set(signature.inputs) - set(arguments) - set(signature.defaults))
+            arrays[key] = _checked_array(key, value, info)
+        missing = sorted(set(signature.inputs) - set(arrays) - set(signature.defaults))
         if missing:
             raise ServingError(
                 "INVALID_ARGUMENT",
                 f"input size does not match signature: missing but required: {{{','.join(missing)}}}",
             )
+        if limits is not None:
+            check_request(signature_name, arrays, limits)
+        arguments = {
+            key: tf.constant(array, dtype=tf.as_dtype(signature.inputs[key].dtype))
+            for key, array in arrays.items()
+        }
         for key in set(signature.defaults) - set(arguments):
             arguments[key] = tf.constant(tf.make_ndarray(signature.defaults[key]))
         names = list(output_filter or signature.outputs)
@@ -153,8 +261,8 @@ class ServableVersion:
 _STATUS_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}
 
 
-def _checked_tensor(key: str, value: np.ndarray, info) -> tf.Tensor:
-    """`value` as a tensor of the TensorInfo's dtype, after checking dtype and shape."""
+def _checked_array(key: str, value: np.ndarray, info) -> np.ndarray:
+    """`value` as an array, after checking its dtype and shape against the TensorInfo."""
     dtype = tf.as_dtype(info.dtype)
     array = np.asarray(value)
     given = tf.string if array.dtype == object or array.dtype.kind in "SU" else None
@@ -178,7 +286,58 @@ def _checked_tensor(key: str, value: np.ndarray, info) -> tf.Tensor:
                 "INVALID_ARGUMENT",
                 f"input '{key}': expects shape {shown}, got {list(array.shape)}",
             )
-    return tf.constant(array, dtype=dtype)
+    return array
+
+
+def files_stamp(version_dir: Path) -> tuple:
+    """What identifies a version's files on disk: (relative path, size, mtime, inode) of
+    saved_model.pb and every file under variables/ and assets.extra/, sorted.
+
+    A failed version is retried when this changes (TF Serving retries a version whose
+    files were replaced; comparing these is cheap enough for every poll).
+    """
+    entries = []
+    for relative in (Path(SAVED_MODEL_FILE),):
+        info = (version_dir / relative).stat()
+        entries.append((str(relative), info.st_size, info.st_mtime_ns, info.st_ino))
+    for folder in ("variables", WARMUP_FILE.parent.name):
+        root = version_dir / folder
+        if not root.is_dir():
+            entries.append((folder, -1, 0, 0))
+            continue
+        for dirpath, _, filenames in os.walk(root):
+            for filename in filenames:
+                path = Path(dirpath) / filename
+                info = path.stat()
+                entries.append(
+                    (
+                        str(path.relative_to(version_dir)),
+                        info.st_size,
+                        info.st_mtime_ns,
+                        info.st_ino,
+                    )
+                )
+    return tuple(sorted(entries))
+
+
+@dataclasses.dataclass
+class _Version:
+    """One version seen on disk: served (`servable`) or failed (`error_code`, `error`)."""
+
+    stamp: tuple
+    servable: ServableVersion | None = None
+    error_code: str = "OK"
+    error: str = ""
+
+
+def _error_code(error: BaseException) -> str:
+    if isinstance(error, tf.errors.OpError):
+        return _STATUS_NAMES.get(error.error_code, "UNKNOWN")
+    if isinstance(error, protobuf_message.DecodeError):
+        return "DATA_LOSS"
+    if isinstance(error, FileNotFoundError):
+        return "NOT_FOUND"
+    return "UNKNOWN"
 
 
 class ModelRepository:
@@ -189,70 +348,97 @@ class ModelRepository:
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique: {names}")
         self.sources = {source.name: source for source in sources}
-        self._served: dict[str, dict[int, ServableVersion]] = {name: {} for name in names}
-        self._errors: dict[str, dict[int, str]] = {name: {} for name in names}
-        self._lock = threading.Lock()
+        self._versions: dict[str, dict[int, _Version]] = {name: {} for name in names}
+        self._lock = threading.Lock()  # guards _versions; never held while loading
+        self._refreshing = threading.Lock()  # one refresh at a time
 
     def refresh(self) -> None:
-        """Loads newly selected versions (with warm-up), then drops unselected ones."""
-        for name, source in self.sources.items():
-            available = []
-            if source.base_path.is_dir():
-                available = [
-                    int(child.name)
-                    for child in source.base_path.iterdir()
-                    if child.name.isdigit() and (child / "saved_model.pb").is_file()
-                ]
-            wanted = source.select(available)
-            for version in wanted:
-                if version in self._served[name] or version in self._errors[name]:
-                    continue
-                path = source.base_path / str(version)
-                try:
-                    servable = ServableVersion(name, version, path)
-                    warmed = servable.warm_up()
-                except Exception as error:  # a bad version must not stop the server
-                    logging.error(
-                        "%s version %d: failed to load %s: %s", name, version, path, error
-                    )
-                    self._errors[name][version] = f"{type(error).__name__}: {error}"
-                    continue
-                logging.info(
-                    "serving %s version %d from %s (%d warm-up requests)",
-                    name,
-                    version,
-                    path,
-                    warmed,
-                )
-                with self._lock:
-                    self._served[name][version] = servable
+        """Loads what the policies select (see the module docstring), then unloads the rest."""
+        with self._refreshing:
+            for name, source in self.sources.items():
+                self._refresh_model(name, source)
+
+    def _refresh_model(self, name: str, source: ModelSource) -> None:
+        versions = self._versions[name]
+        on_disk = existing_versions(source.base_path, complete=True)
+        wanted = source.wanted_count(on_disk)
+        serving: list[int] = []
+        visited: set[int] = set()
+        for version in source.candidates(on_disk):
+            if len(serving) >= wanted:
+                break
+            visited.add(version)
+            known = versions.get(version)
+            if known is not None and known.servable is not None:
+                serving.append(version)  # a served version is never reloaded
+                continue
+            path = source.base_path / str(version)
+            try:
+                stamp = files_stamp(path)
+            except OSError as error:  # being written or removed right now: next poll
+                logging.warning("%s version %d: cannot read %s (%s)", name, version, path, error)
+                continue
+            if known is not None and known.stamp == stamp:
+                continue  # failed before and unchanged since: not retried
+            record = self._load(name, version, path, stamp)
             with self._lock:
-                for version in set(self._served[name]) - set(wanted):
+                versions[version] = record
+            if record.servable is not None:
+                serving.append(version)
+        with self._lock:
+            for version in list(versions):
+                record = versions[version]
+                if record.servable is not None and version not in serving:
                     logging.info("unloading %s version %d", name, version)
-                    del self._served[name][version]
+                    del versions[version]
+                elif record.servable is None and version not in visited:
+                    del versions[version]  # failed, and no longer a candidate
+
+    @staticmethod
+    def _load(name: str, version: int, path: Path, stamp: tuple) -> _Version:
+        try:
+            servable = ServableVersion(name, version, path)
+            warmed = servable.warm_up()
+        except Exception as error:  # a bad version must not stop the server
+            message = f"failed to load version {version} from {path}: {type(error).__name__}: "
+            message += str(error).strip().splitlines()[0][:500] if str(error).strip() else "-"
+            logging.error("%s: %s", name, message)
+            return _Version(stamp, error_code=_error_code(error), error=message)
+        logging.info(
+            "serving %s version %d from %s (%d warm-up requests)", name, version, path, warmed
+        )
+        return _Version(stamp, servable=servable)
 
     def resolve(self, name: str, version: int | None = None) -> ServableVersion:
         """The servable for a request; NOT_FOUND as TF Serving words it."""
         with self._lock:
-            served = self._served.get(name)
+            served = {
+                number: record.servable
+                for number, record in self._versions.get(name, {}).items()
+                if record.servable is not None
+            }
+        if version is None:
             if not served:
-                spec = f"Latest({name})" if version is None else f"Specific({name}, {version})"
-                raise ServingError("NOT_FOUND", f"Servable not found for request: {spec}")
-            if version is None:
-                return served[max(served)]
-            if version not in served:
-                raise ServingError(
-                    "NOT_FOUND", f"Servable not found for request: Specific({name}, {version})"
-                )
-            return served[version]
+                raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+            return served[max(served)]
+        if version not in served:
+            raise ServingError(
+                "NOT_FOUND", f"Servable not found for request: Specific({name}, {version})"
+            )
+        return served[version]
 
-    def status(self, name: str, version: int | None = None) -> list[tuple[int, str, str]]:
-        """[(version, state, error message)] as GetModelStatus reports them."""
+    def status(self, name: str, version: int | None = None) -> list[tuple[int, str, str, str]]:
+        """[(version, state, error code name, error message)] as GetModelStatus reports them:
+        AVAILABLE for served versions, END for versions that failed to load."""
         with self._lock:
             if name not in self.sources:
                 raise ServingError("NOT_FOUND", f"Could not find any versions of model {name}")
-            rows = [(v, "AVAILABLE", "") for v in self._served[name]]
-            rows += [(v, "END", message) for v, message in self._errors[name].items()]
+            rows = [
+                (number, "AVAILABLE", "OK", "")
+                if record.servable is not None
+                else (number, "END", record.error_code, record.error)
+                for number, record in self._versions[name].items()
+            ]
         if version is not None:
             rows = [row for row in rows if row[0] == version]
             if not rows:

@@ -50,7 +50,7 @@ def json_to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
         if dtype == tf.bool:
             return np.asarray(value, dtype=bool)
         return np.asarray(value, dtype=dtype.as_numpy_dtype)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OverflowError) as error:
         raise JsonTensorError(
             f"input '{name}': cannot be read as {dtype.name} ({error})"
         ) from error

@@ -68,7 +68,7 @@ def encode_image_file(path: str | os.PathLike) -> EncodedImage:
         data = path.read_bytes()
     except OSError as error:
         raise ImageError(f"{path}: cannot read file ({error.strerror})") from error
-    pixels = decode_image(data, name=str(path))
+    pixels = decode_image(data, name=str(path), servable_only=False)  # re-encoded below
     height, width = pixels.shape[:2]
     if _is_tf_native(data):
         return EncodedImage(data, height, width)

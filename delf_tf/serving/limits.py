@@ -1,0 +1,78 @@
+"""Resource bounds of the dev server and its request checks' limits (TF-free).
+
+`delf serve --help` reads its defaults from here without importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for; checked before the model runs (INVALID_ARGUMENT beyond).
+
+    max_batch_size: the 0th dimension of every input of `serving_default` (what
+      TF Serving's batching.config `max_batch_size` bounds there).
+    max_scales, max_scale: `extract_image`'s `scales`: 1..max_scales finite values in
+      (0, max_scale] (each scale multiplies the pixels the network sees by scale**2).
+    max_features: `extract_image`'s `max_features` in 1..max_features.
+    max_tensor_bytes: the decoded size of one input TensorProto (a few bytes of
+      protobuf can declare a huge tensor filled with one repeated value).
+    """
+
+    max_batch_size: int = 32
+    max_scales: int = 16
+    max_scale: float = 4.0
+    max_features: int = 10_000
+    max_tensor_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        if self.max_batch_size < 1 or self.max_scales < 1 or self.max_features < 1:
+            raise ValueError(f"request limits must be >= 1: {self}")
+
+
+DEFAULT_MAX_REQUEST_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """Resource bounds of the dev server (flag names of `delf serve` in brackets).
+
+    max_request_bytes: one request, gRPC message or REST body [--max_request_bytes].
+    request: batch size and extraction settings (`RequestLimits`) [--max_batch_size].
+    grpc_threads: gRPC requests running at once [--grpc_max_threads]; at most
+      8 x that many may be accepted (queued) at once, more get RESOURCE_EXHAUSTED.
+    grpc_max_concurrent_streams: concurrent calls on one gRPC connection.
+    rest_threads: REST requests running at once [--rest_api_num_threads].
+    rest_max_connections: open REST connections; more get 503 [--rest_api_max_connections].
+    rest_idle_timeout: seconds a connection may take to send a request header (from
+      its opening or its previous answer); also the gRPC handshake and idle timeout
+      [--rest_api_idle_timeout_seconds].
+    rest_timeout: seconds to receive a REST body, run it and send the answer
+      [--rest_api_timeout_in_ms / 1000].
+    shutdown_grace: seconds running requests get to finish on stop
+      [--shutdown_grace_seconds].
+    """
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    request: RequestLimits = RequestLimits()
+    grpc_threads: int = 8
+    grpc_max_concurrent_streams: int = 32
+    rest_threads: int = 8
+    rest_max_connections: int = 512
+    rest_idle_timeout: float = 30.0
+    rest_timeout: float = 30.0
+    shutdown_grace: float = 10.0
+
+
+def parse_channel_arguments(text: str) -> dict[str, int | str]:
+    """TF Serving's --grpc_channel_arguments: "name=value,name=value" (ints where numeric)."""
+    arguments: dict[str, int | str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"--grpc_channel_arguments: expected name=value, got {item!r}")
+        value = value.strip()
+        arguments[name.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    return arguments
