@@ -52,7 +52,8 @@ def test_evaluate_json_dataset(tmp_path, extractor, small_config, model_config_f
         f"--model_config={model_config_file}",  # the session's `extractor` (tiny, seed 0)
     ]
     assert main(["delf", "evaluate", *args]) == 0
-    assert json.loads(capsys.readouterr().out)["queries"] == 2
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["queries"] == 2
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["queries"] == 2
     summary = next(iter(metrics["setups"].values()))
@@ -62,6 +63,12 @@ def test_evaluate_json_dataset(tmp_path, extractor, small_config, model_config_f
     with open(report_dir / "per_query.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 2
     assert (report_dir / "pr_curves.png").stat().st_size > 0
+    # report.html (delf_tf/report, rendered in tests/test_report_html.py): named in the
+    # summary, with the mAP and both queries' first ranked images (3 other views each).
+    assert printed["files"]["report"] == str(report_dir / "report.html")
+    page = (report_dir / "report.html").read_text()
+    assert '<td class="num">1.0000</td>' in page
+    assert page.count('<figure class="card result') >= 2 * 3
 
     # A query extractor of another model (seed) is refused.
     assert main(["delf", "evaluate", *args, "--seed=1"]) == 1

@@ -35,7 +35,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "ties", "pessimistic", list(TIE_POLICIES), "order within equal scores", **define
     )
     flags.DEFINE_string(
-        "output_dir", None, "report folder: metrics.json, per_query.csv, pr_curves.png", **define
+        "output_dir",
+        None,
+        "report folder: metrics.json, per_query.csv, pr_curves.png, report.html",
+        **define,
     )
     flags.mark_flags_as_required(["dataset", "dataset_dir", "index", "output_dir"], **define)
     define_extractor_flags(flag_values)
@@ -46,6 +49,7 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.evaluation.datasets import load_dataset
     from delf_tf.evaluation.engine import engine_rank_fn
     from delf_tf.evaluation.evaluate import evaluate, write_report
+    from delf_tf.report.evaluation_page import write_evaluation_report
     from delf_tf.retrieval.index import Index
     from delf_tf.retrieval.search import Searcher
 
@@ -62,6 +66,7 @@ def run(flag_values: flags.FlagValues) -> int:
     rank_fn = engine_rank_fn(extractor, Searcher(index, config))
     result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
     paths = write_report(result, flag_values.output_dir)
+    paths["report"] = write_evaluation_report(result, dataset, flag_values.output_dir)
     report = result.to_dict()
     report["files"] = {name: str(path) for name, path in paths.items()}
     print(json.dumps(report))

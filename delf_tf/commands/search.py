@@ -37,6 +37,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "visualize", None, "write a PNG of the query against its best matches", **define
     )
+    flags.DEFINE_string("html", None, "write an HTML page of the ranked thumbnails", **define)
     flags.mark_flags_as_required(["index", "image"], **define)
     define_extractor_flags(flag_values)
     define_retrieval_flags(flag_values)
@@ -45,6 +46,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.images import load_image
     from delf_tf.matching.visualize import save_picture
+    from delf_tf.report.search_page import SearchPageQuery, write_search_page
     from delf_tf.retrieval.index import Index
     from delf_tf.retrieval.search import Searcher
     from delf_tf.retrieval.visualize import draw_results
@@ -71,6 +73,9 @@ def run(flag_values: flags.FlagValues) -> int:
     if flag_values.visualize and results:
         save_picture(draw_results(image, results), flag_values.visualize)
         payload["visualize"] = flag_values.visualize
+    if flag_values.html:
+        page = SearchPageQuery(flag_values.image, image, results, len(query))
+        payload["html"] = str(write_search_page(flag_values.html, [page]))
     print(json.dumps(payload))
     return 0
 

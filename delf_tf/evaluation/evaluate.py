@@ -47,14 +47,29 @@ PER_QUERY_FILE = "per_query.csv"
 PR_CURVES_FILE = "pr_curves.png"
 
 
+# Head of each query's ranking kept for reports (thumbnails of the first results).
+KEEP_TOP = 100
+
+
 @dataclasses.dataclass(frozen=True)
 class QueryResult:
-    """One query's outcome: its ranking time and metrics per setup."""
+    """One query's outcome: its ranking time and metrics per setup.
+
+    Attributes:
+      query: the protocol's query.
+      seconds: time spent in `rank_fn`.
+      ranked: database images in its ranking.
+      metrics: setup -> QueryMetrics.
+      top: the first `keep_top` (image id, score) of the ranking as `rank_fn` ordered
+        it (images outside the database dropped; score None for an id-only ranking).
+        Equal scores are ties that the metrics order by the tie policy, per setup.
+    """
 
     query: Query
     seconds: float
     ranked: int
     metrics: dict[str, QueryMetrics]
+    top: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +169,7 @@ def evaluate(
     ties: str = "pessimistic",
     allow_unknown_ids: bool = False,
     progress: bool = True,
+    keep_top: int = KEEP_TOP,
 ) -> EvaluationResult:
     """Ranks every query of `dataset` with `rank_fn` and measures it in each setup.
 
@@ -168,6 +184,7 @@ def evaluate(
         as non-relevant results instead of raising. Known images that are not
         in the database (the revisited protocol's query images) are always dropped.
       progress: show a tqdm bar.
+      keep_top: ranked images kept per query in `QueryResult.top` (for reports).
     """
     setups = tuple(setups) if setups is not None else dataset.setups
     unknown_setups = sorted(set(setups) - set(dataset.setups))
@@ -206,7 +223,11 @@ def evaluate(
             truth = query.groundtruth[setup]
             ordered = order_with_ties(ids, scores, truth.positives, ties)
             metrics[setup] = query_metrics(ordered, truth.positives, truth.junk, ks)
-        results.append(QueryResult(query, seconds, len(ids), metrics))
+        top = tuple(
+            (image_id, None if scores is None else scores[i])
+            for i, image_id in enumerate(ids[:keep_top])
+        )
+        results.append(QueryResult(query, seconds, len(ids), metrics, top))
     result = EvaluationResult(dataset.name, setups, ks, ties, tuple(results), dropped)
     for setup in setups:
         summary = result.summary(setup)

@@ -57,15 +57,20 @@ def draw_pr_curves(
     return image
 
 
-def write_pr_curves_png(result, path: str | os.PathLike) -> Path:
-    """Draws the mean precision-recall curve of each setup of an EvaluationResult to a PNG."""
+def pr_curves_picture(result) -> Image.Image:
+    """The mean precision-recall curve of each setup of an EvaluationResult, as a picture."""
     curves = []
     for setup in result.setups:
         recall, precision = result.pr_curve(setup)
         summary = result.summary(setup)
         label = f"{setup}: mAP {summary['mAP']:.3f}" if summary["queries_evaluated"] else setup
         curves.append((label, recall, precision))
-    image = draw_pr_curves(curves, title=f"{result.dataset}: mean interpolated precision-recall")
+    return draw_pr_curves(curves, title=f"{result.dataset}: mean interpolated precision-recall")
+
+
+def write_pr_curves_png(result, path: str | os.PathLike) -> Path:
+    """Draws the mean precision-recall curve of each setup of an EvaluationResult to a PNG."""
+    image = pr_curves_picture(result)
 
     def write(handle) -> None:
         buffer = io.BytesIO()
