@@ -182,13 +182,22 @@ def floor_function(model, config):
     return floor
 
 
-def timed(function, items) -> tuple[list[float], list]:
-    function(items[0])  # warm-up (tracing)
-    seconds, results = [], []
-    for item in items[1:]:
-        start = time.perf_counter()
-        results.append(function(item))
-        seconds.append(time.perf_counter() - start)
+def interleaved(runners: dict, inputs: dict) -> tuple[dict, dict]:
+    """Times every runner on every photo, the runners taking turns per photo (a load
+    change on a shared machine then hits all of them alike). One warm-up call each.
+
+    runners: {mode: function(input)}; inputs: {mode: [input per photo]}.
+    Returns ({mode: [seconds per photo]}, {mode: [result per photo]}).
+    """
+    for mode, run in runners.items():
+        run(inputs[mode][0])
+    seconds = {mode: [] for mode in runners}
+    results = {mode: [] for mode in runners}
+    for index in range(1, len(next(iter(inputs.values())))):
+        for mode, run in runners.items():
+            start = time.perf_counter()
+            results[mode].append(run(inputs[mode][index]))
+            seconds[mode].append(round(time.perf_counter() - start, 3))
     return seconds, results
 
 
@@ -249,6 +258,7 @@ def main(argv: list[str]) -> None:
     extractor = InProcessExtractor.from_model(model, config)
     network = extractor.module.network
     field = (network.rf_size, network.rf_stride, network.rf_padding)
+    export = None
     report = {
         "model": model.config.to_dict(),
         "extraction_config": config.to_dict(),
@@ -256,52 +266,52 @@ def main(argv: list[str]) -> None:
         "image_sizes": sorted({f"{p.shape[1]}x{p.shape[0]}" for p in photos}),
         "seconds_per_photo": {},
     }
-    results = {}
-    functions = {
+    runners = {
         "floor": lambda: floor_function(model, config),
         "reference_style": lambda: reference_style_extractor(model, config, field),
         "in_process": lambda: extractor.extract,
     }
+    if FLAGS.precision:
+        reduced = InProcessExtractor.from_model(model, config.replace(precision=FLAGS.precision))
+        runners[f"in_process_{FLAGS.precision}"] = lambda: reduced.extract
     scratch = Path(tempfile.mkdtemp(prefix="bench_extraction_"))
-    export = None
-    for mode in FLAGS.modes:
-        if mode in functions:
-            seconds, results[mode] = timed(functions[mode](), photos)
-        elif mode == "saved_model":
-            from delf_tf.export import export_saved_model
+    chosen, inputs, server = {}, {}, None
+    modes = list(FLAGS.modes) + ([f"in_process_{FLAGS.precision}"] if FLAGS.precision else [])
+    try:
+        for mode in modes:
+            inputs[mode] = photos
+            if mode in runners:
+                chosen[mode] = runners[mode]()
+            elif mode in ("saved_model", "served"):
+                from delf_tf.export import export_saved_model
 
-            export = export or export_saved_model(extractor.module, scratch / "models")
-            loaded = InProcessExtractor.from_saved_model(export)
-            seconds, results[mode] = timed(loaded.extract, photos)
-        elif mode == "served":
-            from delf_tf.export import export_saved_model
-            from delf_tf.serving.client import ServingExtractor
+                if export is None:
+                    export = export_saved_model(extractor.module, scratch / "models")
+                if mode == "saved_model":
+                    chosen[mode] = InProcessExtractor.from_saved_model(export).extract
+                else:
+                    from delf_tf.serving.client import ServingExtractor
 
-            export = export or export_saved_model(extractor.module, scratch / "models")
-            port = free_port()
-            server = subprocess.Popen(
-                [sys.executable, "-m", "delf_tf.cli", "serve", f"--port={port}"]
-                + ["--rest_api_port=0", f"--model_base_path={export.parent}"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                client = ServingExtractor(f"127.0.0.1:{port}", timeout=600)
-                client.wait_until_available(timeout=300)
-                data = [Path(path).read_bytes() for path in paths]
-                served = client.extract_batch
-                seconds, results[mode] = timed(lambda item, served=served: served([item])[0], data)
-            finally:
-                server.terminate()
-                server.wait(timeout=60)
-        else:
-            raise app.UsageError(f"unknown mode {mode}")
-        report["seconds_per_photo"][mode] = [round(s, 3) for s in seconds]
+                    port = free_port()
+                    server = subprocess.Popen(
+                        [sys.executable, "-m", "delf_tf.cli", "serve", f"--port={port}"]
+                        + ["--rest_api_port=0", f"--model_base_path={export.parent}"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    client = ServingExtractor(f"127.0.0.1:{port}", timeout=600)
+                    client.wait_until_available(timeout=300)
+                    chosen[mode] = lambda data, client=client: client.extract_batch([data])[0]
+                    inputs[mode] = [Path(path).read_bytes() for path in paths]
+            else:
+                raise app.UsageError(f"unknown mode {mode}")
+        report["seconds_per_photo"], results = interleaved(chosen, inputs)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
     if FLAGS.precision:
         mode = f"in_process_{FLAGS.precision}"
-        reduced = InProcessExtractor.from_model(model, config.replace(precision=FLAGS.precision))
-        seconds, results[mode] = timed(reduced.extract, photos)
-        report["seconds_per_photo"][mode] = [round(s, 3) for s in seconds]
         report["fidelity_to_float32"] = [
             compare(a, b) for a, b in zip(results["in_process"], results[mode], strict=True)
         ]

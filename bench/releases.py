@@ -50,14 +50,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def timed(function, items) -> tuple[list[float], list]:
-    """Seconds per item (after one warm-up call) and the results."""
-    function(items[0])
-    seconds, results = [], []
-    for item in items[1:]:
-        start = time.perf_counter()
-        results.append(function(item))
-        seconds.append(time.perf_counter() - start)
+def interleaved(runners: dict, inputs: dict) -> tuple[dict, dict]:
+    """Times every runner on every photo, taking turns per photo; one warm-up call each."""
+    for mode, run in runners.items():
+        run(inputs[mode][0])
+    seconds = {mode: [] for mode in runners}
+    results = {mode: [] for mode in runners}
+    for index in range(1, len(next(iter(inputs.values())))):
+        for mode, run in runners.items():
+            start = time.perf_counter()
+            results[mode].append(run(inputs[mode][index]))
+            seconds[mode].append(round(time.perf_counter() - start, 3))
     return seconds, results
 
 
@@ -115,46 +118,44 @@ def main(argv: list[str]) -> None:
         "extraction_config": config.to_dict(),
         "seconds_per_photo": {},
     }
-    results = {}
-    if "reference" in FLAGS.modes:
-        reference = ReferenceExtractor(
-            release,
-            ReferenceSettings(
-                scales=config.scales,
-                score_threshold=config.score_threshold,
-                max_features=config.max_features,
-                max_image_size=config.max_image_size,
-                min_image_size=config.min_image_size,
-                global_scale_indices=config.global_scale_indices,
-                pca=pca,
-                pca_dim=config.pca_dim,
-            ),
-        )
-        seconds, results["reference"] = timed(reference.extract, photos)
-        report["seconds_per_photo"]["reference"] = seconds
-    if "in_process" in FLAGS.modes:
-        seconds, results["in_process"] = timed(extractor.extract, photos)
-        report["seconds_per_photo"]["in_process"] = seconds
-    if "served" in FLAGS.modes:
-        from delf_tf.export import export_saved_model
-        from delf_tf.serving.client import ServingExtractor
+    runners, inputs, server = {}, {}, None
+    try:
+        if "reference" in FLAGS.modes:
+            reference = ReferenceExtractor(
+                release,
+                ReferenceSettings(
+                    scales=config.scales,
+                    score_threshold=config.score_threshold,
+                    max_features=config.max_features,
+                    max_image_size=config.max_image_size,
+                    min_image_size=config.min_image_size,
+                    global_scale_indices=config.global_scale_indices,
+                    pca=pca,
+                    pca_dim=config.pca_dim,
+                ),
+            )
+            runners["reference"], inputs["reference"] = reference.extract, photos
+        if "in_process" in FLAGS.modes:
+            runners["in_process"], inputs["in_process"] = extractor.extract, photos
+        if "served" in FLAGS.modes:
+            from delf_tf.export import export_saved_model
+            from delf_tf.serving.client import ServingExtractor
 
-        export = export_saved_model(extractor.module, scratch / "models")
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "delf_tf.cli", "serve", f"--port={port}"]
-            + ["--rest_api_port=0", f"--model_base_path={export.parent}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
+            export = export_saved_model(extractor.module, scratch / "models")
+            port = free_port()
+            server = subprocess.Popen(
+                [sys.executable, "-m", "delf_tf.cli", "serve", f"--port={port}"]
+                + ["--rest_api_port=0", f"--model_base_path={export.parent}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             client = ServingExtractor(f"127.0.0.1:{port}", timeout=600)
             client.wait_until_available(timeout=300)
-            data = [Path(path).read_bytes() for path in paths]
-            seconds, served = timed(lambda item: client.extract_batch([item])[0], data)
-            results["served"] = served
-            report["seconds_per_photo"]["served"] = seconds
-        finally:
+            runners["served"] = lambda data: client.extract_batch([data])[0]
+            inputs["served"] = [Path(path).read_bytes() for path in paths]
+        report["seconds_per_photo"], results = interleaved(runners, inputs)
+    finally:
+        if server is not None:
             server.terminate()
             server.wait(timeout=60)
     medians = {mode: statistics.median(s) for mode, s in report["seconds_per_photo"].items()}

@@ -120,3 +120,17 @@ def official_formats():
             "to the official-formats data folder)"
         )
     return folder
+
+
+def saved_model_cli_show_all(version_dir) -> str:
+    """What `saved_model_cli show --all --dir=<version_dir>` prints (its own code, run in
+    this process: a subprocess would import TensorFlow again)."""
+    import contextlib
+    import io
+
+    from tensorflow.python.tools import saved_model_cli
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        saved_model_cli._show_all(str(version_dir))
+    return buffer.getvalue()

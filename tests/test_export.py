@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import saved_model_cli_show_all
 from PIL import Image
 
 from delf_tf.cli import main
@@ -69,15 +70,7 @@ def test_layout_and_export_info(exported_model, serving_reference, serving_confi
 
 
 def test_saved_model_cli_lists_both_signatures(exported_model, delf_model):
-    shown = subprocess.run(
-        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--all"]
-        + ["--dir", str(exported_model)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=120,
-        check=True,
-    ).stdout
+    shown = saved_model_cli_show_all(exported_model)
     blocks = {
         name: shown.split(f"signature_def['{name}']:")[1].split("signature_def[")[0]
         for name in ("serving_default", "extract_image")
@@ -307,41 +300,3 @@ def test_delf_extract_takes_an_exported_model(exported_model, serving_reference,
     # The export fixes its graph settings; the command says so instead of ignoring them.
     argv = ["delf", "extract", f"--images={image_path}", f"--output_dir={tmp_path / 'x'}"]
     assert main([*argv, f"--model={model_dir}", "--max_image_size=64"]) == 1
-
-
-@pytest.mark.slow
-def test_resnet50_export_serves_what_in_process_extracts(serving_config, astronaut_small, tmp_path):
-    """The paper's network end to end: ResNet50 conv4 (1024-D, 291-px receptive field)
-    exported, served over gRPC by `delf serve`'s server, same features as in process.
-
-    Every other export and serving test uses the session's tiny model.
-    """
-    from delf_tf.export import export_model
-    from delf_tf.extraction import InProcessExtractor
-    from delf_tf.model import build_delf_model
-    from delf_tf.serving.client import ServingExtractor
-    from delf_tf.serving.local_server import LocalServer
-    from delf_tf.serving.repository import ModelRepository, ModelSource
-
-    model = build_delf_model(seed=0)
-    assert model.config.backbone == "resnet50" and model.feature_depth == 1024
-    reference = InProcessExtractor.from_model(model, serving_config)
-    path = export_model(model, tmp_path / "models", serving_config)
-    info = json.loads((path / "assets" / "extraction_config.json").read_text())
-    assert info["descriptor_dim"] == 1024 and info["fingerprint"] == reference.fingerprint
-    assert info["model_config"]["backbone"] == "resnet50"
-    repository = ModelRepository([ModelSource("delf", path.parent)])
-    server = LocalServer(repository, grpc_port=0, rest_port=0, poll_seconds=0).start()
-    try:
-        served = ServingExtractor(server.addresses()["grpc"], protocol="grpc")
-        image = astronaut_small[:, :100]
-        features = served.extract(image)
-        assert served.fingerprint == reference.fingerprint
-    finally:
-        server.stop()
-    expected = reference.extract(image)
-    assert len(features) == len(expected) == serving_config.max_features
-    assert features.descriptors.shape == (len(expected), 1024)
-    np.testing.assert_allclose(features.keypoints, expected.keypoints, atol=1e-3)
-    np.testing.assert_allclose(features.scores, expected.scores, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(features.descriptors, expected.descriptors, atol=1e-5)

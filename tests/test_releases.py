@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import skimage.data
 import skimage.transform
+from conftest import saved_model_cli_show_all
 from PIL import Image
 
 from delf_tf.errors import ConfigError
@@ -238,18 +239,10 @@ def test_release_export_survives_a_fresh_process_and_saved_model_cli(
     np.testing.assert_allclose(np.array(served["descriptors"][0])[:n], ours.descriptors, atol=1e-6)
     np.testing.assert_allclose(np.array(served["keypoints"][0])[:n], ours.keypoints, atol=1e-4)
     np.testing.assert_allclose(served["global_descriptor"][0], ours.global_descriptor, atol=1e-6)
-    shown = subprocess.run(
-        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--all"]
-        + ["--dir", str(release_export)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert shown.returncode == 0, shown.stderr[-2000:]
+    shown = saved_model_cli_show_all(release_export)
     for text in ("signature_def['serving_default']", "signature_def['extract_image']"):
-        assert text in shown.stdout
-    assert shown.stdout.count("outputs['global_descriptor']") == 2
+        assert text in shown
+    assert shown.count("outputs['global_descriptor']") == 2
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])

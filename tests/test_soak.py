@@ -5,10 +5,10 @@ from delf_tf.serving.soak import run_soak
 
 
 def test_soak_good_requests_survive_hostile_traffic(exported_model):
-    result = run_soak(exported_model.parent, seconds=15, baseline_seconds=5, stalled=100)
+    result = run_soak(exported_model.parent, seconds=8, baseline_seconds=3, stalled=100)
     baseline, load = result["baseline"], result["load"]
     assert baseline["good_errors"] == 0 and load["good_errors"] == 0, result
-    assert baseline["good_requests"] >= 10 and load["good_requests"] >= 20, result
+    assert baseline["good_requests"] >= 5 and load["good_requests"] >= 10, result
     assert load["bad_unexpected"] == 0, result
     assert len(load["bad_requests"]) == 13, result  # every bad kind was sent
     assert load["p95_ms"] <= 2 * baseline["p95_ms"], result
