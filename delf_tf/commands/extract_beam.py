@@ -19,6 +19,8 @@ from absl import flags
 
 from delf_tf.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, InputError
 
+# `delf extract --format` (on main) -> FeatureStore formats; None keeps the store's own.
+_FORMATS = {None: None, "npz": ("npz",), "delf": ("delf",), "both": ("npz", "delf")}
 # With an exported model these are fixed in its graph; with any other model they are
 # applied before the on-the-fly export (so they are allowed there).
 _EXPORT_FIXED_FLAGS = (
@@ -133,6 +135,7 @@ def run_beam(flag_values: flags.FlagValues) -> int:
 
 
 def _run(flag_values, beam_pipeline, export_dir, runner, beam_args, batch_size) -> int:
+    formats = _FORMATS[flag_values["format"].value] if "format" in flag_values else None
     summary, report = beam_pipeline.run_extraction(
         flag_values.images,
         flag_values.output_dir,
@@ -140,6 +143,7 @@ def _run(flag_values, beam_pipeline, export_dir, runner, beam_args, batch_size) 
         runner,
         beam_args,
         batch_size=batch_size,
+        formats=formats,
     )
     for path, reason in summary.failed:
         print(f"failed: {path!r}: {reason}", file=sys.stderr)

@@ -76,7 +76,7 @@ from delf_tf.features.store import (
 from delf_tf.images import IMAGE_SUFFIXES
 
 RUNS_DIR = ".beam_runs"  # per-run reports inside the store (hidden: not a feature file)
-INVALID_REASON = "the served graph could not decode it (not JPEG/PNG/GIF, corrupt, or too large)"
+INVALID_REASON = "the served graph could not decode it (unsupported format, corrupt, or too large)"
 _GLOB_CHARS = "*?["
 # Runners whose workers run on this machine (and so see its local paths).
 _LOCAL_RUNNERS = ("direct", "switchingdirect", "bundlebaseddirect", "prism", "fnapi")
@@ -184,13 +184,15 @@ def _write_bytes(path: str, data: bytes) -> None:
 class StoreWriter:
     """Membership and writes of a feature store at a local or remote root.
 
-    Local stores go through FeatureStore (its formats, its atomic writes); remote
-    stores (gs://...) hold `.npz` files only, written with tf.io.gfile.
+    Local stores go through FeatureStore (its `formats`, default the manifest's; its
+    atomic writes); remote stores (gs://...) hold `.npz` files only, written with
+    tf.io.gfile.
     """
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, formats: Sequence[str] | None = None):
         self.root = str(root).rstrip("/")
-        self._local = None if is_remote(self.root) else FeatureStore.open(self.root)
+        formats = tuple(formats) if formats else None
+        self._local = None if is_remote(self.root) else FeatureStore.open(self.root, formats)
 
     def _npz(self, key: str) -> str:
         return f"{self.root}/{key}{SUFFIX}"
@@ -209,15 +211,24 @@ class StoreWriter:
         _write_bytes(self._npz(key), buffer.getvalue())
 
 
-def open_or_create_store(root: str, fingerprint: str, description: dict[str, Any]) -> None:
+def open_or_create_store(
+    root: str,
+    fingerprint: str,
+    description: dict[str, Any],
+    formats: Sequence[str] | None = None,
+) -> tuple[str, ...]:
     """Creates the store's manifest, or checks that an existing store has this fingerprint.
 
+    formats: feature files to write (FeatureStore's FORMATS; None: the store's own,
+      else npz). Returns the formats the run writes.
     Raises StoreMismatchError for a store of another extractor, InputError for a
     remote store that asks for formats other than npz.
     """
+    formats = tuple(formats) if formats else None
     if not is_remote(root):
-        FeatureStore.open_or_create(root, fingerprint, description)
-        return
+        return FeatureStore.open_or_create(root, fingerprint, description, formats).formats
+    if formats and formats != ("npz",):
+        raise InputError(f"{root}: a remote store holds npz files only, not {list(formats)}")
     path = f"{root.rstrip('/')}/{MANIFEST}"
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path, "rb") as handle:
@@ -234,10 +245,11 @@ def open_or_create_store(root: str, fingerprint: str, description: dict[str, Any
                 f"{root}: holds features of extractor {str(manifest.get('fingerprint'))[:12]}, "
                 f"not of this one ({fingerprint[:12]}); use another --output_dir"
             )
-        return
+        return ("npz",)
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint}
     manifest["extractor"] = description
     _write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return ("npz",)
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -370,11 +382,12 @@ OUTCOMES = "outcomes"
 class _SkipStored(beam.DoFn):
     """(key, path) -> (key, path) when the key is not in the store, else a skipped outcome."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, formats: tuple[str, ...]):
         self._output_dir = output_dir
+        self._formats = formats
 
     def setup(self) -> None:
-        self._store = StoreWriter(self._output_dir)
+        self._store = StoreWriter(self._output_dir, self._formats)
 
     def process(self, item: tuple[str, str]):
         key, path = item
@@ -402,12 +415,13 @@ class _ReadBytes(beam.DoFn):
 class _WriteFeatures(beam.DoFn):
     """((key, path), ExtractionResult) -> the key's file in the store; one outcome."""
 
-    def __init__(self, output_dir: str, fingerprint: str):
+    def __init__(self, output_dir: str, formats: tuple[str, ...], fingerprint: str):
         self._output_dir = output_dir
+        self._formats = formats
         self._fingerprint = fingerprint
 
     def setup(self) -> None:
-        self._store = StoreWriter(self._output_dir)
+        self._store = StoreWriter(self._output_dir, self._formats)
 
     def process(self, item: tuple[tuple[str, str], ExtractionResult]):
         (key, path), result = item
@@ -489,6 +503,7 @@ def build_pipeline(
     fingerprint: str,
     report_path: str,
     batch_size: int = 8,
+    formats: tuple[str, ...] = ("npz",),
 ) -> None:
     """Adds the extraction steps to `pipeline` (see the module docstring)."""
     listed = (
@@ -497,13 +512,13 @@ def build_pipeline(
         | "List" >> beam.FlatMap(list_inputs)
         | "Spread" >> beam.Reshuffle()
     )
-    pending = listed | "SkipStored" >> beam.ParDo(_SkipStored(output_dir)).with_outputs(
+    pending = listed | "SkipStored" >> beam.ParDo(_SkipStored(output_dir, formats)).with_outputs(
         OUTCOMES, main="todo"
     )
     read = pending.todo | "Read" >> beam.ParDo(_ReadBytes()).with_outputs(OUTCOMES, main="bytes")
     handler = KeyedModelHandler(ServingSignatureHandler(export_dir, batch_size=batch_size))
     extracted = read.bytes | "Extract" >> RunInference(handler)
-    written = extracted | "Write" >> beam.ParDo(_WriteFeatures(output_dir, fingerprint))
+    written = extracted | "Write" >> beam.ParDo(_WriteFeatures(output_dir, formats, fingerprint))
     (
         (pending[OUTCOMES], read[OUTCOMES], written)
         | "Outcomes" >> beam.Flatten()
@@ -519,12 +534,14 @@ def run_extraction(
     runner: str,
     beam_args: Sequence[str] = (),
     batch_size: int = 8,
+    formats: Sequence[str] | None = None,
 ) -> tuple[BeamSummary, str]:
     """Runs the pipeline to the end; returns (summary, path of the run report).
 
     export_dir: a version folder of `delf export`, readable by every worker (for a
       runner with remote workers: gs://..., or staged there by the caller).
     beam_args: Beam pipeline options (`--project=...`, `--direct_num_workers=2`, ...).
+    formats: feature files written (`delf extract --format`); None: the store's own.
     Raises StoreMismatchError for a store of another model, BeamRunError when the
     pipeline does not end in state DONE.
     """
@@ -543,7 +560,7 @@ def run_extraction(
         "descriptor_dim": info["descriptor_dim"],
         "global_dim": info.get("global_dim"),
     }
-    open_or_create_store(output_dir, fingerprint, description)
+    formats = open_or_create_store(output_dir, fingerprint, description, formats)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     report_path = f"{output_dir}/{RUNS_DIR}/{run_id}.json"
     try:
@@ -551,7 +568,9 @@ def run_extraction(
         pipeline = beam.Pipeline(options=options)
     except ValueError as error:  # an unknown runner name
         raise InputError(f"--runner={runner}: {' '.join(str(error).split())}") from error
-    build_pipeline(pipeline, images, output_dir, export_dir, fingerprint, report_path, batch_size)
+    build_pipeline(
+        pipeline, images, output_dir, export_dir, fingerprint, report_path, batch_size, formats
+    )
     start = time.perf_counter()
     result = pipeline.run()
     state = result.wait_until_finish()
