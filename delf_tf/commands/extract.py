@@ -8,6 +8,7 @@ import sys
 from absl import flags
 
 from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
+from delf_tf.commands.extract_beam import define_beam_flags, run_beam
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -24,9 +25,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
     flags.mark_flags_as_required(["images", "output_dir"], **define)
     define_extractor_flags(flag_values)
+    define_beam_flags(flag_values)
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    if flag_values.runner:
+        return run_beam(flag_values)
     from delf_tf.extraction.folder import extract_to_store
 
     extractor = extractor_from_flags(flag_values)
