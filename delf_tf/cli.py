@@ -83,9 +83,16 @@ def main(argv: list[str]) -> int:
         print(command_help(name, flag_values))
         return EXIT_OK
     try:
-        flag_values([f"delf {name}", *argv[2:]])
+        leftover = flag_values([f"delf {name}", *argv[2:]])[1:]
     except flags.Error as error:
         print(f"delf {name}: {error}\n(see delf {name} --help)", file=sys.stderr)
+        return EXIT_USAGE
+    if leftover:
+        print(
+            f"delf {name}: unexpected arguments {leftover}; every input is a --flag "
+            f"(see delf {name} --help)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)

@@ -93,6 +93,8 @@ def test_user_errors_are_one_line_with_exit_status_1(tmp_path, capsys):
 def test_bad_command_lines_exit_with_status_2(capsys):
     assert main(["delf", "nonsense"]) == 2
     assert main(["delf", "index", "--no_such_flag=1"]) == 2
+    assert main(["delf", "index", "--features=a", "--output_dir=b", "stray"]) == 2
+    assert main(["delf", "index", "--features=a", "--output_dir=b", "--", "--x=1"]) == 2
     assert main(["delf"]) == 2
     assert "delf index" in capsys.readouterr().err
 
