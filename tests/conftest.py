@@ -9,9 +9,12 @@ Tests where ResNet50 itself matters build it and are marked `slow`.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The traced-extractor cache of `delf search` / `delf match` goes to a per-run folder.
+os.environ.setdefault("DELF_CACHE_DIR", tempfile.mkdtemp(prefix="delf_test_cache_"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -155,8 +155,12 @@ def extraction_config_from_flags(
     return config, overrides
 
 
-def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
-    """The extractor the flags describe: TF Serving with --server, else in process."""
+def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) -> Extractor:
+    """The extractor the flags describe: TF Serving with --server, else in process.
+
+    cached: reuse the traced graph of an earlier run with the same flags (see
+    delf_tf.extraction.cache): for commands that extract only an image or two.
+    """
     if "server" in flag_values and flag_values.server:
         given = [f"--{name}" for name in _LOCAL_ONLY_FLAGS if flag_values[name].present]
         if given:
@@ -170,17 +174,27 @@ def extractor_from_flags(flag_values: flags.FlagValues) -> Extractor:
 
     model_config = ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
     config, overrides = extraction_config_from_flags(flag_values)
-    return build_extractor(
-        model=flag_values.model,
-        weights=flag_values.weights,
-        seed=flag_values.seed,
-        config=config,
-        overrides=overrides,
-        pca=flag_values.pca,
-        model_config=model_config,
-        preset=flag_values.preset,
-        delf_config=flag_values.delf_config,
-    )
+    arguments = {
+        "model": flag_values.model,
+        "weights": flag_values.weights,
+        "seed": flag_values.seed,
+        "config": config,
+        "overrides": overrides,
+        "pca": flag_values.pca,
+        "model_config": model_config,
+        "preset": flag_values.preset,
+        "delf_config": flag_values.delf_config,
+    }
+    if not cached:
+        return build_extractor(**arguments)
+    from delf_tf.extraction.cache import cached_extractor
+
+    described = {
+        **arguments,
+        "config": config.to_dict() if config else None,
+        "model_config": model_config.to_dict() if model_config else None,
+    }
+    return cached_extractor(described, lambda: build_extractor(**arguments))
 
 
 def warn_if_untrained(extractor: Extractor) -> None:

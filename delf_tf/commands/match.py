@@ -29,7 +29,7 @@ def run(flag_values: flags.FlagValues) -> int:
 
     config = retrieval_config_from_flags(flag_values)
     images = [load_image(flag_values.image1), load_image(flag_values.image2)]
-    extractor = extractor_from_flags(flag_values)
+    extractor = extractor_from_flags(flag_values, cached=True)
     first, second = (extractor.extract(image) for image in images)
     matches, verification = match_pair(first, second, config)
     summary = {

@@ -59,7 +59,7 @@ def run(flag_values: flags.FlagValues) -> int:
     )
     image = load_image(flag_values.image)
     index = Index.load(flag_values.index)
-    extractor = extractor_from_flags(flag_values)
+    extractor = extractor_from_flags(flag_values, cached=True)
     index.check_fingerprint(extractor.fingerprint)
     warn_if_untrained(extractor)
     query = extractor.extract(image)
