@@ -101,9 +101,11 @@ def cached_extractor(arguments: dict[str, Any], build: Callable[[], Any]):
     if module is None:
         return extractor
     try:
+        # Only the traced function (and the variables it captures): no Keras objects,
+        # whose many layer functions would make loading slower than rebuilding.
         holder = tf.Module()
-        holder.extraction = module
         holder.extract = module.extract
+        holder.captured = list(module.extract.get_concrete_function().variables)
         info = {
             "fingerprint": module.fingerprint,
             "extraction_config": module.config.to_dict(),
