@@ -9,7 +9,9 @@ Modes (same DelfModel, same weights, same photos, same settings):
   tf.while_loop over the scales that concatenates every location above the
   threshold with its receptive box, non_max_suppression(iou 1.0) for the top-K,
   and numpy post-processing (box centres / resize factors, L2, PCA, L2);
-- in_process: `delf extract` (delf_tf.extraction: the one extraction graph);
+- in_process: `delf extract` (delf_tf.extraction: the one extraction graph, its
+  backbone with batch normalisation folded into the convolutions);
+- in_process_unfolded: the same graph around the model as trained (no folding);
 - saved_model: the `delf export` of the same model, loaded in process;
 - served: that export behind `delf serve` (gRPC), the file's own bytes per request;
 - in_process_<precision>: with --precision=bfloat16/float16, the same extractor with
@@ -256,6 +258,12 @@ def main(argv: list[str]) -> None:
     paths = list_images(FLAGS.images)[: FLAGS.num_images + 1]
     photos = [load_image(path) for path in paths]
     extractor = InProcessExtractor.from_model(model, config)
+    from delf_tf.extraction.graph import ExtractionModule
+    from delf_tf.extraction.keras_network import KerasNetwork
+
+    unfolded = InProcessExtractor.from_module(
+        ExtractionModule(KerasNetwork(model, fold_batch_norm=False), config)
+    )
     network = extractor.module.network
     field = (network.rf_size, network.rf_stride, network.rf_padding)
     export = None
@@ -270,6 +278,7 @@ def main(argv: list[str]) -> None:
         "floor": lambda: floor_function(model, config),
         "reference_style": lambda: reference_style_extractor(model, config, field),
         "in_process": lambda: extractor.extract,
+        "in_process_unfolded": lambda: unfolded.extract,
     }
     if FLAGS.precision:
         reduced = InProcessExtractor.from_model(model, config.replace(precision=FLAGS.precision))

@@ -22,7 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from delf_tf.config import ModelConfig
+from delf_tf.model.backbone import preprocess_images
 from delf_tf.model.delf import DelfModel
+from delf_tf.model.folding import fold_batch_norm as folded_copy
 from delf_tf.model.receptive_field import compute_receptive_field
 
 _LATER_FIELDS = ("backbone", "feature_depth")
@@ -39,6 +41,7 @@ class KerasNetwork(tf.Module):
         iou_threshold: float = 1.0,
         source: str = "in-memory",
         precision: str = "float32",
+        fold_batch_norm: bool = True,
     ):
         super().__init__(name="keras_network")
         self.model = model
@@ -46,8 +49,11 @@ class KerasNetwork(tf.Module):
         self.source = source
         self.precision = precision
         # The model that computes: `model` itself, or a copy under a mixed-precision
-        # policy (float32 variables, reduced-precision arithmetic).
-        self.compute_model = model if precision == "float32" else _mixed_copy(model, precision)
+        # policy (float32 variables, reduced-precision arithmetic); its backbone with
+        # batch normalisation folded into the convolutions (delf_tf.model.folding).
+        compute = model if precision == "float32" else _mixed_copy(model, precision)
+        self.backbone = folded_copy(compute.backbone) if fold_batch_norm else compute.backbone
+        self.attention = compute.attention
         field = compute_receptive_field(model.backbone)
         self.rf_size, self.rf_stride, self.rf_padding = field.size, field.stride, field.padding
         self.local_dim = model.feature_depth
@@ -122,9 +128,8 @@ class KerasNetwork(tf.Module):
     def _level(self, pixels, level_size, scale, max_features, threshold):
         """One pyramid level: (locations [n, 2] (y, x), scales [n], scores [n], features [n, D])."""
         resized = tf.image.resize(pixels, level_size, method="bilinear")
-        features, attention = self.compute_model.features_and_attention(
-            resized[None], training=False
-        )
+        features = self.backbone(preprocess_images(resized[None]), training=False)
+        attention = self.attention(features, training=False)
         features, attention = tf.cast(features, tf.float32), tf.cast(attention, tf.float32)
         width = tf.shape(attention)[2]
         attention = tf.reshape(attention, [-1])
