@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     }
     seconds = {name: [] for name in extractors}
     features = {name: {} for name in extractors}
-    for name, extractor in extractors.items():  # warm-up (tracing)
+    for extractor in extractors.values():  # warm-up (tracing)
         extractor.extract(load_image(paths[0]))
     for path in paths:
         image = load_image(path)
