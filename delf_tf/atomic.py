@@ -180,6 +180,11 @@ def clean_stale(folder: str | os.PathLike, when_changed: bool = False) -> list[P
         names = [entry.name for entry in os.scandir(folder)]
     except OSError:
         return []
+    return _remove_stale(folder, names)
+
+
+def _remove_stale(folder: Path, names: list[str]) -> list[Path]:
+    """Removes those of `names` (entries of `folder`) that are stale temporaries."""
     removed = []
     for name in names:
         if not name.endswith((TEMP_SUFFIX, STAGING_SUFFIX)):
@@ -194,17 +199,17 @@ def clean_stale(folder: str | os.PathLike, when_changed: bool = False) -> list[P
 
 
 def clean_stale_tree(root: str | os.PathLike) -> list[Path]:
-    """`clean_stale` in `root` and every folder below it (symbolic links not followed)."""
+    """`clean_stale` in `root` and every folder below it (symbolic links not followed),
+    in one walk of the tree."""
     removed = []
-    for folder, subfolders, _ in os.walk(root):
-        gone = clean_stale(folder)
+    now = time.monotonic()
+    for folder, subfolders, files in os.walk(root):
+        gone = _remove_stale(Path(folder), subfolders + files)
+        _cleaned[os.path.abspath(folder)] = now
         removed += gone
         names = {path.name for path in gone}
         subfolders[:] = [name for name in subfolders if name not in names]
     return removed
-
-
-# --- files --------------------------------------------------------------------------------
 
 
 def fsync_directory(folder: str | os.PathLike) -> None:

@@ -272,3 +272,28 @@ def test_crash_tests_say_why_they_skip_without_strace(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert "strace is not installed" in strace_unavailable()
     assert "apt-get install -y strace" in strace_unavailable()
+
+
+def test_store_reopened_for_writing_removes_leftovers_in_every_folder(tmp_path):
+    """Leftovers of a dead writer of this host go; another host's only when a day old."""
+    import time
+
+    from delf_tf import atomic
+
+    store = FeatureStore.open_or_create(tmp_path / "s", "f" * 64, {"descriptor_dim": 8})
+    store.save("deep/er/a.jpg", features())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
+    pid = int(dead.stdout)
+    mine = f".b.jpg.npz.{atomic._HOST}-{pid}-0123abcd.delf-tmp"
+    fresh_foreign = f".c.jpg.npz.ffffff-{pid}-0123abcd.delf-tmp"
+    old_foreign = f".d.jpg.npz.ffffff-{pid}-4567abcd.delf-tmp"
+    folder = tmp_path / "s" / "deep" / "er"
+    for name in (mine, fresh_foreign, old_foreign):
+        (folder / name).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(folder / old_foreign, (two_days_ago, two_days_ago))
+    (tmp_path / "s" / f".x.{atomic._HOST}-{pid}-89abcdef.delf-staging").mkdir()
+    FeatureStore.open_or_create(tmp_path / "s", "f" * 64, {"descriptor_dim": 8})
+    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh_foreign, "a.jpg.npz"])
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["deep", "manifest.json"]
+    assert list(FeatureStore.open(tmp_path / "s").stored_keys()) == ["deep/er/a.jpg"]
