@@ -113,7 +113,7 @@ def is_temporary(name: str) -> bool:
 
 def _owner_alive(host: str, pid: int) -> bool | None:
     """Whether the writer (host, pid) runs; None when it cannot be known (another host)."""
-    if host != _HOST:
+    if host != _HOST or os.name != "posix":  # (on Windows, os.kill(pid, 0) would kill it)
         return None
     if pid == os.getpid():
         return True
