@@ -35,7 +35,8 @@ from crash_harness import SCENARIOS, strace_unavailable, sweep  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--commands", default=",".join(SCENARIOS), help="comma-separated")
+    default = "extract,index,index-append,fit-pca,export"
+    parser.add_argument("--commands", default=default, help=f"of {sorted(SCENARIOS)}")
     parser.add_argument("--keep", action="store_true", help="keep every crash folder")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--details", action="store_true", help="print every point's result")
