@@ -67,6 +67,9 @@ _TEMPORARY = re.compile(
 # by several processes at once) at most once per CLEAN_INTERVAL_SECONDS.
 CLEAN_INTERVAL_SECONDS = 60.0
 _SMALL_FOLDER_BYTES = 64 * 1024  # st_size of a folder of about a thousand entries
+# Temporaries of delf-tf before this naming (mkstemp / mkdtemp, no pid): reported, not
+# removed, as nothing tells whether their writer still runs.
+_LEGACY = re.compile(r"\..+\.[a-z0-9_]{8}\.(?:tmp|staging|export)", re.DOTALL)
 _cleaned: dict[str, float] = {}  # folder -> time of the last scan (time.monotonic)
 _written: dict[str, int] = {}  # folder -> its st_mtime_ns after this process's last write
 _name_max: dict[str, int] = {}
@@ -185,9 +188,11 @@ def clean_stale(folder: str | os.PathLike, when_changed: bool = False) -> list[P
 
 def _remove_stale(folder: Path, names: list[str]) -> list[Path]:
     """Removes those of `names` (entries of `folder`) that are stale temporaries."""
-    removed = []
+    removed, legacy = [], []
     for name in names:
         if not name.endswith((TEMP_SUFFIX, STAGING_SUFFIX)):
+            if name.startswith(".") and _LEGACY.fullmatch(name):
+                legacy.append(name)
             continue
         match = _TEMPORARY.fullmatch(name)
         path = folder / name
@@ -195,6 +200,14 @@ def _remove_stale(folder: Path, names: list[str]) -> list[Path]:
             removed.append(path)
     if removed:
         logging.info("%s: removed %d leftover(s) of killed writers", folder, len(removed))
+    if legacy:
+        logging.warning(
+            "%s: %d temporary file(s)/folder(s) of an older delf-tf, left by killed runs "
+            "(e.g. %r); remove them by hand once no older delf-tf writes here",
+            folder,
+            len(legacy),
+            legacy[0],
+        )
     return removed
 
 

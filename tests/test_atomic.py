@@ -274,8 +274,9 @@ def test_crash_tests_say_why_they_skip_without_strace(monkeypatch):
     assert "apt-get install -y strace" in strace_unavailable()
 
 
-def test_store_reopened_for_writing_removes_leftovers_in_every_folder(tmp_path):
-    """Leftovers of a dead writer of this host go; another host's only when a day old."""
+def test_store_reopened_for_writing_removes_leftovers_in_every_folder(tmp_path, caplog):
+    """Leftovers of a dead writer of this host go; another host's only when a day old;
+    an older delf-tf's (no pid in the name) are named in a warning, and kept."""
     import time
 
     from delf_tf import atomic
@@ -293,7 +294,10 @@ def test_store_reopened_for_writing_removes_leftovers_in_every_folder(tmp_path):
     two_days_ago = time.time() - 2 * 24 * 3600
     os.utime(folder / old_foreign, (two_days_ago, two_days_ago))
     (tmp_path / "s" / f".x.{atomic._HOST}-{pid}-89abcdef.delf-staging").mkdir()
+    legacy = ".e.jpg.npz.k2_x9qzt.tmp"  # tempfile.mkstemp's pattern, before the pid
+    (folder / legacy).write_bytes(b"old")
     FeatureStore.open_or_create(tmp_path / "s", "f" * 64, {"descriptor_dim": 8})
-    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh_foreign, "a.jpg.npz"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh_foreign, legacy, "a.jpg.npz"])
+    assert "older delf-tf" in caplog.text and legacy in caplog.text
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["deep", "manifest.json"]
     assert list(FeatureStore.open(tmp_path / "s").stored_keys()) == ["deep/er/a.jpg"]
