@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Quiet TensorFlow's C++ start-up chatter; errors still show.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast lint format clean strace
 
 install: $(STAMP)
 
@@ -19,12 +19,21 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/delf demo --output_dir=demo_output
 
-test: $(STAMP)
+test: $(STAMP) strace
 	$(PY) -m pytest -q tests
 
 # Everything but the tests marked slow (those that need ResNet50 itself).
-test-fast: $(STAMP)
+test-fast: $(STAMP) strace
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The crash tests (tests/test_crash_safety.py) kill commands with strace's fault
+# injection: installed here when missing (as root, with apt-get); without it those
+# tests are skipped and say why.
+strace:
+	@command -v strace >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null 2>&1 \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; }; }; } \
+	  || echo "note: strace is not installed; the crash tests will be skipped"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

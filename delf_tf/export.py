@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from delf_tf.atomic import staged_directory
 from delf_tf.config import ExtractionConfig
 from delf_tf.contract import (
     BATCH_INPUT,
@@ -185,8 +184,9 @@ def export_saved_model(
     version: default one above the highest existing (1 for a new model). An
     existing version is never overwritten (FileExistsError). The SavedModel is
     written to a hidden temporary directory beside it and renamed in when
-    complete, so TF Serving never sees a half-written version and a failed export
-    leaves nothing behind.
+    complete (`delf_tf.atomic.staged_directory`), so TF Serving never sees a
+    half-written version; a failed export leaves nothing behind, and the staging
+    folder of a killed one is removed by the next export into the model folder.
     """
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise InputError(f"invalid model name {model_name!r}")
@@ -198,9 +198,7 @@ def export_saved_model(
     final = model_dir / str(version)
     if final.exists():
         raise FileExistsError(f"{final}: version {version} exists; exports are never overwritten")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".export", dir=model_dir))
-    try:
+    with staged_directory(final, replace=False) as staging:
         module = ServingModule(extraction, max_pixels=max_pixels)
         signatures = {
             SERVING_SIGNATURE: module.serve_image_bytes.get_concrete_function(),
@@ -230,11 +228,6 @@ def export_saved_model(
         write_warmup_requests(staging)
         (staging / "assets").mkdir(exist_ok=True)
         (staging / "assets" / EXPORT_INFO_ASSET).write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; TF Serving may run as another user
-        os.rename(staging, final)  # fails rather than replace a version that appeared meanwhile
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

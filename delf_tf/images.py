@@ -18,12 +18,15 @@ the file.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from delf_tf.errors import InputError
@@ -165,13 +168,89 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under `root` (recursive, sorted), or [root] if it is a file."""
+def scan_images(root: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files under `root`, what was skipped and why); [root] if it is a file.
+
+    The walk is recursive and follows symbolic links, to files and to folders; a
+    folder reached a second time (a link loop, or two links to one folder) is not
+    scanned again. Images are the regular files with an image suffix (IMAGE_SUFFIXES,
+    any case, dot-named files included), sorted. Skipped, each with a one-line
+    reason: entries with an image suffix that are not regular files (a folder, a
+    named pipe, a socket, a device), symbolic links that lead nowhere (dangling, a
+    loop), links to a folder scanned already, and folders that cannot be read.
+    Files without an image suffix are not images: left out without a word.
+    Raises FileNotFoundError when `root` does not exist.
+    """
     root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such file or directory")
-    return sorted(
-        path for path in root.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    try:
+        status = os.stat(root)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{root}: no such file or directory") from error
+    if stat.S_ISREG(status.st_mode):
+        return [root], []
+    if not stat.S_ISDIR(status.st_mode):
+        raise InputError(f"{root}: neither an image file nor a folder ({_file_kind(status)})")
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    seen = {(status.st_dev, status.st_ino): root}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            skipped.append((folder, f"cannot read folder ({error.strerror or error})"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            image_name = path.suffix.lower() in IMAGE_SUFFIXES
+            try:
+                status = os.stat(entry.path)  # follows symbolic links
+            except OSError as error:
+                link = entry.is_symlink()
+                if link and error.errno == errno.ELOOP:
+                    skipped.append((path, "symbolic link loop"))
+                elif link and error.errno == errno.ENOENT:
+                    skipped.append((path, "dangling symbolic link"))
+                elif link or image_name:
+                    skipped.append((path, f"cannot stat ({error.strerror or error})"))
+                continue
+            if stat.S_ISDIR(status.st_mode):
+                identity = (status.st_dev, status.st_ino)
+                if identity in seen:
+                    skipped.append((path, f"link to a folder scanned already ({seen[identity]})"))
+                    continue
+                seen[identity] = path
+                if image_name:
+                    skipped.append((path, "a folder, not an image file (its contents are scanned)"))
+                pending.append(path)
+            elif image_name:
+                if stat.S_ISREG(status.st_mode):
+                    images.append(path)
+                else:
+                    skipped.append((path, f"not a regular file ({_file_kind(status)})"))
+    return sorted(images), sorted(skipped)
+
+
+def _file_kind(status: os.stat_result) -> str:
+    mode = status.st_mode
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under `root` (recursive, sorted), or [root] if it is a file.
+
+    What `scan_images` skips is logged as a warning (one line each).
+    """
+    images, skipped = scan_images(root)
+    for path, reason in skipped:
+        logging.warning("skipped %r: %s", str(path), reason)
+    return images

@@ -1,6 +1,7 @@
 """`delf extract` and `delf fit-pca` end to end, in process (same code as the console script)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -34,7 +35,8 @@ def image_folder(tmp_path, astronaut_small):
 
 def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, capsys, fast):
     out = tmp_path / "features"
-    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *fast]) == 0
+    # Exit status 3 (EXIT_PARTIAL): finished, but an input failed.
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *fast]) == 3
     printed = capsys.readouterr()
     assert "broken.jpg" in printed.err and "untrained" in printed.err
     summary = json.loads(printed.out)  # stdout holds exactly the JSON summary
@@ -50,7 +52,7 @@ def test_extract_folder_resumes_and_reports_bad_files(image_folder, tmp_path, ca
 
     # A second run skips what exists and gives the same features (seeded weights).
     (out / "a.jpg.npz").unlink()
-    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *fast]) == 0
+    assert main(["delf", "extract", f"--images={image_folder}", f"--output_dir={out}", *fast]) == 3
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["extracted"] == 1 and summary["skipped_existing"] == 1
     np.testing.assert_array_equal(store.load("a.jpg").descriptors, first.descriptors)
@@ -147,3 +149,80 @@ def test_model_config_builds_the_fresh_model_only(model_config_file, delf_model)
     assert built.fingerprint == extractor_fingerprint(delf_model, ExtractionConfig(), None)
     with pytest.raises(ValueError, match="model_config"):
         extractor(f"--model_config={model_config_file}", "--server=localhost:8500")
+
+
+@pytest.fixture()
+def awkward_folder(tmp_path, astronaut_small):
+    """Images with legal but awkward names, and entries that look like images but are not."""
+    root = tmp_path / "awkward"
+    (root / "sub").mkdir(parents=True)
+    (root / "locked").mkdir()
+    good = {
+        "a.jpg": astronaut_small,
+        ".dot.jpg": astronaut_small[::-1],
+        "sub/" + "l" * 251 + ".png": astronaut_small[:, ::-1],  # a 255-byte name
+        "new\nline.png": astronaut_small[::2, ::2],
+    }
+    for name, pixels in good.items():
+        Image.fromarray(pixels).save(root / name)
+    Image.fromarray(astronaut_small).save(root / "locked" / "hidden.png")
+    bad = {
+        "loop.jpg": "symbolic link loop",
+        "dangling.jpg": "dangling symbolic link",
+        "folder.jpg": "a folder",
+        "pipe.jpg": "named pipe",
+        "broken.jpg": "corrupt image data",
+        "locked": "cannot read folder",
+    }
+    os.symlink("loop.jpg", root / "loop.jpg")
+    os.symlink("missing.jpg", root / "dangling.jpg")
+    (root / "folder.jpg").mkdir()
+    os.mkfifo(root / "pipe.jpg")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root, sorted(good), bad
+
+
+def test_extract_reports_every_skipped_path_and_exits_partial(
+    awkward_folder, tmp_path, capsys, fast, monkeypatch
+):
+    """Defects 2 and 3: a 255-byte name stopped the run; loops, dangling links, folders and
+    pipes named like images and unreadable folders were skipped without a word, dot-named
+    images were extracted but not indexed, and the exit status was 0."""
+    root, good, bad = awkward_folder
+    scandir = os.scandir
+
+    def unreadable(path="."):  # root may read any folder: refuse "locked" as chmod 0 would
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable)
+    out = tmp_path / "features"
+    assert main(["delf", "extract", f"--images={root}", f"--output_dir={out}", *fast]) == 3
+    monkeypatch.undo()
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)
+    assert summary["extracted"] == len(good) and summary["failed"] == len(bad)
+    assert sorted(FeatureStore.open(out).stored_keys()) == good
+    # One line on stderr per skipped path, the path as repr() (no forged lines).
+    lines = [line for line in printed.err.splitlines() if line.startswith("skipped: ")]
+    assert len(lines) == len(bad), printed.err
+    for name, reason in bad.items():
+        [line] = [line for line in lines if repr(str(root / name)) in line]
+        assert reason in line, line
+    # The machine-readable list.
+    failures_file = out / "failures.jsonl"
+    assert summary["failures_file"] == str(failures_file)
+    records = [json.loads(line) for line in failures_file.read_text().splitlines()]
+    assert sorted(record["path"] for record in records) == sorted(str(root / n) for n in bad)
+    assert all(record["reason"] and record["stage"] for record in records)
+    # Every extracted image is indexed, the dot-named one included.
+    index = tmp_path / "index"
+    assert main(["delf", "index", f"--features={out}", f"--output_dir={index}"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == len(good)
+    # A rerun resumes: nothing extracted twice; "locked" is readable now, the rest fail again.
+    assert main(["delf", "extract", f"--images={root}", f"--output_dir={out}", *fast]) == 3
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["skipped_existing"], summary["extracted"]) == (len(good), 1)
+    assert summary["failed"] == len(bad) - 1
+    assert len(failures_file.read_text().splitlines()) == len(bad) - 1

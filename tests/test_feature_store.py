@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_npz_store_is_unchanged(tmp_path):
     store.save("x/y", features)
     assert sorted(p.name for p in (tmp_path / "s" / "x").iterdir()) == ["y.npz"]
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert set(manifest) == {"format_version", "fingerprint", "extractor"}
+    assert set(manifest) == {"format_version", "fingerprint", "extractor", "store_id"}
     reopened = FeatureStore.open(tmp_path / "s")
     assert reopened.fingerprint == "abc" and reopened.formats == ("npz",)
     _assert_same(features, reopened.load("x/y"))
@@ -119,3 +120,40 @@ def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(InputError, match="hdf5"):
         FeatureStore.open_or_create(tmp_path / "s", "abc", {}, formats=("npz", "hdf5"))
     assert not (tmp_path / "s").exists()
+
+
+LONG_KEYS = [
+    "sub/" + "x" * 251 + ".jpg",  # a 255-byte file name: legal, but not with ".npz" added
+    "é" * 123 + "abcde.png",  # 255 bytes of UTF-8 in 132 characters
+    ".hidden.jpg",  # dot-named images are images too
+    "plain.jpg",
+]
+
+
+def test_long_and_dot_named_keys_are_saved_loaded_and_listed(tmp_path):
+    """Defects 2 and 3: a 255-byte image name could not be stored (ENAMETOOLONG), and
+    stored_keys() hid dot-named images."""
+    store = FeatureStore.open_or_create(tmp_path / "s", "f" * 64, {"descriptor_dim": 8})
+    saved = {key: _features(5, seed=number) for number, key in enumerate(LONG_KEYS)}
+    for key, features in saved.items():
+        assert key not in store
+        store.save(key, features)
+        assert key in store
+    reopened = FeatureStore.open(tmp_path / "s")
+    assert list(reopened.stored_keys()) == sorted(LONG_KEYS)
+    for key, features in saved.items():
+        _assert_same(features, reopened.load(key))
+        assert len(os.fsencode(reopened.path(key).name)) <= 255
+    store.save(LONG_KEYS[0], _features(5, seed=9))  # saving again replaces, no second entry
+    assert list(reopened.stored_keys()) == sorted(LONG_KEYS)
+    _assert_same(_features(5, seed=9), reopened.load(LONG_KEYS[0]))
+
+
+def test_long_keys_in_the_delf_format(tmp_path):
+    store = FeatureStore.open_or_create(
+        tmp_path / "s", "f" * 64, {"descriptor_dim": 8}, formats=("delf",)
+    )
+    key = "y" * 255
+    store.save(key, _features(4, with_global=True))
+    assert key in store and list(FeatureStore.open(tmp_path / "s").stored_keys()) == [key]
+    assert store.load(key).global_descriptor is not None

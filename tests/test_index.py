@@ -103,8 +103,16 @@ def test_save_killed_midway_leaves_previous_index_loadable(tmp_path, monkeypatch
     assert len(calls) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "s1", "s2"]  # no debris
     assert_same(old, Index.load(path))
-    # A crash between the two renames of the directory swap: the backup is restored.
-    path.rename(tmp_path / "index.old")
+    # A crash between the two renames of the directory swap (the writer, a process that
+    # is gone now, had renamed the index to its backup name): the backup is restored.
+    import subprocess
+    import sys
+
+    from delf_tf import atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
+    backup = f".index.{atomic._HOST}-{int(dead.stdout)}-0123abcd{atomic.BACKUP_SUFFIX}"
+    path.rename(tmp_path / backup)
     assert_same(old, Index.load(path))
     monkeypatch.setattr(index_module, "_write_array", write)
     new.save(path)
@@ -173,3 +181,37 @@ def test_retrieval_config_round_trip_and_checks(tmp_path):
         RetrievalConfig(transform="similarity")
     with pytest.raises(ValueError, match="unknown field"):
         RetrievalConfig.from_dict({"shortlst": 5})
+
+
+@pytest.mark.parametrize("first_with_images", [True, False], ids=["images-first", "keys-first"])
+def test_appending_the_same_store_again_is_a_no_op(tmp_path, capsys, first_with_images):
+    """Defect 5: identity was the recorded path (absolute with --images, the key without),
+    so appending a store once with --images and once without added its images twice."""
+    from PIL import Image
+
+    from delf_tf.cli import main
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    names = ["a.jpg", "sub/b.jpg", ".c.jpg"]
+    for name in names:
+        Image.new("RGB", (30, 20)).save(images / name)
+    make_store(tmp_path / "store", names, seed=0)
+    other = make_store(tmp_path / "other", ["a.jpg"], seed=1)  # same key, another store
+    index = tmp_path / "index"
+    base = ["delf", "index", f"--output_dir={index}"]
+    with_images = [f"--features={tmp_path / 'store'}", f"--images={images}"]
+    without = [f"--features={tmp_path / 'store'}"]
+    first, second = (with_images, without) if first_with_images else (without, with_images)
+    assert main([*base, *first]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    for arguments in (second, first, second):
+        assert main([*base, "--append", *arguments]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert (summary["images"], summary["added"]) == (3, 0)
+    # Another store's image of the same name is another image.
+    assert main([*base, "--append", f"--features={other.root}"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["images"], summary["added"]) == (4, 1)
+    loaded = Index.load(index)
+    assert sorted(record.key for record in loaded.images) == sorted([*names, "a.jpg"])

@@ -1,4 +1,10 @@
-"""`delf extract`: features of one image or a folder into a resumable feature store."""
+"""`delf extract`: features of one image or a folder into a resumable feature store.
+
+Every image that fails (or path that is skipped: not a regular file, a dangling or
+looping link, an unreadable folder) is one line `skipped: <repr(path)>: <reason>`
+on stderr and one JSON line in `<output_dir>/failures.jsonl`; the others are
+extracted, and the exit status is then 3 (EXIT_PARTIAL).
+"""
 
 from __future__ import annotations
 
@@ -29,9 +35,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    """Exit status EXIT_PARTIAL (3) when any image or path failed, after all the others."""
     if flag_values.runner:
         return run_beam(flag_values)
+    from delf_tf.errors import EXIT_OK, EXIT_PARTIAL
     from delf_tf.extraction.folder import extract_to_store
+
+    def report(failure) -> None:  # repr(): a newline in a file name cannot forge a line
+        print(f"skipped: {failure.path!r}: {failure.reason}", file=sys.stderr, flush=True)
 
     extractor = extractor_from_flags(flag_values)
     warn_if_untrained(extractor)
@@ -41,8 +52,7 @@ def run(flag_values: flags.FlagValues) -> int:
         flag_values.images,
         flag_values.output_dir,
         formats=formats[flag_values.format],
+        on_failure=report,
     )
-    for path, reason in summary.failed:
-        print(f"failed: {path!r}: {reason}", file=sys.stderr)
     print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))
-    return 0 if summary.extracted + summary.skipped_existing > 0 or not summary.images else 1
+    return EXIT_PARTIAL if summary.failed else EXIT_OK

@@ -146,7 +146,7 @@ def _run(flag_values, beam_pipeline, export_dir, runner, beam_args, batch_size) 
         formats=formats,
     )
     for path, reason in summary.failed:
-        print(f"failed: {path!r}: {reason}", file=sys.stderr)
+        print(f"skipped: {path!r}: {reason}", file=sys.stderr)
     print(
         json.dumps(
             {

@@ -30,12 +30,19 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    from delf_tf.atomic import recover_staged_directory
+    from delf_tf.errors import InputError
     from delf_tf.features.store import FeatureStore
-    from delf_tf.retrieval.index import Index
+    from delf_tf.retrieval.index import HEADER, Index
 
     output = Path(flag_values.output_dir)
     store = FeatureStore.open(flag_values.features)
-    if flag_values.append and (output / "index.json").exists():
+    # First of all: a run killed while swapping the index folder may have left the
+    # previous index under its backup name; nothing may be decided before it is back.
+    recover_staged_directory(output)
+    if output.is_dir() and not (output / HEADER).exists() and any(output.iterdir()):
+        raise InputError(f"{output}: a folder that is not an index; refusing to replace it")
+    if flag_values.append and (output / HEADER).exists():
         existing = Index.load(output)
         index, added = existing.add_store(store, flag_values.images)
     else:

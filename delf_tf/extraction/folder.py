@@ -1,18 +1,47 @@
-"""Extraction at folder scale: resumable, atomic, bad files reported and skipped."""
+"""Extraction at folder scale: resumable, atomic, every failure reported, the run goes on."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from absl import logging
 from tqdm import tqdm
 
+from delf_tf.atomic import atomic_write_text
+from delf_tf.errors import DelfError
 from delf_tf.extraction.extractor import Extractor
-from delf_tf.features.store import FeatureStore
-from delf_tf.images import ImageError, list_images, load_image
+from delf_tf.features.store import FAILURES, FeatureStore
+from delf_tf.images import decode_image, scan_images
+
+# Errors of the output's file system, not of one image: the run stops (exit 1).
+RUN_WIDE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# This many images in a row failing inside the extractor with an unexpected error
+# (not DelfError / OSError), before any image succeeded, is a broken extractor or
+# server rather than bad images: the run stops with that error.
+BROKEN_EXTRACTOR_AFTER = 5
+
+
+class Failure(NamedTuple):
+    """An image (or folder) that was not extracted.
+
+    path: as found under the image root. stage: where it failed: "scan" (not a
+    readable image file), "read", "decode", "extract" or "write". reason: one line.
+    """
+
+    path: str
+    reason: str
+    stage: str
+
+    def to_json(self) -> str:
+        return json.dumps({"path": self.path, "stage": self.stage, "reason": self.reason})
 
 
 @dataclasses.dataclass
@@ -22,9 +51,10 @@ class ExtractionSummary:
     images: int = 0
     extracted: int = 0
     skipped_existing: int = 0
-    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    failed: list[Failure] = dataclasses.field(default_factory=list)
     features: int = 0
     seconds: float = 0.0
+    failures_file: str | None = None
 
     @property
     def seconds_per_image(self) -> float:
@@ -40,6 +70,7 @@ class ExtractionSummary:
             "extracted": self.extracted,
             "skipped_existing": self.skipped_existing,
             "failed": len(self.failed),
+            "failures_file": self.failures_file,
             "mean_features": round(self.mean_features, 1),
             "seconds_per_image": round(self.seconds_per_image, 3),
         }
@@ -50,41 +81,91 @@ def image_key(path: Path, root: Path) -> str:
     return path.name if root.is_file() else path.relative_to(root).as_posix()
 
 
+def one_line(reason: str, path: str | None = None) -> str:
+    """`reason` on one line, without a leading "<path>: " (the path is reported beside it)."""
+    if path is not None and reason.startswith(path + ": "):
+        reason = reason[len(path) + 2 :]
+    return " ".join(reason.split()) or "unknown error"
+
+
 def extract_to_store(
     extractor: Extractor,
     images: str | os.PathLike,
     output: str | os.PathLike,
     progress: bool = True,
     formats: tuple[str, ...] | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
 ) -> tuple[FeatureStore, ExtractionSummary]:
     """Extracts every image under `images` (a file or a folder, recursive) into `output`.
 
     Images whose features are already in the store are skipped, so an interrupted
-    run resumes where it stopped. Unreadable images are logged and listed in the
-    summary; the run goes on. `formats`: the store's file formats (see
-    FeatureStore; None: npz, or what an existing store records).
+    run resumes where it stopped. Every image is read, decoded, extracted and written
+    inside its own error handling: a failure is reported (`on_failure`, default a
+    logged warning), listed in the summary and in `<output>/failures.jsonl` (one JSON
+    object per line: path, stage, reason; the file is removed when nothing failed),
+    and the run goes on. So are the paths the folder scan skips (see
+    `delf_tf.images.scan_images`). Errors that concern the whole output (disk full,
+    quota, read-only file system) stop the run, as does an extractor that fails on
+    the first BROKEN_EXTRACTOR_AFTER images in a row with an unexpected error.
+    `formats`: the store's file formats (see FeatureStore; None: npz, or what an
+    existing store records).
     """
+    report = on_failure or (lambda f: logging.warning("skipped %r: %s", f.path, f.reason))
     root = Path(images)
-    paths = list_images(root)
+    paths, skipped = scan_images(root)
     store = FeatureStore.open_or_create(
         output, extractor.fingerprint or "", extractor.describe(), formats=formats
     )
     summary = ExtractionSummary(images=len(paths))
+
+    def fail(path: Path | str, reason: str, stage: str) -> None:
+        failure = Failure(str(path), one_line(reason, str(path)), stage)
+        summary.failed.append(failure)
+        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not after the bar
+            report(failure)
+
+    for path, reason in skipped:
+        fail(path, reason, "scan")
+    unexpected_in_a_row = 0
     for path in tqdm(paths, desc="extract", unit="img", disable=not progress):
-        key = image_key(path, root)
-        if key in store:
-            summary.skipped_existing += 1
-            continue
+        stage = "write"
         try:
-            image = load_image(path)
-        except ImageError as error:
-            logging.warning("skipped: %s", error)
-            summary.failed.append((str(path), str(error)))
+            key = image_key(path, root)
+            if key in store:
+                summary.skipped_existing += 1
+                continue
+            stage = "read"
+            data = path.read_bytes()
+            stage = "decode"
+            image = decode_image(data, name=str(path))
+            stage = "extract"
+            start = time.perf_counter()
+            features = extractor.extract(image)
+            summary.seconds += time.perf_counter() - start
+            stage = "write"
+            store.save(key, features)
+        except OSError as error:
+            if stage == "write" and error.errno in RUN_WIDE_ERRNOS:
+                raise
+            fail(path, error.strerror or str(error), stage)
             continue
-        start = time.perf_counter()
-        features = extractor.extract(image)
-        summary.seconds += time.perf_counter() - start
-        store.save(key, features)
+        except DelfError as error:
+            fail(path, str(error), stage)
+            continue
+        except Exception as error:  # noqa: BLE001 - one image must not stop the run
+            unexpected_in_a_row += 1
+            if unexpected_in_a_row >= BROKEN_EXTRACTOR_AFTER and not summary.extracted:
+                raise
+            fail(path, f"{type(error).__name__}: {error}", stage)
+            continue
+        unexpected_in_a_row = 0
         summary.extracted += 1
         summary.features += len(features)
+    failures_path = store.root / FAILURES
+    if summary.failed:
+        lines = "".join(failure.to_json() + "\n" for failure in summary.failed)
+        atomic_write_text(failures_path, lines)
+        summary.failures_file = str(failures_path)
+    else:
+        failures_path.unlink(missing_ok=True)
     return store, summary

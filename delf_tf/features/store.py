@@ -7,9 +7,17 @@ Layout:
   <root>/<relative path>.delf   the same features in the reference format, with
   <root>/<relative path>.delg_global  its global descriptor when there is one
                                 (written for the "delf" format, see FORMATS)
+  <root>/failures.jsonl         the images the last `delf extract` could not extract
 
-Writes are atomic (temporary file + rename), so an interrupted extraction leaves
-only complete files and resumes by skipping the keys that exist.
+A file name whose store files would not fit in NAME_MAX (255 bytes) once a suffix
+is added (an image name of 244 bytes or more) is stored under a shortened name,
+`<first bytes>~<32 hex digits of its SHA-256>`, with `<that name>.key` beside it
+holding the full name, so `key in store`, `load(key)` and `stored_keys()` agree.
+The limit is fixed (not read from the file system) so a copied store reads the same.
+
+Writes are atomic (temporary file + rename, see delf_tf.atomic), so an interrupted
+extraction leaves only complete files and resumes by skipping the keys that exist;
+the manifest's random "store_id" names the store in an index (see `identity`).
 
 A folder without manifest.json that holds `.delf` / `.delg_local` files (the
 reference extractor's output, optionally with `.delg_global` beside them) opens
@@ -22,13 +30,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from absl import logging
 
-from delf_tf.atomic import atomic_write, atomic_write_text
+from delf_tf.atomic import (
+    DEFAULT_NAME_MAX,
+    atomic_write,
+    atomic_write_text,
+    clean_stale_tree,
+    fitted_name,
+)
 from delf_tf.errors import FingerprintMismatchError, InputError
 from delf_tf.features.delf_io import local_features_from_delf, local_features_to_delf
 from delf_tf.features.local_features import LocalFeatures
@@ -40,6 +56,13 @@ SUFFIX = ".npz"
 FORMATS = ("npz", "delf")  # what `save` writes: our .npz, the reference's .delf (+ .delg_global)
 DELF_SUFFIXES = (".delf", ".delg_local")  # read in this order; written: .delf
 GLOBAL_SUFFIX = ".delg_global"
+KEY_SUFFIX = ".key"  # beside a shortened file name: the full key
+FAILURES = "failures.jsonl"
+# Store file names are at most NAME_MAX bytes with the longest suffix added.
+_NAME_LIMIT = DEFAULT_NAME_MAX - max(
+    len(suffix) for suffix in (SUFFIX, *DELF_SUFFIXES, GLOBAL_SUFFIX, KEY_SUFFIX)
+)
+_SHORTENED = re.compile(r".*~[0-9a-f]{32}", re.DOTALL)
 _warned_roots: set[str] = set()
 
 
@@ -70,6 +93,13 @@ class FeatureStore:
     def fingerprint(self) -> str | None:
         """The extractor's fingerprint; None for a folder of reference `.delf` files."""
         return self.manifest.get("fingerprint")
+
+    @property
+    def identity(self) -> str:
+        """What names this store in an index: the manifest's "store_id" (random, given at
+        creation, kept by a copy of the store), else (older stores, folders of .delf
+        files) "path:" + the resolved root."""
+        return self.manifest.get("store_id") or f"path:{self.root.resolve()}"
 
     @classmethod
     def open(cls, root: str | os.PathLike, formats: tuple[str, ...] | None = None) -> FeatureStore:
@@ -132,11 +162,13 @@ class FeatureStore:
                     f"{root}: holds features of extractor {store.fingerprint[:12]}, "
                     f"not of this one ({fingerprint[:12]}); use another --output directory"
                 )
+            clean_stale_tree(root)  # temporaries of a killed earlier writer
             return store
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
             "extractor": description,
+            "store_id": uuid.uuid4().hex,
         }
         if formats and tuple(formats) != ("npz",):
             manifest["formats"] = list(formats)
@@ -145,66 +177,84 @@ class FeatureStore:
         atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return store
 
+    def _stem(self, key: str) -> str:
+        """The store path of `key` without suffix: the key, its file name shortened
+        when too long (see the module docstring)."""
+        folder, slash, name = key.rpartition("/")
+        return folder + slash + fitted_name(name, _NAME_LIMIT)
+
+    def _key_of(self, stem: str) -> str:
+        """The key of a store path without suffix (the inverse of `_stem`)."""
+        if _SHORTENED.fullmatch(stem.rpartition("/")[2]):
+            try:
+                key = os.fsdecode((self.root / (stem + KEY_SUFFIX)).read_bytes())
+            except OSError:
+                return stem
+            if self._stem(key) == stem:
+                return key
+        return stem
+
     def _delf_path(self, key: str) -> Path:
         """The existing .delf or .delg_local file of `key`, else where .delf goes."""
+        stem = self._stem(key)
         for suffix in DELF_SUFFIXES:
-            candidate = self.root / (key + suffix)
+            candidate = self.root / (stem + suffix)
             if candidate.is_file():
                 return candidate
-        return self.root / (key + DELF_SUFFIXES[0])
+        return self.root / (stem + DELF_SUFFIXES[0])
 
     def path(self, key: str) -> Path:
         """The file `load` reads: the .npz when "npz" is a format, else the .delf."""
-        return self.root / (key + SUFFIX) if "npz" in self.formats else self._delf_path(key)
+        if "npz" in self.formats:
+            return self.root / (self._stem(key) + SUFFIX)
+        return self._delf_path(key)
 
     def __contains__(self, key: str) -> bool:
-        if "npz" in self.formats and not (self.root / (key + SUFFIX)).is_file():
+        if "npz" in self.formats and not self.path(key).is_file():
             return False
         return "delf" not in self.formats or self._delf_path(key).is_file()
 
     def save(self, key: str, features: LocalFeatures) -> None:
-        """Writes the features in every format, each file atomically (the .npz last)."""
+        """Writes the features in every format, each file atomically (the .npz last;
+        first the .key file of a shortened name)."""
+        stem = self._stem(key)
+        if stem != key:
+            atomic_write(self.root / (stem + KEY_SUFFIX), lambda h: h.write(os.fsencode(key)))
         if "delf" in self.formats:
-            local_features_to_delf(features, self.root / (key + DELF_SUFFIXES[0]))
-            global_path = self.root / (key + GLOBAL_SUFFIX)
+            local_features_to_delf(features, self.root / (stem + DELF_SUFFIXES[0]))
+            global_path = self.root / (stem + GLOBAL_SUFFIX)
             if features.global_descriptor is not None:
                 delf_file.write_global_descriptor(global_path, features.global_descriptor)
             else:
                 global_path.unlink(missing_ok=True)  # no stale descriptor of an older save
         if "npz" in self.formats:
-            atomic_write(self.root / (key + SUFFIX), features.save)
+            atomic_write(self.root / (stem + SUFFIX), features.save)
 
     def load(self, key: str) -> LocalFeatures:
         """LocalFeatures of `key`; from .delf files with the .delg_global attached if any."""
         if "npz" in self.formats:
             return LocalFeatures.load(self.path(key))
         features = local_features_from_delf(self._delf_path(key))
-        global_path = self.root / (key + GLOBAL_SUFFIX)
+        global_path = self.root / (self._stem(key) + GLOBAL_SUFFIX)
         if global_path.is_file():
             descriptor = delf_file.read_global_descriptor(global_path)
             features = dataclasses.replace(features, global_descriptor=descriptor)
         return features
 
     def stored_keys(self) -> Iterator[str]:
-        """Keys of all stored images, sorted."""
-        if "npz" in self.formats:
-            for path in sorted(self.root.rglob("*" + SUFFIX)):
-                if not path.name.startswith("."):
-                    yield path.relative_to(self.root).as_posix()[: -len(SUFFIX)]
-            return
+        """Keys of all stored images, sorted (dot-named images included: temporary files
+        never end in a store suffix, see delf_tf.atomic)."""
+        suffixes = (SUFFIX,) if "npz" in self.formats else DELF_SUFFIXES
         keys = set()
-        for suffix in DELF_SUFFIXES:
+        for suffix in suffixes:
             for path in self.root.rglob("*" + suffix):
-                if not path.name.startswith(".") and path.is_file():
-                    keys.add(path.relative_to(self.root).as_posix()[: -len(suffix)])
+                if path.is_file():
+                    keys.add(self._key_of(path.relative_to(self.root).as_posix()[: -len(suffix)]))
         yield from sorted(keys)
 
 
 def _holds_delf_files(root: Path) -> bool:
-    """Whether `root` (recursively) holds a visible .delf or .delg_local file."""
+    """Whether `root` (recursively) holds a .delf or .delg_local file."""
     if not root.is_dir():
         return False
-    return any(
-        path.suffix in DELF_SUFFIXES and not path.name.startswith(".") and path.is_file()
-        for path in root.rglob("*")
-    )
+    return any(path.suffix in DELF_SUFFIXES and path.is_file() for path in root.rglob("*"))

@@ -58,6 +58,8 @@ class ImageRecord:
       path: the image file (absolute when the image folder was given, else the key).
       width, height: image size in pixels (EXIF orientation applied), None if unknown.
       num_features: rows of this image in the index arrays.
+      store: identity of the feature store it came from (`FeatureStore.identity`);
+        None in indexes written before it was recorded.
     """
 
     key: str
@@ -65,6 +67,16 @@ class ImageRecord:
     width: int | None
     height: int | None
     num_features: int
+    store: str | None = None
+
+    def identities(self) -> set[tuple[str, ...]]:
+        """What makes two records the same image: the same key of the same store, or
+        the same absolute image path (both recorded with --images); for older records
+        without a store, the recorded path (which is the key without --images)."""
+        found = {("store", self.store, self.key)} if self.store else {("key", self.path)}
+        if os.path.isabs(self.path):
+            found.add(("path", self.path))
+        return found
 
 
 class Index:
@@ -177,12 +189,16 @@ class Index:
                 "an index can only combine features of one model"
             )
         root = Path(images_root).resolve() if images_root is not None else None
-        known = {record.path for record in self.images}
+        known = set().union(*(record.identities() for record in self.images))
         records, arrays = [], {"descriptors": [], "keypoints": []}
         skipped = 0
+        identity = store.identity
         for key in tqdm(list(store.stored_keys()), desc="index", unit="img", disable=not progress):
             path = str(root / key) if root is not None else key
-            if path in known:
+            record_ids = {("store", identity, key), ("key", key)} | (
+                {("path", path)} if root is not None else set()
+            )
+            if record_ids & known:
                 skipped += 1
                 continue
             features = store.load(key)
@@ -191,10 +207,10 @@ class Index:
                     f"{store.path(key)}: {features.dim}-D descriptors, the index has {self.dim}-D"
                 )
             width, height = _image_size(path) if root is not None else (None, None)
-            records.append(ImageRecord(key, path, width, height, len(features)))
+            records.append(ImageRecord(key, path, width, height, len(features), identity))
             arrays["descriptors"].append(features.descriptors)
             arrays["keypoints"].append(features.keypoints)
-            known.add(path)
+            known |= records[-1].identities()
         if skipped:
             logging.info("%d image(s) of %s are in the index already: skipped", skipped, store.root)
         if not records:
