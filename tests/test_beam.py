@@ -100,7 +100,7 @@ def test_multi_process_pipeline_resumes_and_matches_in_process(
     assert summary["images"] == 5 and summary["failed"] == 1
     assert summary["skipped_existing"] == 2 and summary["extracted"] == 2
     assert summary["model"] == str(exported_model)
-    failures = [line for line in stderr.splitlines() if line.startswith("failed: ")]
+    failures = [line for line in stderr.splitlines() if line.startswith("skipped: ")]
     assert len(failures) == 1 and "broken.jpg" in failures[0] and "decode" in failures[0]
     report = json.loads(Path(summary["report"]).read_text())
     assert [Path(path).name for path, _ in report["failed"]] == ["broken.jpg"]
