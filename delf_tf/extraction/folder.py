@@ -126,6 +126,23 @@ def extract_to_store(
 
     for path, reason in skipped:
         fail(path, reason, "scan")
+    extract_encoded = getattr(extractor, "extract_encoded", None)
+    if extract_encoded is not None:
+        _extract_encoded(extract_encoded, paths, root, store, summary, fail, progress)
+    else:
+        _extract_decoded(extractor, paths, root, store, summary, fail, progress)
+    failures_path = store.root / FAILURES
+    if summary.failed:
+        lines = "".join(failure.to_json() + "\n" for failure in summary.failed)
+        atomic_write_text(failures_path, lines)
+        summary.failures_file = str(failures_path)
+    else:
+        failures_path.unlink(missing_ok=True)
+    return store, summary
+
+
+def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> None:
+    """One image at a time: read, decode here, extract, write."""
     unexpected_in_a_row = 0
     for path in tqdm(paths, desc="extract", unit="img", disable=not progress):
         stage = "write"
@@ -161,11 +178,57 @@ def extract_to_store(
         unexpected_in_a_row = 0
         summary.extracted += 1
         summary.features += len(features)
-    failures_path = store.root / FAILURES
-    if summary.failed:
-        lines = "".join(failure.to_json() + "\n" for failure in summary.failed)
-        atomic_write_text(failures_path, lines)
-        summary.failures_file = str(failures_path)
-    else:
-        failures_path.unlink(missing_ok=True)
-    return store, summary
+
+
+def _extract_encoded(extract_encoded, paths, root, store, summary, fail, progress) -> None:
+    """The files' own bytes, in batches, to an extractor that decodes them (TF Serving's
+    serving_default): nothing is decoded or re-encoded here.
+
+    `extract_encoded(list of bytes) -> list of LocalFeatures or a failure reason`.
+    A server that cannot be reached stops the run (ServerUnavailableError); any other
+    error of a batch fails that batch's images, and the run goes on.
+    """
+    from delf_tf.serving.errors import ServerUnavailableError
+
+    batch_size = getattr(extract_encoded.__self__, "batch_size", 8)
+    pending: list[tuple[Path, str, bytes]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        start = time.perf_counter()
+        try:
+            results = extract_encoded([data for _, _, data in pending])
+        except ServerUnavailableError:
+            raise
+        except DelfError as error:
+            results = [str(error)] * len(pending)
+        summary.seconds += time.perf_counter() - start
+        for (path, key, _), result in zip(pending, results, strict=True):
+            if isinstance(result, str):
+                fail(path, result, "extract")
+                continue
+            try:
+                store.save(key, result)
+            except OSError as error:
+                if error.errno in RUN_WIDE_ERRNOS:
+                    raise
+                fail(path, error.strerror or str(error), "write")
+                continue
+            summary.extracted += 1
+            summary.features += len(result)
+        pending.clear()
+
+    for path in tqdm(paths, desc="extract", unit="img", disable=not progress):
+        try:
+            key = image_key(path, root)
+            if key in store:
+                summary.skipped_existing += 1
+                continue
+            pending.append((path, key, path.read_bytes()))
+        except OSError as error:
+            fail(path, error.strerror or str(error), "read")
+            continue
+        if len(pending) >= batch_size:
+            flush()
+    flush()

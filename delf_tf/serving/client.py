@@ -441,6 +441,35 @@ class ServingExtractor:
             )
         return results
 
+    def extract_encoded(self, images: Sequence[bytes]) -> list[LocalFeatures | str]:
+        """Encoded files' bytes (sent as they are) -> features, or a failure reason per image.
+
+        `batch_size` images per request through serving_default; an image over
+        `max_image_bytes` or one the server cannot decode gets a reason, and the
+        others are extracted.
+        """
+        results: list[LocalFeatures | str] = [""] * len(images)
+        sendable = []
+        for index, data in enumerate(images):
+            if len(data) > self.max_image_bytes:
+                results[index] = (
+                    f"{len(data)} bytes is over the client's limit of {self.max_image_bytes} "
+                    "bytes (max_image_bytes)"
+                )
+            else:
+                sendable.append(index)
+        extracted = self.extract_batch([images[i] for i in sendable], skip_invalid=True)
+        for index, features in zip(sendable, extracted, strict=True):
+            results[index] = (
+                features
+                if features is not None
+                else (
+                    "the served model could not decode it (not a JPEG, PNG, GIF, BMP or WebP "
+                    "image, corrupt data, or over the pixel limit)"
+                )
+            )
+        return results
+
     def _extract_image(self, image: np.ndarray, overrides: dict[str, Any]) -> LocalFeatures:
         unknown = set(overrides) - set(_INPUT_DTYPES)
         if unknown:
