@@ -161,8 +161,8 @@ def folder_extraction(client, images, scratch: Path) -> dict:
 
 def main(argv: list[str]) -> int:
     del argv
-    from delf_tf.extraction import InProcessExtractor
     from delf_tf.contract import resolve_version_dir as resolve_saved_model_dir
+    from delf_tf.extraction import InProcessExtractor
     from delf_tf.serving.client import ServingExtractor
 
     images = load_images(FLAGS.images, FLAGS.num_images)
