@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Quiet TensorFlow's C++ start-up chatter; errors still show.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Tests run on this many worker processes (pytest-xdist), a test file per worker at a
+# time so that its session fixtures are built once; 1 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: install demo test test-fast lint format clean strace
 
@@ -20,11 +24,11 @@ demo: $(STAMP)
 	$(VENV)/bin/delf demo --output_dir=demo_output
 
 test: $(STAMP) strace
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # Everything but the tests marked slow (those that need ResNet50 itself).
 test-fast: $(STAMP) strace
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The crash tests (tests/test_crash_safety.py) kill commands with strace's fault
 # injection: installed here when missing (as root, with apt-get); without it those

@@ -29,7 +29,7 @@ setup(
         "apache-beam",
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "pytest-xdist", "ruff"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

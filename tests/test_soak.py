@@ -5,7 +5,7 @@ from delf_tf.serving.soak import run_soak
 
 
 def test_soak_good_requests_survive_hostile_traffic(exported_model):
-    result = run_soak(exported_model.parent, seconds=8, baseline_seconds=3, stalled=100)
+    result = run_soak(exported_model.parent, seconds=5, baseline_seconds=3, stalled=100)
     baseline, load = result["baseline"], result["load"]
     assert baseline["good_errors"] == 0 and load["good_errors"] == 0, result
     assert baseline["good_requests"] >= 5 and load["good_requests"] >= 10, result
