@@ -8,12 +8,17 @@ import sys
 from absl import flags
 
 from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
-from delf_tf.commands.retrieval_flags import define_retrieval_flags, retrieval_config_from_flags
+from delf_tf.commands.retrieval_flags import (
+    define_ranking_flags,
+    define_retrieval_flags,
+    retrieval_config_from_flags,
+)
+from delf_tf.errors import FingerprintMismatchError
 from delf_tf.evaluation.datasets import DATASET_KINDS, GroundTruthError, load_dataset
 from delf_tf.evaluation.engine import engine_rank_fn
 from delf_tf.evaluation.evaluate import evaluate, write_report
 from delf_tf.evaluation.metrics import TIE_POLICIES
-from delf_tf.retrieval.index import FingerprintMismatchError, Index, IndexFormatError
+from delf_tf.retrieval.index import Index, IndexFormatError
 from delf_tf.retrieval.search import Searcher
 
 
@@ -39,6 +44,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["dataset", "dataset_dir", "index", "output"], **define)
     define_extractor_flags(flag_values)
     define_retrieval_flags(flag_values)
+    define_ranking_flags(flag_values)
 
 
 def run(flag_values: flags.FlagValues) -> int:
@@ -51,15 +57,21 @@ def run(flag_values: flags.FlagValues) -> int:
             flag_values.groundtruth,
         )
         index = Index.load(flag_values.index)
+        searcher = Searcher(index, config)
         extractor = extractor_from_flags(flag_values)
         index.check_fingerprint(extractor.fingerprint)
     except (GroundTruthError, IndexFormatError, FingerprintMismatchError, ValueError) as error:
         print(f"delf evaluate: error: {error}", file=sys.stderr)
         return 1
-    rank_fn = engine_rank_fn(extractor, Searcher(index, config))
-    result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
+    rank_fn = engine_rank_fn(extractor, searcher)
+    try:
+        result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
+    except ValueError as error:  # e.g. --ranking=global with queries without global descriptor
+        print(f"delf evaluate: error: {error}", file=sys.stderr)
+        return 1
     paths = write_report(result, flag_values.output)
     report = result.to_dict()
+    report["ranking"] = searcher.method
     report["files"] = {name: str(path) for name, path in paths.items()}
     print(json.dumps(report, indent=2))
     return 0

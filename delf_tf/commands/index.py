@@ -1,4 +1,5 @@
-"""`delf index`: one global index over a feature store (new, or appended to)."""
+"""`delf index`: one global index over a feature store (new, or appended to), with its
+search structures built once and saved inside it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from pathlib import Path
 
 from absl import flags
 
+from delf_tf.config import NEIGHBOR_BACKENDS
+from delf_tf.errors import FingerprintMismatchError
 from delf_tf.features.store import FeatureStore
-from delf_tf.retrieval.index import FingerprintMismatchError, Index, IndexFormatError
+from delf_tf.retrieval.index import Index, IndexFormatError
+
+INDEX_TYPES = ("votes", "asmk")
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -27,7 +32,37 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "append",
         False,
         "add the store's images to the existing index at --output (skips images "
-        "already there); without it --output is rebuilt from the store alone",
+        "already there; trained structures are extended without retraining when "
+        "still valid); without it --output is rebuilt from the store alone",
+        **define,
+    )
+    flags.DEFINE_list(
+        "index_type",
+        None,
+        "structures to build, any of votes (k-NN structure of the votes ranking), asmk "
+        "(ASMK* codebook + inverted file); default: votes for a new index, the present "
+        "ones with --append",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "backend",
+        None,
+        NEIGHBOR_BACKENDS,
+        "k-NN structure of the votes ranking; auto (default for a new index): exact FAISS "
+        "search up to 50 000 descriptors, IVF-PQ beyond; kdtree/brute are built at load",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "codebook_size",
+        None,
+        "ASMK visual words (default: ~descriptors / 64 as a power of two, 16..65536); "
+        "another size than the index's retrains the codebook",
+        **define,
+    )
+    flags.DEFINE_bool(
+        "recall",
+        True,
+        "measure the sampled recall@10 of an approximate k-NN structure against exact search",
         **define,
     )
     flags.mark_flags_as_required(["features", "output"], **define)
@@ -35,6 +70,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 def run(flag_values: flags.FlagValues) -> int:
     output = Path(flag_values.output)
+    index_types = flag_values.index_type
+    unknown = sorted(set(index_types or ()) - set(INDEX_TYPES))
+    if unknown:
+        print(
+            f"delf index: error: --index_type {unknown}: known {list(INDEX_TYPES)}", file=sys.stderr
+        )
+        return 1
     try:
         store = FeatureStore.open(flag_values.features)
         if flag_values.append and (output / "index.json").exists():
@@ -43,17 +85,28 @@ def run(flag_values: flags.FlagValues) -> int:
         else:
             index = Index.from_store(store, flag_values.images)
             added = index.num_images
+        report = index.build_structures(
+            backend=flag_values.backend,
+            votes=None if index_types is None else "votes" in index_types,
+            asmk=None if index_types is None else "asmk" in index_types,
+            codebook_size=flag_values.codebook_size,
+            recall=flag_values.recall,
+        )
         index.save(output)
     except (FileNotFoundError, IndexFormatError, FingerprintMismatchError, ValueError) as error:
         print(f"delf index: error: {error}", file=sys.stderr)
         return 1
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     summary = {
         "output": str(output),
         "images": index.num_images,
         "added": added,
         "descriptors": index.num_descriptors,
         "descriptor_dim": index.dim,
+        "global_descriptors": index.global_descriptors is not None,
         "fingerprint": index.fingerprint[:12],
+        "structures": {name: value for name, value in report.items() if name != "notes"},
     }
     print(json.dumps(summary))
     return 0
