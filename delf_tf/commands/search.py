@@ -130,12 +130,12 @@ def _run_batch(runner: QueryRunner, queries: list[str], output: str) -> int:
         "queries": len(queries),
         "answered": summary.answered,
         "skipped": summary.skipped,
-        "failed": summary.failed,
+        "failed": summary.failed + summary.failed_before,
         "ranking": runner.searcher.method,
         "seconds_per_query_median": summary.seconds_per_query,
     }
     print(json.dumps(report))
-    return EXIT_PARTIAL if summary.failed else 0
+    return EXIT_PARTIAL if report["failed"] else 0
 
 
 def format_table(query: str, num_features: int, results: list[SearchResult]) -> str:

@@ -8,9 +8,10 @@ its structures and the extractor are loaded once for all queries.
    "results": [{"image_id", "key", "path", "inliers", "votes", "score", "transform"}, ...]}
   {"query": PATH, "error": "one line"}          (an unreadable image)
 
-Lines are appended and flushed one by one, so an interrupted run keeps what it
-finished: run it again with the same output and it resumes, skipping the
-queries the file already answers (a torn last line is dropped first).
+Lines are appended, flushed and fsynced one by one, so an interrupted run keeps
+what it finished: run it again with the same output and it resumes, skipping
+the queries the file already holds, error lines included (a torn last line is
+dropped first).
 """
 
 from __future__ import annotations
@@ -107,22 +108,23 @@ def read_queries(spec: str | os.PathLike) -> list[str]:
     ]
 
 
-def answered_queries(output: str | os.PathLike) -> set[str]:
-    """Queries a results file already holds; a torn (unterminated) last line is cut off."""
+def answered_queries(output: str | os.PathLike) -> dict[str, bool]:
+    """{query: failed} of the lines a results file holds; a torn last line is cut off."""
     output = Path(output)
     if not output.exists():
-        return set()
+        return {}
     data = output.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
     if len(complete) != len(data):
         with open(output, "r+b") as handle:
             handle.truncate(len(complete))
-    done = set()
+    done = {}
     for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            done.add(json.loads(line)["query"])
+            entry = json.loads(line)
+            done[entry["query"]] = "error" in entry
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise InputError(
                 f"{output}:{number}: not a results line ({error}); use another --output"
@@ -132,11 +134,13 @@ def answered_queries(output: str | os.PathLike) -> set[str]:
 
 @dataclasses.dataclass(frozen=True)
 class BatchSummary:
-    """answered: lines written now; skipped: already in the file; failed: error lines."""
+    """answered: lines written now; skipped: already in the file; failed: error lines
+    written now; failed_before: error lines of skipped queries."""
 
     answered: int
     skipped: int
     failed: int
+    failed_before: int
     seconds_per_query: float | None
 
 
@@ -168,6 +172,7 @@ def search_to_jsonl(
         answered,
         len(queries) - len(todo),
         failed,
+        sum(1 for query in queries if done.get(query)),
         float(np.median(seconds)) if seconds else None,
     )
 
