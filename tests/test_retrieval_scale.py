@@ -95,7 +95,7 @@ def planted_source(tmp_path_factory):
     names = [f"img{i:02d}" for i in range(30)]
     store = make_store(root / "store", names, data)
     index = Index.from_store(store, progress=False)
-    index.build_structures(backend="ivfpq", asmk=True, progress=False)
+    index.build_structures(backend="ivfpq", asmk=True, codebook_size=128, progress=False)
     index.save(root / "index")
     return data, store, root / "index"
 
@@ -306,11 +306,23 @@ def test_asmk_scores_equal_a_brute_force_selective_kernel(alpha, threshold):
     assert int(np.argmax(scores)) == 1
 
 
+def test_two_level_codebook_has_the_asked_size(monkeypatch):
+    monkeypatch.setattr(asmk_module, "TWO_LEVEL_WORDS", 16)
+    data = Synthetic(8)
+    descriptors = np.concatenate([data.features(100, False).descriptors for _ in range(10)])
+    offsets = np.arange(11, dtype=np.int64) * 100
+    structure = AsmkIndex.build(descriptors, offsets, codebook_size=64)
+    assert (
+        structure.centroids.shape == (64, DIM) and len(np.unique(structure.centroids, axis=0)) == 64
+    )
+    assert structure.num_images == 10 and structure.image_words.min() > 0
+
+
 def test_asmk_retrieves_planted_images_and_stays_compact(planted):
     data, store, path = planted
     loaded = Index.load(path)
     structure = loaded.asmk()
-    assert structure.codebook_size == default_codebook_size(30 * PER_IMAGE) == 128
+    assert structure.codebook_size == 128 and default_codebook_size(30 * PER_IMAGE) == 32
     # bits (2 bytes at 16-D) + image id (4 bytes) per word of an image, plus the codebook.
     assert structure.memory_bytes() / 30 < 6 * PER_IMAGE + 200
     searcher = Searcher(loaded, RetrievalConfig(ranking="asmk", top_k=3))
@@ -357,6 +369,14 @@ def test_global_ranking_is_reranked_by_local_verification(tmp_path):
     without = LocalFeatures(query.keypoints, query.scales, query.scores, query.descriptors)
     with pytest.raises(ValueError, match="no global descriptor"):
         searcher.search(without)
+    # Batched putative matching equals a per-image brute-force nearest neighbour.
+    many = searcher.match_images(query, range(21))
+    for image_id, matches in enumerate(many):
+        database = loaded.image_descriptors(image_id)
+        distances = np.linalg.norm(query.descriptors[:, None] - database[None], axis=2)
+        within = np.flatnonzero(distances.min(axis=1) <= 0.8)
+        np.testing.assert_array_equal(matches.query_indices, within)
+        np.testing.assert_array_equal(matches.database_indices, distances[within].argmin(axis=1))
 
 
 def test_global_ivf_structure_round_trip(tmp_path):

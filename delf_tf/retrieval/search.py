@@ -39,6 +39,8 @@ from delf_tf.matching.neighbors import (
 )
 from delf_tf.matching.pairwise import Matches, verify
 from delf_tf.matching.ransac import RansacResult
+from delf_tf.retrieval.asmk import AsmkIndex
+from delf_tf.retrieval.global_ranking import GlobalRanker
 from delf_tf.retrieval.index import Index, IndexFormatError
 
 
@@ -101,27 +103,31 @@ class Searcher:
         index: Index,
         config: RetrievalConfig | None = None,
         neighbors: NeighborIndex | None = None,
+        asmk: AsmkIndex | None = None,
+        global_ranker: GlobalRanker | None = None,
     ):
+        """`neighbors`, `asmk`, `global_ranker`: structures to use instead of the
+        index's saved ones (benchmarks compare several over one index)."""
         self.index = index
         self.config = config or RetrievalConfig()
         self.method = resolve_ranking(self.config.ranking, index)
         self._image_ids = np.asarray(index.image_ids)
         self.neighbors: NeighborIndex | None = None
-        self.asmk = None
-        self.global_ranker = None
+        self.asmk: AsmkIndex | None = None
+        self.global_ranker: GlobalRanker | None = None
         if self.method == "votes":
             self.neighbors = neighbors or self._votes_structure()
             if self.config.nprobe and hasattr(self.neighbors, "set_nprobe"):
                 self.neighbors.set_nprobe(self.config.nprobe)
         elif self.method == "asmk":
-            self.asmk = index.asmk()
+            self.asmk = asmk or index.asmk()
             if self.asmk is None:
                 raise IndexFormatError(
                     f"{index.path or 'index'}: no ASMK structure; build it with "
                     "`delf index --index_type=asmk` (or rank with --ranking=votes)"
                 )
         else:
-            self.global_ranker = index.global_ranker()
+            self.global_ranker = global_ranker or index.global_ranker()
             if self.global_ranker is None:
                 raise IndexFormatError(
                     f"{index.path or 'index'}: no global descriptors (its features come "
@@ -247,27 +253,53 @@ class Searcher:
         """Nearest descriptor of `image_id` for every query descriptor, within the bound.
 
         The reference re-ranking's putative matches (a KD-tree over the database
-        image, queried with the query's descriptors, k=1), computed exactly with
-        one matrix product.
+        image, queried with the query's descriptors, k=1), computed exactly.
         """
-        database = self.index.image_descriptors(image_id)
-        empty = np.zeros(0, np.int64)
-        if len(database) == 0 or len(query) == 0:
-            return Matches(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), empty, empty)
-        products = query.descriptors @ database.T
-        nearest = np.argmax(
-            products - 0.5 * np.einsum("ij,ij->i", database, database)[None], axis=1
-        )
-        difference = query.descriptors - database[nearest]
-        distances = np.sqrt(np.einsum("ij,ij->i", difference, difference))
-        query_rows = np.flatnonzero(distances <= self.config.distance_bound)
-        database_rows = nearest[query_rows].astype(np.int64)
-        return Matches(
-            query.keypoints[query_rows],
-            self.index.image_keypoints(image_id)[database_rows],
-            query_rows.astype(np.int64),
-            database_rows,
-        )
+        return self.match_images(query, [image_id])[0]
+
+    def match_images(self, query: LocalFeatures, image_ids) -> list[Matches]:
+        """`match_image` for many images: one matrix product per ~_MATCH_BLOCK database rows."""
+        out: list[Matches] = []
+        ids = [int(i) for i in image_ids]
+        start = 0
+        while start < len(ids):
+            stop, rows = start, 0
+            while stop < len(ids) and (stop == start or rows < _MATCH_BLOCK):
+                rows += self.index.offsets[ids[stop] + 1] - self.index.offsets[ids[stop]]
+                stop += 1
+            out += self._match_block(query, ids[start:stop])
+            start = stop
+        return out
+
+    def _match_block(self, query: LocalFeatures, ids: list[int]) -> list[Matches]:
+        blocks = [self.index.image_descriptors(i) for i in ids]
+        sizes = [len(block) for block in blocks]
+        if len(query) == 0 or not sum(sizes):
+            return [_no_matches() for _ in ids]
+        stacked = np.concatenate(blocks)
+        # argmin |q - d|^2 = argmax q.d - |d|^2 / 2
+        scores = query.descriptors @ stacked.T
+        scores -= 0.5 * np.einsum("ij,ij->i", stacked, stacked)[None]
+        out, first = [], 0
+        for image_id, size in zip(ids, sizes, strict=True):
+            if size == 0:
+                out.append(_no_matches())
+                continue
+            nearest = np.argmax(scores[:, first : first + size], axis=1)
+            difference = query.descriptors - stacked[first + nearest]
+            distances = np.sqrt(np.einsum("ij,ij->i", difference, difference))
+            query_rows = np.flatnonzero(distances <= self.config.distance_bound)
+            database_rows = nearest[query_rows].astype(np.int64)
+            out.append(
+                Matches(
+                    query.keypoints[query_rows],
+                    self.index.image_keypoints(image_id)[database_rows],
+                    query_rows.astype(np.int64),
+                    database_rows,
+                )
+            )
+            first += size
+        return out
 
     def _verify_ranked(
         self,
@@ -282,9 +314,12 @@ class Searcher:
         Inliers <= putative matches, so images are verified by falling match count
         and the loop stops once no remaining image can enter the top k.
         """
+        matches = self.match_images(query, ids[:shortlist])
         candidates = [
-            (int(image_id), float(score), self.match_image(query, int(image_id)))
-            for image_id, score in zip(ids[:shortlist], scores[:shortlist], strict=True)
+            (int(image_id), float(score), found)
+            for image_id, score, found in zip(
+                ids[:shortlist], scores[:shortlist], matches, strict=True
+            )
         ]
         candidates.sort(key=lambda c: (-len(c[2]), -c[1], c[0]))
         results: list[SearchResult] = []
@@ -360,6 +395,15 @@ class Searcher:
             raise ValueError(
                 f"query descriptors are {query.dim}-D, the index holds {self.index.dim}-D"
             )
+
+
+# Database rows compared with a query in one matrix product when re-ranking.
+_MATCH_BLOCK = 16_384
+
+
+def _no_matches() -> Matches:
+    empty = np.zeros(0, np.int64)
+    return Matches(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), empty, empty)
 
 
 def _unit_scores(scores: np.ndarray) -> np.ndarray:
