@@ -53,6 +53,8 @@ _BRUTE_BLOCK = 1 << 22
 _KDTREE_NODE_BYTES = 72
 # Vectors added to a FAISS index per call (bounds the temporary float32 copy).
 _ADD_CHUNK = 1 << 20
+# HNSW quantizer breadth while adding (one nearest cell per vector; ~98% exact).
+_ADD_EF_SEARCH = 32
 
 
 @runtime_checkable
@@ -288,19 +290,15 @@ class IvfPqNeighbors:
         index = faiss.IndexIVFPQ(quantizer, dim, parameters.nlist, parameters.subquantizers, 8)
         index.own_fields = True
         quantizer.this.disown()
-        assignment = None
-        if parameters.quantizer == "hnsw":
-            # k-means assignment through an HNSW graph too: exhaustive assignment of
-            # the training sample to tens of thousands of centroids is too slow.
-            assignment = faiss.IndexHNSWFlat(dim, parameters.hnsw_neighbors)
-            index.clustering_index = assignment
-        index.cp.seed = parameters.seed
         rng = np.random.default_rng(parameters.seed)
         size = min(count, parameters.train_size or count)
         rows = np.sort(rng.choice(count, size, replace=False)) if size < count else slice(None)
-        index.train(_contiguous(descriptors[rows]))
-        if assignment is not None:
-            index.clustering_index = None  # not owned by the index: drop it before it is freed
+        sample = _contiguous(descriptors[rows])
+        # The cells come from `kmeans` (two-level for many lists); FAISS then only
+        # trains the PQ codebooks on the residuals (a quantizer that holds nlist
+        # centroids is not retrained).
+        quantizer.add(kmeans(sample, parameters.nlist, seed=parameters.seed))
+        index.train(sample)
         structure = cls(index, descriptors, parameters)
         if add:
             structure.add(descriptors)
@@ -315,8 +313,13 @@ class IvfPqNeighbors:
         if self.read_only:
             raise ValueError("IVF-PQ structure loaded memory-mapped (read-only): load it writable")
         start = len(self)
-        for first in range(start, len(descriptors), _ADD_CHUNK):
-            self._index.add(_contiguous(descriptors[first : first + _ADD_CHUNK]))
+        nprobe = self._nprobe
+        self._set_quantizer_breadth(_ADD_EF_SEARCH)  # the nearest cell of each new vector
+        try:
+            for first in range(start, len(descriptors), _ADD_CHUNK):
+                self._index.add(_contiguous(descriptors[first : first + _ADD_CHUNK]))
+        finally:
+            self._set_quantizer_breadth(max(2 * nprobe, 64))
         self._descriptors = descriptors
         return len(descriptors) - start
 
@@ -353,16 +356,18 @@ class IvfPqNeighbors:
 
     def set_nprobe(self, nprobe: int) -> None:
         """Lists visited per query (and the HNSW quantizer's search breadth to match)."""
-        import faiss
-
         nprobe = int(max(1, min(nprobe, self.parameters.nlist)))
         if nprobe == self._nprobe:
             return
         self._index.nprobe = nprobe
-        if self.parameters.quantizer == "hnsw":
-            quantizer = faiss.downcast_index(self._index.quantizer)
-            quantizer.hnsw.efSearch = max(2 * nprobe, 64)
+        self._set_quantizer_breadth(max(2 * nprobe, 64))
         self._nprobe = nprobe
+
+    def _set_quantizer_breadth(self, ef_search: int) -> None:
+        import faiss
+
+        if self.parameters.quantizer == "hnsw":
+            faiss.downcast_index(self._index.quantizer).hnsw.efSearch = ef_search
 
     def search(self, queries, k, max_distance):
         queries = _contiguous(queries)
@@ -380,6 +385,76 @@ class IvfPqNeighbors:
             centroids += self.parameters.nlist * self.parameters.hnsw_neighbors * 2 * 4
         codebooks = self.parameters.subquantizers * 256 * (dim // self.parameters.subquantizers)
         return int(len(self) * per_vector + centroids + 4 * codebooks)
+
+
+def kmeans(
+    points: np.ndarray,
+    k: int,
+    iterations: int = 12,
+    seed: int = 0,
+    two_level_from: int = 2048,
+    points_per_centroid: int = 192,
+) -> np.ndarray:
+    """float32 [k, D] FAISS k-means centroids of float32 [n, D] `points` (n >= k).
+
+    From `two_level_from` centroids on, two-level k-means: ~sqrt(k) coarse cells,
+    then every cell is split into a share of the k centroids proportional to its
+    points. One level costs n x k distances per iteration, two levels ~n x 2 sqrt(k):
+    hours against minutes for 65536 centroids on 2 cores.
+    """
+    import faiss
+
+    points = np.ascontiguousarray(points, np.float32)
+    if len(points) < k:
+        raise ValueError(f"k-means with {k} centroids needs >= {k} points, got {len(points)}")
+    if k < two_level_from:
+        return _one_level_kmeans(points, k, iterations, seed, points_per_centroid)
+    coarse_k = 2 ** round(math.log2(math.sqrt(k)))
+    coarse = _one_level_kmeans(points, coarse_k, iterations, seed, points_per_centroid)
+    _, cell = faiss.knn(points, coarse, 1)
+    cell = cell[:, 0]
+    sizes = np.bincount(cell, minlength=coarse_k)
+    # Centroids per cell in proportion to its points, >= 1 and <= its points, summing to k.
+    share = np.minimum(np.maximum(np.floor(sizes * k / len(points)), 1), sizes).astype(np.int64)
+    for index in np.argsort(-sizes):
+        missing = k - int(share.sum())
+        if missing == 0:
+            break
+        share[index] = int(np.clip(share[index] + missing, min(1, sizes[index]), sizes[index]))
+    if int(share.sum()) != k:
+        raise ValueError(f"cannot split {len(points)} points into {k} centroids")
+    order = np.argsort(cell, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    centroids = []
+    for index in range(coarse_k):
+        members = points[order[bounds[index] : bounds[index + 1]]]
+        if share[index] == 0:
+            continue
+        if share[index] == len(members):
+            centroids.append(members)
+        else:
+            centroids.append(
+                _one_level_kmeans(members, int(share[index]), iterations, seed, points_per_centroid)
+            )
+    return np.concatenate(centroids).astype(np.float32)
+
+
+def _one_level_kmeans(
+    points: np.ndarray, k: int, iterations: int, seed: int, points_per_centroid: int
+) -> np.ndarray:
+    import faiss
+
+    clustering = faiss.Kmeans(
+        points.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        max_points_per_centroid=points_per_centroid,
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    clustering.train(points)
+    return clustering.centroids
 
 
 def choose_backend(count: int) -> str:

@@ -56,6 +56,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from delf_tf.matching.neighbors import kmeans
+
 FILES = ("centroids", "offsets", "entry_images", "entry_bits", "image_words")
 WORDS_FILE = "words.faiss"
 DTYPES = {
@@ -72,10 +74,9 @@ DTYPES = {
 HNSW_WORDS = 16_384
 HNSW_LINKS = 32
 HNSW_EF_SEARCH = 32
-# Codebooks of at least this many words are learnt by two-level k-means (sqrt(W)
-# coarse cells, then each cell split in proportion to its points): one k-means
-# over W words costs training points x W distances per iteration (measured on
-# 200k descriptors: 51 s for 4096 words in one level, 7.5 s for 16384 in two).
+# Codebooks of at least this many words are learnt by two-level k-means (measured
+# on 200k descriptors, 1 thread: 51 s for 4096 words in one level, 7.5 s for
+# 16384 in two).
 TWO_LEVEL_WORDS = 2048
 # Default codebook size: about this many database descriptors per word.
 DESCRIPTORS_PER_WORD = 64
@@ -398,63 +399,19 @@ def selective_kernel(similarity: np.ndarray, alpha: float, threshold: float) -> 
 
 
 def train_codebook(descriptors: np.ndarray, parameters: AsmkParameters) -> np.ndarray:
-    """float32 [W, D] k-means centroids of a sample of `descriptors` (FAISS k-means).
-
-    From TWO_LEVEL_WORDS words on, two-level k-means (see there).
-    """
-    count, dim = descriptors.shape
+    """float32 [W, D] k-means centroids of a sample of `descriptors` (FAISS k-means,
+    two-level from TWO_LEVEL_WORDS words on; see `delf_tf.matching.neighbors.kmeans`)."""
+    count = len(descriptors)
     rng = np.random.default_rng(parameters.seed)
     size = parameters.train_size
     rows = np.sort(rng.choice(count, size, replace=False)) if size < count else slice(None)
-    sample = np.ascontiguousarray(descriptors[rows], np.float32)
-    words = parameters.codebook_size
-    if words < TWO_LEVEL_WORDS:
-        return _kmeans(sample, words, parameters)
-    coarse_words = 2 ** round(math.log2(math.sqrt(words)))
-    coarse = _kmeans(sample, coarse_words, parameters)
-    import faiss
-
-    _, cell = faiss.knn(sample, coarse, 1)
-    cell = cell[:, 0]
-    sizes = np.bincount(cell, minlength=coarse_words)
-    # Words per cell in proportion to its points, >= 1 and <= its points, summing to W.
-    share = np.minimum(np.maximum(np.floor(sizes * words / len(sample)), 1), sizes).astype(int)
-    share[sizes == 0] = 0
-    for index in np.argsort(-sizes):
-        missing = words - int(share.sum())
-        if missing == 0:
-            break
-        share[index] = int(np.clip(share[index] + missing, 1, sizes[index]))
-    if int(share.sum()) != words:
-        raise AsmkError(f"cannot split {len(sample)} training points into {words} words")
-    order = np.argsort(cell, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    centroids = []
-    for index in range(coarse_words):
-        if share[index] == 0:
-            continue
-        points = sample[order[bounds[index] : bounds[index + 1]]]
-        if share[index] == len(points):
-            centroids.append(points)
-        else:
-            centroids.append(_kmeans(points, int(share[index]), parameters))
-    return np.concatenate(centroids).astype(np.float32)
-
-
-def _kmeans(points: np.ndarray, words: int, parameters: AsmkParameters) -> np.ndarray:
-    import faiss
-
-    kmeans = faiss.Kmeans(
-        points.shape[1],
-        words,
-        niter=parameters.iterations,
+    return kmeans(
+        descriptors[rows],
+        parameters.codebook_size,
+        iterations=parameters.iterations,
         seed=parameters.seed,
-        max_points_per_centroid=POINTS_PER_WORD * 4,
-        min_points_per_centroid=1,
-        verbose=False,
+        two_level_from=TWO_LEVEL_WORDS,
     )
-    kmeans.train(np.ascontiguousarray(points, np.float32))
-    return kmeans.centroids
 
 
 def word_index(centroids: np.ndarray, assignment: str) -> Any:
