@@ -257,6 +257,13 @@ def test_delf_index_command_prints_recall_and_appends(tmp_path, capsys):
     assert "no retraining" in captured.err
     header = json.loads((output / "index.json").read_text())
     assert header["structures"]["neighbors"]["num_descriptors"] == 13 * PER_IMAGE
+    # Appending the same store again changes nothing: the structures are kept (copied).
+    assert main(append) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["added"] == 0 and summary["structures"]["neighbors"]["action"] == "kept"
+    assert summary["structures"]["asmk"]["action"] == "kept"
+    loaded = Index.load(output)
+    assert len(loaded.neighbors()) == 13 * PER_IMAGE and loaded.asmk().num_images == 13
 
 
 # --- ASMK* --------------------------------------------------------------------------------
@@ -369,7 +376,20 @@ def test_global_ranking_is_reranked_by_local_verification(tmp_path):
     without = LocalFeatures(query.keypoints, query.scales, query.scores, query.descriptors)
     with pytest.raises(ValueError, match="no global descriptor"):
         searcher.search(without)
-    # Batched putative matching equals a per-image brute-force nearest neighbour.
+    # The shortlist's k-NN matches equal a brute-force reading of the votes rule.
+    candidates = [5, 20, 3, 11]
+    union = np.concatenate([loaded.image_descriptors(i) for i in candidates])
+    owner = np.repeat(np.arange(4), PER_IMAGE)
+    distances = np.linalg.norm(query.descriptors[:, None] - union[None], axis=2)
+    for position, matches in enumerate(searcher.shortlist_matches(query, candidates)):
+        expected = {}
+        for row, d in enumerate(distances):
+            for column in np.argsort(d, kind="stable")[:10]:
+                if d[column] <= 0.8 and owner[column] == position and row not in expected:
+                    expected[row] = column - position * PER_IMAGE
+        assert matches.query_indices.tolist() == sorted(expected)
+        assert matches.database_indices.tolist() == [expected[r] for r in sorted(expected)]
+    # Batched nearest-descriptor matching equals a per-image brute-force nearest neighbour.
     many = searcher.match_images(query, range(21))
     for image_id, matches in enumerate(many):
         database = loaded.image_descriptors(image_id)

@@ -8,6 +8,7 @@ from delf_tf.config import (
     NEIGHBOR_BACKENDS,
     RANKINGS,
     RANSAC_METHODS,
+    RERANK_MATCHES,
     TRANSFORMS,
     RetrievalConfig,
 )
@@ -24,6 +25,7 @@ OVERRIDES = {
     # Defined by define_ranking_flags (search, evaluate) only.
     "ranking": "ranking",
     "nprobe": "nprobe",
+    "rerank_matches": "rerank_matches",
 }
 
 
@@ -87,6 +89,14 @@ def define_ranking_flags(flag_values: flags.FlagValues) -> None:
         None,
         "inverted lists an IVF k-NN structure visits per query (default: the value "
         "`delf index` derived, recorded in index.json)",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "rerank_matches",
+        None,
+        RERANK_MATCHES,
+        "putative matches when re-ranking the asmk/global shortlist: knn (the votes rule "
+        "within the shortlist; default) or nearest (the reference: nearest descriptor per image)",
         **define,
     )
 

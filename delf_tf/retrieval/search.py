@@ -6,11 +6,11 @@ Three initial rankings (RetrievalConfig.ranking), one re-ranking:
   index (the k-NN structure saved by `delf index`). Each database image gets at
   most one vote per query descriptor, and that vote's nearest descriptor becomes a
   putative match. Images are ranked by votes.
-- "asmk": ASMK* similarity of aggregated binary residuals (`asmk.py`); the
-  putative matches of a candidate are its nearest descriptors (within
-  `distance_bound`) of the query's descriptors, as in the reference re-ranking.
-- "global": inner product of DELG global descriptors (`global_ranking.py`), same
-  putative matches.
+- "asmk": ASMK* similarity of aggregated binary residuals (`asmk.py`).
+- "global": inner product of DELG global descriptors (`global_ranking.py`).
+  For both, the putative matches of a shortlisted image follow the votes rule
+  restricted to the shortlist (RetrievalConfig.rerank_matches "knn"), or the
+  reference re-ranking's nearest descriptor per image ("nearest").
 The `shortlist` best images are verified with RANSAC and ranked by (inliers,
 initial score), the order of the reference's re-ranking; the others follow in
 their initial order. "auto" picks global when the index has global
@@ -249,6 +249,46 @@ class Searcher:
         ids, scores = self.global_ranker.rank(query.global_descriptor)
         return ids, scores.astype(np.float64)
 
+    def shortlist_matches(self, query: LocalFeatures, image_ids) -> list[Matches]:
+        """Putative matches of the votes rule, restricted to `image_ids` (one per image).
+
+        The `neighbors` nearest descriptors of every query descriptor among the
+        images' descriptors (exact FAISS search), within `distance_bound`; each
+        image keeps, per query descriptor, its nearest one.
+        """
+        ids = np.asarray(image_ids, np.int64)
+        offsets = np.asarray(self.index.offsets)
+        sizes = offsets[ids + 1] - offsets[ids]
+        if len(query) == 0 or not sizes.sum():
+            return [_no_matches() for _ in ids]
+        rows = np.repeat(offsets[ids] - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
+        database = np.asarray(self.index.descriptors[rows], np.float32)
+        _, found = FlatNeighbors(database).search(
+            query.descriptors, self.config.neighbors, self.config.distance_bound
+        )
+        query_rows, column = np.nonzero(found != MISSING)
+        local = found[query_rows, column]
+        owner = np.repeat(np.arange(len(ids)), sizes)[local]
+        # Row-major: each query descriptor's neighbours come nearest first, so the
+        # first (query, image) pair is that image's nearest descriptor.
+        _, first = np.unique(query_rows * len(ids) + owner, return_index=True)
+        query_rows, local, owner = query_rows[first], local[first], owner[first]
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(len(ids) + 1))
+        out = []
+        for position, image_id in enumerate(ids):
+            picked = order[bounds[position] : bounds[position + 1]]
+            database_rows = rows[local[picked]]
+            out.append(
+                Matches(
+                    query.keypoints[query_rows[picked]],
+                    np.asarray(self.index.keypoints[database_rows]),
+                    query_rows[picked].astype(np.int64),
+                    (database_rows - offsets[image_id]).astype(np.int64),
+                )
+            )
+        return out
+
     def match_image(self, query: LocalFeatures, image_id: int) -> Matches:
         """Nearest descriptor of `image_id` for every query descriptor, within the bound.
 
@@ -314,7 +354,10 @@ class Searcher:
         Inliers <= putative matches, so images are verified by falling match count
         and the loop stops once no remaining image can enter the top k.
         """
-        matches = self.match_images(query, ids[:shortlist])
+        if self.config.rerank_matches == "knn":
+            matches = self.shortlist_matches(query, ids[:shortlist])
+        else:
+            matches = self.match_images(query, ids[:shortlist])
         candidates = [
             (int(image_id), float(score), found)
             for image_id, score, found in zip(
