@@ -35,7 +35,7 @@ from absl import app, flags
 from PIL import Image
 
 from delf_tf.config import ExtractionConfig, RetrievalConfig
-from delf_tf.evaluation.datasets import load_dataset
+from delf_tf.evaluation.datasets import image_id_from_key, load_dataset
 from delf_tf.evaluation.engine import engine_rank_fn
 from delf_tf.evaluation.evaluate import evaluate
 from delf_tf.extraction.extractor import build_extractor
@@ -161,6 +161,7 @@ def run_pipeline(name, extractor, dataset, images: Path, work: Path, rankings) -
                 )
             return cache[digest]
 
+    dataset_ids = [image_id_from_key(record.key) for record in index.images]
     rows = {}
     for row in rankings:
         ranking, kwargs, seconds, bytes_per_image = structures(row, index)
@@ -177,8 +178,17 @@ def run_pipeline(name, extractor, dataset, images: Path, work: Path, rankings) -
             return ranking_
 
         result = evaluate(dataset, timed_rank, progress=False).to_dict()
+
+        def initial_rank(image, query_id, searcher=searcher, ids=dataset_ids):
+            found, scores = searcher.initial_ranking(CachedExtractor().extract(image))
+            return [(ids[i], float(s)) for i, s in zip(found, scores, strict=True)]
+
+        initial = evaluate(dataset, initial_rank, progress=False).to_dict()
         rows[row] = {
             "setups": result["setups"],
+            "initial_ranking_mAP": {
+                name: summary["mAP"] for name, summary in initial["setups"].items()
+            },
             "structure_build_seconds": round(seconds, 2),
             "structure_bytes_per_image": round(bytes_per_image, 1),
             "query_search_seconds_median": round(float(np.median(search_seconds)), 3),
