@@ -84,6 +84,21 @@ class SearchResult:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class InitialRanking:
+    """A query's ranking before verification.
+
+    Attributes:
+      ids: int64 [R] image ids, best first.
+      scores: float64 [R] their scores (votes, ASMK* similarity, inner product).
+      voted: the votes ranking's (votes, query_rows, database_rows), see `Searcher.vote`.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    voted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
 def resolve_ranking(ranking: str, index: Index) -> str:
     """The ranking method "auto" stands for on `index` (others are returned as they are)."""
     if ranking != "auto":
@@ -219,18 +234,19 @@ class Searcher:
 
     # --- the asmk and global rankings ---------------------------------------------------
 
-    def initial_ranking(self, query: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """(image ids int64 [R], scores float64 [R]) best first, before verification.
+    def initial(self, query: LocalFeatures) -> InitialRanking:
+        """The initial ranking of `query` over the whole index, before verification.
 
         votes: images with at least one vote; asmk: images with a positive
         similarity; global: every image (or the IVF structure's best).
         """
         self._check_dim(query)
         if self.method == "votes":
-            votes = self.vote(query)[0]
+            voted = self.vote(query)
+            votes = voted[0]
             ids = np.argsort(-votes, kind="stable")
             ids = ids[votes[ids] > 0]
-            return ids.astype(np.int64), votes[ids].astype(np.float64)
+            return InitialRanking(ids.astype(np.int64), votes[ids].astype(np.float64), voted)
         if self.method == "asmk":
             scores = self.asmk.scores(
                 query.descriptors,
@@ -240,14 +256,33 @@ class Searcher:
             )
             ids = np.argsort(-scores, kind="stable")
             ids = ids[scores[ids] > 0]
-            return ids.astype(np.int64), scores[ids]
+            return InitialRanking(ids.astype(np.int64), scores[ids])
         if query.global_descriptor is None:
             raise ValueError(
                 "the query has no global descriptor: ranking=global needs a model with a "
                 "global head (DELG); use --ranking=votes or asmk"
             )
         ids, scores = self.global_ranker.rank(query.global_descriptor)
-        return ids, scores.astype(np.float64)
+        return InitialRanking(ids, scores.astype(np.float64))
+
+    def initial_ranking(self, query: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids int64 [R], scores float64 [R]) of `initial`, best first."""
+        initial = self.initial(query)
+        return initial.ids, initial.scores
+
+    def verify(
+        self,
+        query: LocalFeatures,
+        initial: InitialRanking,
+        top_k: int | None = None,
+        shortlist: int | None = None,
+    ) -> list[SearchResult]:
+        """RANSAC over the `shortlist` best of `initial`; the `top_k` by (inliers, score)."""
+        top_k = top_k or self.config.top_k
+        shortlist = shortlist or self.config.shortlist
+        if initial.voted is not None:
+            return self._verify_votes(query, initial.voted, top_k, shortlist)
+        return self._verify_ranked(query, initial.ids, initial.scores, top_k, shortlist)
 
     def shortlist_matches(self, query: LocalFeatures, image_ids) -> list[Matches]:
         """Putative matches of the votes rule, restricted to `image_ids` (one per image).
@@ -379,13 +414,7 @@ class Searcher:
         self, query: LocalFeatures, top_k: int | None = None, shortlist: int | None = None
     ) -> list[SearchResult]:
         """The `top_k` database images best verified against `query`, best first."""
-        top_k = top_k or self.config.top_k
-        shortlist = shortlist or self.config.shortlist
-        if self.method == "votes":
-            self._check_dim(query)
-            return self._verify_votes(query, self.vote(query), top_k, shortlist)
-        ids, scores = self.initial_ranking(query)
-        return self._verify_ranked(query, ids, scores, top_k, shortlist)
+        return self.verify(query, self.initial(query), top_k, shortlist)
 
     def ranking(
         self, query: LocalFeatures, shortlist: int | None = None
@@ -399,24 +428,15 @@ class Searcher:
         this whole list, not only the top k.
         """
         shortlist = shortlist or self.config.shortlist
-        if self.method == "votes":
-            self._check_dim(query)
-            voted = self.vote(query)
-            votes = voted[0]
-            ids = np.argsort(-votes, kind="stable")
-            ids = ids[votes[ids] > 0]
-            initial = votes[ids].astype(np.float64)
-            verified = self._verify_votes(query, voted, top_k=shortlist, shortlist=shortlist)
-        else:
-            ids, initial = self.initial_ranking(query)
-            verified = self._verify_ranked(query, ids, initial, shortlist, shortlist)
-        unit = _unit_scores(initial)
-        position = {int(image_id): i for i, image_id in enumerate(ids)}
+        initial = self.initial(query)
+        verified = self.verify(query, initial, top_k=shortlist, shortlist=shortlist)
+        unit = _unit_scores(initial.scores)
+        position = {int(image_id): i for i, image_id in enumerate(initial.ids)}
         ranked = [
             (r.image_id, float(1.0 + r.inliers + unit[position[r.image_id]])) for r in verified
         ]
         seen = {r.image_id for r in verified}
-        others = [(int(i), float(unit[n])) for n, i in enumerate(ids) if int(i) not in seen]
+        others = [(int(i), float(unit[n])) for n, i in enumerate(initial.ids) if int(i) not in seen]
         return ranked + others
 
     # --- helpers ------------------------------------------------------------------------
