@@ -1,60 +1,93 @@
-"""Benchmark: one global index against the pairwise approach, as the database grows.
+"""Benchmark: retrieval at 1k, 10k and 100k images, every ranking against exact voting.
 
 Synthetic databases shaped like DELF output: `--per_image` (1000) descriptors per
 image, 40-D, unit norm, drawn around clustered "visual words" (power-law word
 frequencies) with a PCA-like variance spectrum (component i ~ (i + 2)^-1.5:
 effective dimension ~11, as measured on PCA-40 DELF descriptors), keypoints in a
-640x480 frame. Each query is a database image seen again: 60% of its features
-(descriptors perturbed, keypoints moved by an affine map) plus 40% unrelated ones.
+640x480 frame, and a `--global_dim` global descriptor per image. The arrays are
+generated in 1 M-row chunks straight into memory-mapped files under
+`--work_dir`, so memory stays bounded whatever the size.
 
-Measured per database size (`--sizes`, images):
-- global index (this project), per back end: build time, memory of the
-  nearest-neighbour structure per descriptor (estimate and RSS growth), k-NN time
-  per query (timed on `--timed_descriptors` of each query's descriptors and scaled
-  to all of them), and, when that projects below `--max_query_seconds`, full
-  searches (k-NN + votes + RANSAC on the shortlist): latency and recall@1;
-- pairwise (the DELF reference's matcher, the baseline): a KD-tree per database
-  image, each queried with the query's descriptors (k=1, same bound), then RANSAC
-  for every image with enough matches. At large sizes it is timed on the first
-  `--pairwise_images` images and scaled linearly (marked "extrapolated").
-Prints JSON; ratios are pairwise / global (speed-up of the global index).
+Each query has a planted true image: 60% of the true image's features
+(descriptors perturbed, keypoints moved by an affine map) plus 40% unrelated
+ones, and its global descriptor perturbed (cosine ~0.6 to the true one).
 
-  python bench/index_scale.py --sizes=1000,10000 [--backends=kdtree,faiss-ivfpq]
+Rankings (rows per size), all re-ranking their best `--shortlist` (100) images
+by RANSAC inliers exactly as `delf search` does (`Searcher.search`, top 10):
+  votes-exact      k-NN votes, exact FAISS search (the baseline of the ratios)
+  votes-ivfpq      k-NN votes, IVF-PQ, exhaustive coarse quantizer
+  votes-ivfpq-hnsw k-NN votes, IVF-PQ, HNSW coarse quantizer
+  asmk             ASMK* (default codebook size for the data)
+  global           inner product of global descriptors
+Measured: build seconds, bytes per image and per descriptor of the structure,
+query latency p50/p95 (initial ranking and total with re-ranking), recall@1 of
+the planted image, for votes-* the sampled k-NN recall@10 against exact search,
+and for every approximate row the agreement of its top-1 with the exact
+baseline's top-1 on the same queries. Ratios are row / votes-exact.
+
+The exact baseline costs ~1 s per query per 100 000 database descriptors on 2
+cores, so it runs on the first `--exact_queries` queries only; approximate rows
+run all `--queries` and compare with exact on the shared ones.
+
+Rows over `--max_descriptors` are shrunk to fewer descriptors per image (the
+row's "per_image" says how many): 100 000 images x 1000 x 40-D is 16 GB of
+float32, and on 2 shared cores the exact baseline alone would take ~15 min per
+query; see the report for what was run.
+
+  python bench/index_scale.py --sizes=1000,10000,100000 [--queries=10]
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import statistics
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from scipy.spatial import cKDTree
 
 from delf_tf.config import RetrievalConfig
-from delf_tf.matching.neighbors import build_neighbors
-from delf_tf.matching.ransac import apply_transform, ransac
+from delf_tf.features.local_features import LocalFeatures
+from delf_tf.matching.neighbors import (
+    FlatNeighbors,
+    IvfPqNeighbors,
+    ivfpq_parameters,
+    sampled_recall,
+)
+from delf_tf.matching.ransac import apply_transform
+from delf_tf.retrieval.asmk import AsmkIndex
+from delf_tf.retrieval.global_ranking import GlobalRanker
 from delf_tf.retrieval.index import ImageRecord, Index
 from delf_tf.retrieval.search import Searcher
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sizes", ["1000", "10000"], "database sizes (images)")
-flags.DEFINE_list("backends", ["kdtree"], "global-index back ends: kdtree, brute, faiss-ivfpq")
+flags.DEFINE_list("sizes", ["1000", "10000", "100000"], "database sizes (images)")
+flags.DEFINE_list(
+    "rankings",
+    ["votes-exact", "votes-ivfpq", "votes-ivfpq-hnsw", "asmk", "global"],
+    "rows per size",
+)
 flags.DEFINE_integer("per_image", 1000, "descriptors per image")
+flags.DEFINE_integer(
+    "max_descriptors", 10_000_000, "rows with more descriptors get fewer per image"
+)
 flags.DEFINE_integer("dim", 40, "descriptor size")
-flags.DEFINE_integer("words", 10000, "cluster centres ('visual words')")
+flags.DEFINE_integer("global_dim", 256, "global descriptor size")
+flags.DEFINE_integer("words", 10000, "cluster centres ('visual words') of the generator")
 flags.DEFINE_float("spread", 0.5, "noise around a word, relative to the spectrum")
 flags.DEFINE_float("decay", 1.5, "variance of component i ~ (i + 2)^-decay")
-flags.DEFINE_integer("timed_descriptors", 200, "query descriptors the k-NN timing uses")
-flags.DEFINE_float("max_query_seconds", 60.0, "skip full searches projected slower than this")
-flags.DEFINE_integer("queries", 5, "queries per database size")
-flags.DEFINE_integer("pairwise_images", 1000, "pairwise baseline timed on at most this many")
+flags.DEFINE_integer("queries", 10, "queries per database size")
+flags.DEFINE_integer("exact_queries", 5, "queries the exact baseline answers")
+flags.DEFINE_integer("shortlist", 100, "images re-ranked by RANSAC")
+flags.DEFINE_string("work_dir", None, "folder for the memory-mapped arrays (default: a temp dir)")
 flags.DEFINE_integer("seed", 0, "seed of the synthetic data")
 
 AFFINE = np.array([[0.8, -0.2, 40.0], [0.15, 0.85, -10.0], [0.0, 0.0, 1.0]])
+CHUNK = 1_000_000
 
 
 def rss_bytes() -> int:
@@ -66,7 +99,7 @@ def rss_bytes() -> int:
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
 
 
 class Generator:
@@ -83,153 +116,203 @@ class Generator:
     def descriptors(self, count: int) -> np.ndarray:
         words = self.rng.choice(FLAGS.words, count, p=self.probabilities)
         noise = self.rng.normal(0, FLAGS.spread, (count, FLAGS.dim)).astype(np.float32)
-        return unit(self.words[words] + noise * self.std).astype(np.float32)
+        return unit(self.words[words] + noise * self.std)
 
 
-def make_index(images: int, generator: Generator) -> Index:
-    per = FLAGS.per_image
+def make_index(images: int, per: int, generator: Generator, folder: Path) -> Index:
+    """An Index whose arrays are memory-mapped files written chunk by chunk."""
     total = images * per
-    descriptors = np.empty((total, FLAGS.dim), np.float32)
-    for start in range(0, total, 1_000_000):
-        stop = min(total, start + 1_000_000)
+    descriptors = np.lib.format.open_memmap(
+        folder / "descriptors.npy", "w+", np.float32, (total, FLAGS.dim)
+    )
+    keypoints = np.lib.format.open_memmap(folder / "keypoints.npy", "w+", np.float32, (total, 2))
+    for start in range(0, total, CHUNK):
+        stop = min(total, start + CHUNK)
         descriptors[start:stop] = generator.descriptors(stop - start)
-    keypoints = generator.rng.uniform([0, 0], [640, 480], (total, 2)).astype(np.float32)
+        keypoints[start:stop] = generator.rng.uniform([0, 0], [640, 480], (stop - start, 2))
+    descriptors.flush()
+    keypoints.flush()
+    global_descriptors = np.lib.format.open_memmap(
+        folder / "global.npy", "w+", np.float32, (images, FLAGS.global_dim)
+    )
+    for start in range(0, images, CHUNK // 4):
+        stop = min(images, start + CHUNK // 4)
+        global_descriptors[start:stop] = unit(
+            generator.rng.normal(size=(stop - start, FLAGS.global_dim))
+        )
     image_ids = np.repeat(np.arange(images, dtype=np.int32), per)
     offsets = np.arange(images + 1, dtype=np.int64) * per
     records = [ImageRecord(f"img{i}", f"img{i}", 640, 480, per) for i in range(images)]
-    return Index(descriptors, keypoints, image_ids, offsets, records, "synthetic")
+    index = Index(descriptors, keypoints, image_ids, offsets, records, "synthetic")
+    index.global_descriptors = global_descriptors
+    return index
 
 
-def make_query(index: Index, image_id: int, generator: Generator):
-    from delf_tf.features import LocalFeatures
-
+def make_query(index: Index, image_id: int, generator: Generator) -> LocalFeatures:
     rng = generator.rng
-    per = FLAGS.per_image
-    keep = rng.choice(per, int(0.6 * per), replace=False)
     rows = index.image_rows(image_id)
+    per = rows.stop - rows.start
+    keep = rng.choice(per, int(0.6 * per), replace=False)
     seen = unit(index.descriptors[rows][keep] + rng.normal(0, 0.03, (len(keep), FLAGS.dim)))
     points = apply_transform(np.linalg.inv(AFFINE), index.keypoints[rows][keep])
     clutter = per - len(keep)
+    truth = np.asarray(index.global_descriptors[image_id])
+    noise = rng.normal(size=FLAGS.global_dim) / np.sqrt(FLAGS.global_dim)
     return LocalFeatures(
         np.concatenate([points, rng.uniform([0, 0], [640, 480], (clutter, 2))]),
         np.ones(per),
         np.ones(per),
         np.concatenate([seen, generator.descriptors(clutter)]),
+        unit(truth + 1.3 * noise),
     )
 
 
-def global_index(index: Index, backend: str, queries, truths) -> dict:
-    config = RetrievalConfig(backend=backend)
+def build(name: str, index: Index, folder: Path):
+    """(structure kwargs for Searcher, ranking, build seconds, structure bytes, extra fields)."""
+    start = time.perf_counter()
+    extra: dict = {}
+    if name == "votes-exact":
+        structure = FlatNeighbors(index.descriptors)
+        kwargs, ranking = {"neighbors": structure}, "votes"
+        size = 0  # scans descriptors.npy, which every index has anyway
+    elif name.startswith("votes-ivfpq"):
+        quantizer = "hnsw" if name.endswith("hnsw") else "flat"
+        parameters = ivfpq_parameters(index.num_descriptors, index.dim, quantizer)
+        structure = IvfPqNeighbors.train(index.descriptors, parameters)
+        kwargs, ranking = {"neighbors": structure}, "votes"
+        structure.save(folder / "neighbors.faiss")
+        size = (folder / "neighbors.faiss").stat().st_size
+        extra["parameters"] = parameters.to_dict()
+    elif name == "asmk":
+        structure = AsmkIndex.build(index.descriptors, np.asarray(index.offsets))
+        kwargs, ranking = {"asmk": structure}, "asmk"
+        size = structure.memory_bytes()
+        extra["codebook_size"] = structure.codebook_size
+        extra["words_per_image"] = round(structure.num_entries / index.num_images, 1)
+    elif name == "global":
+        structure = GlobalRanker.build(index.global_descriptors)
+        kwargs, ranking = {"global_ranker": structure}, "global"
+        size = int(index.global_descriptors.nbytes)
+        extra["kind"] = structure.kind
+    else:
+        raise ValueError(f"unknown ranking row {name!r}")
+    return kwargs, ranking, time.perf_counter() - start, size, extra
+
+
+def run_row(name: str, index: Index, queries, truths, folder: Path, count: int) -> dict:
     gc.collect()
     before = rss_bytes()
-    start = time.perf_counter()
-    neighbors = build_neighbors(index.descriptors, backend)
-    build = time.perf_counter() - start
+    kwargs, ranking, seconds, size, extra = build(name, index, folder)
     grown = rss_bytes() - before
-    knn_times = []
-    for query in queries:
-        sample = query.descriptors[: FLAGS.timed_descriptors]
+    config = RetrievalConfig(ranking=ranking, shortlist=FLAGS.shortlist, top_k=10)
+    searcher = Searcher(index, config, **kwargs)
+    initial, total, hits, initial_hits, top1 = [], [], 0, 0, []
+    for query, truth in zip(queries[:count], truths[:count], strict=True):
+        # = searcher.search(query), timed in its two steps
         start = time.perf_counter()
-        neighbors.search(sample, config.neighbors, config.distance_bound)
-        knn_times.append((time.perf_counter() - start) * len(query) / len(sample))
+        ranked = searcher.initial(query)
+        middle = time.perf_counter()
+        results = searcher.verify(query, ranked)
+        initial.append(middle - start)
+        total.append(time.perf_counter() - start)
+        initial_hits += bool(len(ranked.ids)) and int(ranked.ids[0]) == truth
+        best = results[0].image_id if results else -1
+        hits += best == truth
+        top1.append(best)
     row = {
-        "backend": backend,
-        "build_seconds": round(build, 2),
-        "knn_seconds_per_query": round(statistics.median(knn_times), 3),
-        "structure_bytes_per_descriptor_estimate": round(
-            neighbors.memory_bytes() / index.num_descriptors, 1
-        ),
-        "structure_bytes_per_descriptor_rss": round(grown / index.num_descriptors, 1),
+        "ranking": name,
+        "build_seconds": round(seconds, 1),
+        "structure_bytes_per_image": round(size / index.num_images, 1),
+        "structure_bytes_per_descriptor": round(size / index.num_descriptors, 2),
+        "rss_growth_bytes_per_image": round(max(grown, 0) / index.num_images, 1),
+        "queries": count,
+        "initial_seconds_p50": round(float(np.percentile(initial, 50)), 3),
+        "query_seconds_p50": round(float(np.percentile(total, 50)), 3),
+        "query_seconds_p95": round(float(np.percentile(total, 95)), 3),
+        "recall_at_1": round(hits / count, 3),
+        "initial_recall_at_1": round(initial_hits / count, 3),
+        **extra,
     }
-    if statistics.median(knn_times) > FLAGS.max_query_seconds:
-        row["search"] = f"skipped: k-NN projected above {FLAGS.max_query_seconds} s per query"
-    else:
-        searcher = Searcher(index, config, neighbors)
-        latencies, hits = [], 0
-        for query, truth in zip(queries, truths, strict=True):
-            start = time.perf_counter()
-            results = searcher.search(query)
-            latencies.append(time.perf_counter() - start)
-            hits += bool(results) and results[0].image_id == truth
-        row["query_seconds_median"] = round(statistics.median(latencies), 3)
-        row["recall_at_1"] = hits / len(queries)
-    del neighbors
+    if name.startswith("votes-ivfpq"):
+        row["knn_recall_at_10_vs_exact"] = sampled_recall(
+            kwargs["neighbors"], index.descriptors, 10, 0.8
+        )
+    row["_top1"] = top1
+    del searcher, kwargs
     gc.collect()
     return row
 
 
-def pairwise(index: Index, queries, truths) -> dict:
-    """The reference's matcher: one KD-tree per database image, every image verified."""
-    config = RetrievalConfig()
-    images = min(index.num_images, FLAGS.pairwise_images)
-    gc.collect()
-    before = rss_bytes()
-    start = time.perf_counter()
-    trees = [cKDTree(index.image_descriptors(i)) for i in range(images)]
-    build = time.perf_counter() - start
-    grown = rss_bytes() - before
-    latencies, hits = [], 0
-    for query, truth in zip(queries, truths, strict=True):
-        start = time.perf_counter()
-        best, best_inliers = -1, -1
-        for image_id, tree in enumerate(trees):
-            distances, nearest = tree.query(
-                query.descriptors, k=1, distance_upper_bound=config.distance_bound
-            )
-            found = np.isfinite(distances)
-            if found.sum() < 3:
-                continue
-            keypoints = index.image_keypoints(image_id)[nearest[found]]
-            result = ransac(query.keypoints[found], keypoints, seed=config.seed)
-            if result.num_inliers > best_inliers:
-                best, best_inliers = image_id, result.num_inliers
-        latencies.append(time.perf_counter() - start)
-        hits += best == truth
-    scale = index.num_images / images
-    descriptors = images * FLAGS.per_image
-    del trees
-    gc.collect()
-    return {
-        "images_timed": images,
-        "extrapolated": scale > 1,
-        "build_seconds": round(build * scale, 2),
-        "query_seconds_median": round(statistics.median(latencies) * scale, 3),
-        "recall_at_1": hits / len(queries) if scale == 1 else None,
-        "structure_bytes_per_descriptor_rss": round(grown / descriptors, 1),
-    }
+def compare(rows: list[dict]) -> None:
+    """Adds ratios against the exact baseline (same run, shared queries) to every row."""
+    exact = next((row for row in rows if row["ranking"] == "votes-exact"), None)
+    for row in rows:
+        top1 = row["_top1"]
+        if exact is None or row is exact:
+            continue
+        shared = min(len(top1), len(exact["_top1"]))
+        row["top1_agreement_with_exact"] = round(
+            float(np.mean(np.equal(top1[:shared], exact["_top1"][:shared]))), 3
+        )
+        row["ratios_vs_exact"] = {
+            "query_seconds_p50": round(row["query_seconds_p50"] / exact["query_seconds_p50"], 3),
+            "initial_seconds_p50": round(
+                row["initial_seconds_p50"] / max(exact["initial_seconds_p50"], 1e-9), 4
+            ),
+            "recall_at_1": round(row["recall_at_1"] / exact["recall_at_1"], 3)
+            if exact["recall_at_1"]
+            else None,
+        }
+    for row in rows:
+        row.pop("_top1")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    work = Path(FLAGS.work_dir or tempfile.mkdtemp(prefix="index_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
     report = {
-        "per_image": FLAGS.per_image,
         "dim": FLAGS.dim,
+        "global_dim": FLAGS.global_dim,
         "words": FLAGS.words,
         "spread": FLAGS.spread,
         "decay": FLAGS.decay,
+        "shortlist": FLAGS.shortlist,
         "queries": FLAGS.queries,
+        "exact_queries": FLAGS.exact_queries,
         "index_arrays_bytes_per_descriptor": 4 * FLAGS.dim + 8 + 4,
         "sizes": [],
     }
-    for size in (int(s) for s in FLAGS.sizes):
-        generator = Generator(FLAGS.seed)
-        start = time.perf_counter()
-        index = make_index(size, generator)
-        truths = [int(t) for t in generator.rng.choice(size, FLAGS.queries, replace=False)]
-        queries = [make_query(index, t, generator) for t in truths]
-        row = {"images": size, "descriptors": index.num_descriptors}
-        row["data_seconds"] = round(time.perf_counter() - start, 1)
-        row["global"] = [global_index(index, b, queries, truths) for b in FLAGS.backends]
-        row["pairwise"] = pairwise(index, queries, truths)
-        for entry in row["global"]:
-            if "query_seconds_median" in entry:
-                entry["speedup_vs_pairwise"] = round(
-                    row["pairwise"]["query_seconds_median"] / entry["query_seconds_median"], 1
-                )
-        report["sizes"].append(row)
-        print(json.dumps(row), file=sys.stderr)
-        del index, queries
-        gc.collect()
+    try:
+        for size in (int(s) for s in FLAGS.sizes):
+            per = min(FLAGS.per_image, max(1, FLAGS.max_descriptors // size))
+            folder = work / f"size_{size}"
+            folder.mkdir(parents=True, exist_ok=True)
+            generator = Generator(FLAGS.seed)
+            start = time.perf_counter()
+            index = make_index(size, per, generator, folder)
+            truths = [int(t) for t in generator.rng.choice(size, FLAGS.queries, replace=False)]
+            queries = [make_query(index, t, generator) for t in truths]
+            entry = {
+                "images": size,
+                "per_image": per,
+                "descriptors": index.num_descriptors,
+                "data_seconds": round(time.perf_counter() - start, 1),
+                "rows": [],
+            }
+            for name in FLAGS.rankings:
+                count = FLAGS.exact_queries if name == "votes-exact" else FLAGS.queries
+                row = run_row(name, index, queries, truths, folder, min(count, len(queries)))
+                entry["rows"].append(row)
+                print(json.dumps({"images": size, **row}), file=sys.stderr, flush=True)
+            compare(entry["rows"])
+            report["sizes"].append(entry)
+            del index, queries
+            gc.collect()
+            shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if FLAGS.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))
 
 

@@ -39,7 +39,9 @@ def test_evaluate_json_dataset(tmp_path, extractor, small_config, model_config_f
     (tmp_path / "bench" / "groundtruth.json").write_text(json.dumps(groundtruth))
 
     store, _ = extract_to_store(extractor, images, tmp_path / "features", progress=False)
-    Index.from_store(store, images, progress=False).save(tmp_path / "index")
+    index = Index.from_store(store, images, progress=False)
+    index.build_structures(asmk=True, progress=False)
+    index.save(tmp_path / "index")
     config = tmp_path / "extraction.json"
     small_config.save(config)
     report_dir = tmp_path / "report"
@@ -69,6 +71,14 @@ def test_evaluate_json_dataset(tmp_path, extractor, small_config, model_config_f
     page = (report_dir / "report.html").read_text()
     assert '<td class="num">1.0000</td>' in page
     assert page.count('<figure class="card result') >= 2 * 3
+
+    # The ASMK* ranking goes through the same batch path; re-ranking keeps mAP 1.
+    assert main(["delf", "evaluate", *args, "--ranking=asmk"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ranking"] == "asmk"
+    assert next(iter(report["setups"].values()))["mAP"] == 1.0
+    assert main(["delf", "evaluate", *args, "--ranking=global"]) == 1
+    assert "no global descriptors" in capsys.readouterr().err
 
     # A query extractor of another model (seed) is refused.
     assert main(["delf", "evaluate", *args, "--seed=1"]) == 1

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from delf_tf.matching.neighbors import MISSING, build_neighbors
+from delf_tf.matching.neighbors import MISSING, IvfPqNeighbors, build_neighbors, sampled_recall
 
 
 def unit(rng, shape):
@@ -11,15 +11,15 @@ def unit(rng, shape):
     return data / np.linalg.norm(data, axis=1, keepdims=True)
 
 
-def test_kdtree_matches_brute_force_with_bound():
+@pytest.mark.parametrize("backend", ["kdtree", "flat"])
+def test_exact_backends_match_brute_force_with_bound(backend):
     rng = np.random.default_rng(0)
     database = unit(rng, (2000, 8))
     queries = unit(rng, (100, 8))
     results = {
-        name: build_neighbors(database, name).search(queries, 5, 0.6)
-        for name in ("kdtree", "brute")
+        name: build_neighbors(database, name).search(queries, 5, 0.6) for name in (backend, "brute")
     }
-    (d1, i1), (d2, i2) = results["kdtree"], results["brute"]
+    (d1, i1), (d2, i2) = results[backend], results["brute"]
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(d1, d2, atol=1e-5)
     assert (i1 == MISSING).any() and (i1 != MISSING).any()  # the bound cuts some
@@ -37,12 +37,42 @@ def test_empty_database_and_unknown_backend():
         build_neighbors(np.zeros((1, 4), np.float32), "annoy")
 
 
-def test_faiss_ivfpq_finds_near_duplicates():
-    pytest.importorskip("faiss", reason="optional back end (pip install faiss-cpu)")
+def test_ivfpq_finds_near_duplicates_with_exact_distances():
     rng = np.random.default_rng(1)
     database = unit(rng, (5000, 16))
-    queries = database[:50] + rng.normal(0, 0.01, (50, 16))
-    index = build_neighbors(database, "faiss-ivfpq", nprobe=8)
-    _, nearest = index.search(queries.astype(np.float32), 3, 0.8)
+    queries = (database[:50] + rng.normal(0, 0.01, (50, 16))).astype(np.float32)
+    index = build_neighbors(database, "ivfpq", nprobe=8, subquantizers=4)
+    assert index.name == "ivfpq" and index.parameters.nlist == 128
+    distances, nearest = index.search(queries, 3, 0.8)
     assert (nearest[:, 0] == np.arange(50)).mean() >= 0.9
+    # Candidates are re-scored exactly: reported distances are the true ones.
+    found = nearest != MISSING
+    true = np.linalg.norm(
+        database[nearest[found]] - np.repeat(queries, 3, 0)[found.ravel()], axis=1
+    )
+    np.testing.assert_allclose(distances[found], true, atol=1e-5)
     assert index.memory_bytes() < database.nbytes / 2  # PQ codes: a few bytes each
+
+
+def test_ivfpq_save_mmap_load_and_grow(tmp_path):
+    rng = np.random.default_rng(2)
+    database = unit(rng, (6000, 16))
+    first = build_neighbors(database[:4000], "ivfpq", subquantizers=4)
+    first.save(tmp_path / "ivf.faiss")
+    loaded = IvfPqNeighbors.load(tmp_path / "ivf.faiss", database[:4000], first.parameters)
+    assert loaded.read_only and len(loaded) == 4000
+    queries = database[:20]
+    np.testing.assert_array_equal(
+        loaded.search(queries, 2, 0.5)[1], first.search(queries, 2, 0.5)[1]
+    )
+    with pytest.raises(ValueError, match="read-only"):
+        loaded.add(database)
+    writable = IvfPqNeighbors.load(
+        tmp_path / "ivf.faiss", database[:4000], first.parameters, mmap=False
+    )
+    assert writable.add(database) == 2000 and len(writable) == 6000
+    _, nearest = writable.search(database[4000:4050], 1, 0.5)
+    assert (nearest[:, 0] == np.arange(4000, 4050)).mean() >= 0.9
+    recall = sampled_recall(writable, database, 5, 0.8, samples=200)
+    assert 0.5 < recall["recall_at_k"] <= 1.0 and recall["samples"] == 200
+    assert sampled_recall(build_neighbors(database, "flat"), database, 5, 0.8)["recall_at_k"] == 1.0

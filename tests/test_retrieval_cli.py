@@ -89,6 +89,25 @@ def test_index_append_search_and_errors(folders, extractor, capsys, fast):
     assert payload["results"][0]["inliers"] > payload["results"][1]["inliers"]
     assert Image.open(picture).size[0] > 128
 
+    # Many queries: one JSON line each, an unreadable image is an error line (exit 3).
+    queries = root / "queries"
+    queries.mkdir()
+    (queries / "a_query.png").write_bytes((root / "query.png").read_bytes())
+    (queries / "b_broken.jpg").write_bytes((root / "broken.jpg").read_bytes())
+    results = root / "results.jsonl"
+    batch = ["delf", "search", f"--index={index}", f"--queries={queries}", *fast]
+    assert main([*batch, f"--output_file={results}", "--top_k=2"]) == 3
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["answered"], summary["failed"], summary["ranking"]) == (2, 1, "votes")
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert lines[0]["results"][0]["key"] == "astronaut.png" and "b_broken.jpg" in lines[1]["error"]
+    assert main([*batch, f"--output_file={results}"]) == 3  # resumed: nothing left to do
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["answered"], summary["skipped"], summary["failed"]) == (0, 2, 1)
+    assert len(results.read_text().splitlines()) == 2
+    assert main([*search, f"--queries={queries}"]) == 1  # --image and --queries
+    assert "one of --image and --queries" in capsys.readouterr().err
+
     # A bad query image: a clear error naming the file, before any model is built.
     bad = ["delf", "search", f"--index={index}", f"--image={root / 'broken.jpg'}", *fast]
     assert main(bad) == 1

@@ -7,7 +7,11 @@ import json
 from absl import flags
 
 from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
-from delf_tf.commands.retrieval_flags import define_retrieval_flags, retrieval_config_from_flags
+from delf_tf.commands.retrieval_flags import (
+    define_ranking_flags,
+    define_retrieval_flags,
+    retrieval_config_from_flags,
+)
 from delf_tf.config import RetrievalConfig
 from delf_tf.evaluation.datasets import DATASET_KINDS
 from delf_tf.evaluation.metrics import TIE_POLICIES
@@ -43,6 +47,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["dataset", "dataset_dir", "index", "output_dir"], **define)
     define_extractor_flags(flag_values)
     define_retrieval_flags(flag_values)
+    define_ranking_flags(flag_values)
 
 
 def run(flag_values: flags.FlagValues) -> int:
@@ -63,11 +68,13 @@ def run(flag_values: flags.FlagValues) -> int:
     index = Index.load(flag_values.index)
     extractor = extractor_from_flags(flag_values)
     index.check_fingerprint(extractor.fingerprint)
-    rank_fn = engine_rank_fn(extractor, Searcher(index, config))
+    searcher = Searcher(index, config)
+    rank_fn = engine_rank_fn(extractor, searcher)
     result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
     paths = write_report(result, flag_values.output_dir)
     paths["report"] = write_evaluation_report(result, dataset, flag_values.output_dir)
     report = result.to_dict()
+    report["ranking"] = searcher.method
     report["files"] = {name: str(path) for name, path in paths.items()}
     print(json.dumps(report))
     return 0

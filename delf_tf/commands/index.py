@@ -1,11 +1,17 @@
-"""`delf index`: one global index over a feature store (new, or appended to)."""
+"""`delf index`: one index over a feature store (new, or appended to), with its search
+structures (the k-NN structure of the votes ranking, ASMK*) built once and saved."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from absl import flags
+
+from delf_tf.config import NEIGHBOR_BACKENDS
+
+INDEX_TYPES = ("votes", "asmk")
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -16,14 +22,44 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "images",
         None,
         "the folder the features were extracted from: records image paths and sizes "
-        "(needed by `delf search --visualize`); without it paths are the store keys",
+        "(needed by `delf search --visualize/--html`); without it paths are the store keys",
         **define,
     )
     flags.DEFINE_bool(
         "append",
         False,
         "add the store's images to the existing index at --output_dir (skips images "
-        "already there); without it --output_dir is rebuilt from the store alone",
+        "already there; trained structures are extended without retraining when still "
+        "valid); without it --output_dir is rebuilt from the store alone",
+        **define,
+    )
+    flags.DEFINE_list(
+        "index_type",
+        None,
+        "structures to build, any of votes (k-NN structure of the votes ranking), asmk "
+        "(ASMK* codebook + inverted file); default: votes for a new index, the present "
+        "ones with --append",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "backend",
+        None,
+        NEIGHBOR_BACKENDS,
+        "k-NN structure of the votes ranking; auto (default for a new index): exact FAISS "
+        "search up to 50 000 descriptors, IVF-PQ beyond; kdtree/brute are built at load",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "codebook_size",
+        None,
+        "ASMK visual words (default: ~descriptors / 64 as a power of two, 16..65536); "
+        "another size than the index's retrains the codebook",
+        **define,
+    )
+    flags.DEFINE_bool(
+        "recall",
+        True,
+        "measure the sampled recall@10 of an approximate k-NN structure against exact search",
         **define,
     )
     flags.mark_flags_as_required(["features", "output_dir"], **define)
@@ -36,6 +72,10 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.retrieval.index import HEADER, Index
 
     output = Path(flag_values.output_dir)
+    index_types = flag_values.index_type
+    unknown = sorted(set(index_types or ()) - set(INDEX_TYPES))
+    if unknown:
+        raise InputError(f"--index_type {unknown}: known {list(INDEX_TYPES)}")
     store = FeatureStore.open(flag_values.features)
     # First of all: a run killed while swapping the index folder may have left the
     # previous index under its backup name; nothing may be decided before it is back.
@@ -48,14 +88,25 @@ def run(flag_values: flags.FlagValues) -> int:
     else:
         index = Index.from_store(store, flag_values.images)
         added = index.num_images
+    report = index.build_structures(
+        backend=flag_values.backend,
+        votes=None if index_types is None else "votes" in index_types,
+        asmk=None if index_types is None else "asmk" in index_types,
+        codebook_size=flag_values.codebook_size,
+        recall=flag_values.recall,
+    )
     index.save(output)
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     summary = {
         "output_dir": str(output),
         "images": index.num_images,
         "added": added,
         "descriptors": index.num_descriptors,
         "descriptor_dim": index.dim,
-        "fingerprint": index.fingerprint[:12],
+        "global_descriptors": index.global_descriptors is not None,
+        "fingerprint": (index.fingerprint or "")[:12] or None,
+        "structures": {name: value for name, value in report.items() if name != "notes"},
     }
     print(json.dumps(summary))
     return 0

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from absl import flags
 
-from delf_tf.config import NEIGHBOR_BACKENDS, RANSAC_METHODS, TRANSFORMS, RetrievalConfig
+from delf_tf.config import (
+    NEIGHBOR_BACKENDS,
+    RANKINGS,
+    RANSAC_METHODS,
+    RERANK_MATCHES,
+    TRANSFORMS,
+    RetrievalConfig,
+)
 
 # Flag name -> RetrievalConfig field; a flag left unset keeps the config's value.
 OVERRIDES = {
@@ -15,6 +22,10 @@ OVERRIDES = {
     "ransac": "ransac_method",
     "ransac_seed": "seed",
     "backend": "backend",
+    # Defined by define_ranking_flags (search, evaluate) only.
+    "ranking": "ranking",
+    "nprobe": "nprobe",
+    "rerank_matches": "rerank_matches",
 }
 
 
@@ -55,7 +66,37 @@ def define_retrieval_flags(flag_values: flags.FlagValues) -> None:
         "backend",
         None,
         NEIGHBOR_BACKENDS,
-        f"nearest-neighbour back end (default {defaults.backend}; faiss-ivfpq needs faiss-cpu)",
+        "k-NN structure of the votes ranking (default auto: the one `delf index` saved; "
+        "flat, kdtree and brute are exact and need no saved structure)",
+        **define,
+    )
+
+
+def define_ranking_flags(flag_values: flags.FlagValues) -> None:
+    """--ranking and --nprobe (search and evaluate)."""
+    define = {"flag_values": flag_values}
+    flags.DEFINE_enum(
+        "ranking",
+        None,
+        RANKINGS,
+        "initial ranking before RANSAC re-ranks the shortlist: votes (k-NN votes), asmk "
+        "(needs `delf index --index_type=asmk`), global (DELG global descriptors), auto "
+        "(global if the index has them, else asmk if built, else votes; the default)",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "nprobe",
+        None,
+        "inverted lists an IVF k-NN structure visits per query (default: the value "
+        "`delf index` derived, recorded in index.json)",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "rerank_matches",
+        None,
+        RERANK_MATCHES,
+        "putative matches when re-ranking the asmk/global shortlist: knn (the votes rule "
+        "within the shortlist; default) or nearest (the reference: nearest descriptor per image)",
         **define,
     )
 
@@ -69,7 +110,7 @@ def retrieval_config_from_flags(
     changes = {
         field: flag_values[name].value
         for name, field in OVERRIDES.items()
-        if flag_values[name].value is not None
+        if name in flag_values and flag_values[name].value is not None
     }
     changes.update({k: v for k, v in extra_overrides.items() if v is not None})
     return config.replace(**changes)

@@ -1,10 +1,22 @@
-"""Search: k-NN votes over the global index -> shortlist -> RANSAC -> rank by inliers.
+"""Search: an initial ranking of the whole index, then local verification of its top.
 
-For every query descriptor the `neighbors` nearest database descriptors within
-`distance_bound` are looked up in one search over the whole index. Each database
-image gets at most one vote per query descriptor, and that vote's nearest
-descriptor becomes a putative match. The `shortlist` images with the most votes
-are verified with RANSAC and ranked by inliers (then votes).
+Three initial rankings (RetrievalConfig.ranking), one re-ranking:
+- "votes": for every query descriptor the `neighbors` nearest database
+  descriptors within `distance_bound` are looked up in one search over the whole
+  index (the k-NN structure saved by `delf index`). Each database image gets at
+  most one vote per query descriptor, and that vote's nearest descriptor becomes a
+  putative match. Images are ranked by votes.
+- "asmk": ASMK* similarity of aggregated binary residuals (`asmk.py`).
+- "global": inner product of DELG global descriptors (`global_ranking.py`).
+  For both, the putative matches of a shortlisted image follow the votes rule
+  restricted to the shortlist (RetrievalConfig.rerank_matches "knn"), or the
+  reference re-ranking's nearest descriptor per image ("nearest").
+The `shortlist` best images are verified with RANSAC and ranked by (inliers,
+initial score), the order of the reference's re-ranking; the others follow in
+their initial order. "auto" picks global when the index has global
+descriptors, else asmk when it was built, else votes.
+
+Structures are loaded from the index (memory-mapped), never trained here.
 """
 
 from __future__ import annotations
@@ -13,13 +25,24 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from delf_tf.config import RetrievalConfig
+from delf_tf.errors import InputError
 from delf_tf.features.local_features import LocalFeatures
-from delf_tf.matching.neighbors import MISSING, NeighborIndex, build_neighbors
+from delf_tf.matching.neighbors import (
+    AUTO_EXACT_MAX_DESCRIPTORS,
+    EXACT_BACKENDS,
+    MISSING,
+    FlatNeighbors,
+    NeighborIndex,
+    build_neighbors,
+)
 from delf_tf.matching.pairwise import Matches, verify
 from delf_tf.matching.ransac import RansacResult
-from delf_tf.retrieval.index import Index
+from delf_tf.retrieval.asmk import AsmkIndex
+from delf_tf.retrieval.global_ranking import GlobalRanker
+from delf_tf.retrieval.index import Index, IndexFormatError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +52,12 @@ class SearchResult:
     Attributes:
       image_id: position in `index.images`.
       key, path: the database image's store key and file.
-      votes: query descriptors with a neighbour in this image (= putative matches).
+      votes: putative matches (query descriptor -> this image): k-NN votes for the
+        votes ranking, nearest descriptors within the bound for the others.
       matches: the putative matches (query -> this image).
       verification: RANSAC on the matches; `verification.model` maps query pixels
         to database pixels.
+      score: the initial ranking's score (votes, ASMK* similarity or inner product).
     """
 
     image_id: int
@@ -41,6 +66,7 @@ class SearchResult:
     votes: int
     matches: Matches
     verification: RansacResult
+    score: float = 0.0
 
     @property
     def inliers(self) -> int:
@@ -54,23 +80,100 @@ class SearchResult:
             "path": self.path,
             "inliers": self.inliers,
             "votes": self.votes,
+            "score": round(float(self.score), 6),
             "transform": None if model is None else np.round(model, 6).tolist(),
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class InitialRanking:
+    """A query's ranking before verification.
+
+    Attributes:
+      ids: int64 [R] image ids, best first.
+      scores: float64 [R] their scores (votes, ASMK* similarity, inner product).
+      voted: the votes ranking's (votes, query_rows, database_rows), see `Searcher.vote`.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    voted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+def resolve_ranking(ranking: str, index: Index) -> str:
+    """The ranking method "auto" stands for on `index` (others are returned as they are)."""
+    if ranking != "auto":
+        return ranking
+    if index.global_descriptors is not None:
+        return "global"
+    if "asmk" in index.structures:
+        return "asmk"
+    return "votes"
+
+
 class Searcher:
-    """Queries one Index; the nearest-neighbour structure is built once, here."""
+    """Queries one Index with one ranking method; its structures are loaded once, here."""
 
     def __init__(
         self,
         index: Index,
         config: RetrievalConfig | None = None,
         neighbors: NeighborIndex | None = None,
+        asmk: AsmkIndex | None = None,
+        global_ranker: GlobalRanker | None = None,
     ):
+        """`neighbors`, `asmk`, `global_ranker`: structures to use instead of the
+        index's saved ones (benchmarks compare several over one index)."""
         self.index = index
         self.config = config or RetrievalConfig()
-        self.neighbors = neighbors or build_neighbors(index.descriptors, self.config.backend)
+        self.method = resolve_ranking(self.config.ranking, index)
         self._image_ids = np.asarray(index.image_ids)
+        self.neighbors: NeighborIndex | None = None
+        self.asmk: AsmkIndex | None = None
+        self.global_ranker: GlobalRanker | None = None
+        if self.method == "votes":
+            self.neighbors = neighbors or self._votes_structure()
+            if self.config.nprobe and hasattr(self.neighbors, "set_nprobe"):
+                self.neighbors.set_nprobe(self.config.nprobe)
+        elif self.method == "asmk":
+            self.asmk = asmk or index.asmk()
+            if self.asmk is None:
+                raise IndexFormatError(
+                    f"{index.path or 'index'}: no ASMK structure; build it with "
+                    "`delf index --index_type=asmk` (or rank with --ranking=votes)"
+                )
+        else:
+            self.global_ranker = global_ranker or index.global_ranker()
+            if self.global_ranker is None:
+                raise IndexFormatError(
+                    f"{index.path or 'index'}: no global descriptors (its features come "
+                    "from a model without a global head); use --ranking=votes or asmk"
+                )
+
+    def _votes_structure(self) -> NeighborIndex:
+        """The saved k-NN structure, or an exact one that needs no training."""
+        index, backend = self.index, self.config.backend
+        saved = index.neighbors()
+        if saved is not None and backend in ("auto", saved.name):
+            return saved
+        if backend in EXACT_BACKENDS:
+            return build_neighbors(index.descriptors, backend)
+        if backend == "auto":
+            if index.num_descriptors > AUTO_EXACT_MAX_DESCRIPTORS:
+                logging.warning(
+                    "%s: no saved k-NN structure: exact search over %d descriptors (slow); "
+                    "`delf index` builds one",
+                    index.path or "index",
+                    index.num_descriptors,
+                )
+            return FlatNeighbors(index.descriptors)
+        have = saved.name if saved is not None else "none"
+        raise IndexFormatError(
+            f"{index.path or 'index'}: no saved {backend} structure (it has {have}); "
+            f"build it with `delf index --backend={backend}`"
+        )
+
+    # --- the votes ranking --------------------------------------------------------------
 
     def vote(self, query: LocalFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """k-NN votes of one query.
@@ -81,10 +184,9 @@ class Searcher:
           database_rows: int64 [V] nearest descriptor (index row) of each vote in
             its image.
         """
-        if query.dim != self.index.dim:
-            raise ValueError(
-                f"query descriptors are {query.dim}-D, the index holds {self.index.dim}-D"
-            )
+        self._check_dim(query)
+        if self.neighbors is None:
+            raise ValueError(f"this Searcher ranks by {self.method}, not votes")
         _, neighbors = self.neighbors.search(
             query.descriptors, self.config.neighbors, self.config.distance_bound
         )
@@ -98,15 +200,7 @@ class Searcher:
         votes = np.bincount(images, minlength=self.index.num_images)
         return votes, query_rows, database_rows
 
-    def search(
-        self, query: LocalFeatures, top_k: int | None = None, shortlist: int | None = None
-    ) -> list[SearchResult]:
-        """The `top_k` database images best verified against `query`, best first."""
-        return self._verify(
-            query, self.vote(query), top_k or self.config.top_k, shortlist or self.config.shortlist
-        )
-
-    def _verify(
+    def _verify_votes(
         self,
         query: LocalFeatures,
         voted: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -135,42 +229,255 @@ class Searcher:
                 query_rows[rows],
                 database_rows[rows] - offset,
             )
-            record = self.index.images[image_id]
-            results.append(
-                SearchResult(
-                    int(image_id),
-                    record.key,
-                    record.path,
-                    int(votes[image_id]),
-                    matches,
-                    verify(matches, self.config),
-                )
-            )
+            results.append(self._result(int(image_id), matches, float(votes[image_id])))
         results.sort(key=lambda r: (-r.inliers, -r.votes, r.image_id))
         return results[:top_k]
+
+    # --- the asmk and global rankings ---------------------------------------------------
+
+    def initial(self, query: LocalFeatures) -> InitialRanking:
+        """The initial ranking of `query` over the whole index, before verification.
+
+        votes: images with at least one vote; asmk: images with a positive
+        similarity; global: every image (or the IVF structure's best).
+        """
+        self._check_dim(query)
+        if self.method == "votes":
+            voted = self.vote(query)
+            votes = voted[0]
+            ids = np.argsort(-votes, kind="stable")
+            ids = ids[votes[ids] > 0]
+            return InitialRanking(ids.astype(np.int64), votes[ids].astype(np.float64), voted)
+        if self.method == "asmk":
+            scores = self.asmk.scores(
+                query.descriptors,
+                self.config.asmk_alpha,
+                self.config.asmk_threshold,
+                self.config.asmk_query_assignments,
+            )
+            ids = np.argsort(-scores, kind="stable")
+            ids = ids[scores[ids] > 0]
+            return InitialRanking(ids.astype(np.int64), scores[ids])
+        if query.global_descriptor is None:
+            raise InputError(
+                "the query has no global descriptor: ranking=global needs a model with a "
+                "global head (DELG); use --ranking=votes or asmk"
+            )
+        ids, scores = self.global_ranker.rank(query.global_descriptor)
+        return InitialRanking(ids, scores.astype(np.float64))
+
+    def initial_ranking(self, query: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids int64 [R], scores float64 [R]) of `initial`, best first."""
+        initial = self.initial(query)
+        return initial.ids, initial.scores
+
+    def verify(
+        self,
+        query: LocalFeatures,
+        initial: InitialRanking,
+        top_k: int | None = None,
+        shortlist: int | None = None,
+    ) -> list[SearchResult]:
+        """RANSAC over the `shortlist` best of `initial`; the `top_k` by (inliers, score)."""
+        top_k = top_k or self.config.top_k
+        shortlist = shortlist or self.config.shortlist
+        if initial.voted is not None:
+            return self._verify_votes(query, initial.voted, top_k, shortlist)
+        return self._verify_ranked(query, initial.ids, initial.scores, top_k, shortlist)
+
+    def shortlist_matches(self, query: LocalFeatures, image_ids) -> list[Matches]:
+        """Putative matches of the votes rule, restricted to `image_ids` (one per image).
+
+        The `neighbors` nearest descriptors of every query descriptor among the
+        images' descriptors (exact FAISS search), within `distance_bound`; each
+        image keeps, per query descriptor, its nearest one.
+        """
+        ids = np.asarray(image_ids, np.int64)
+        offsets = np.asarray(self.index.offsets)
+        sizes = offsets[ids + 1] - offsets[ids]
+        if len(query) == 0 or not sizes.sum():
+            return [_no_matches() for _ in ids]
+        rows = np.repeat(offsets[ids] - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
+        database = np.asarray(self.index.descriptors[rows], np.float32)
+        _, found = FlatNeighbors(database).search(
+            query.descriptors, self.config.neighbors, self.config.distance_bound
+        )
+        query_rows, column = np.nonzero(found != MISSING)
+        local = found[query_rows, column]
+        owner = np.repeat(np.arange(len(ids)), sizes)[local]
+        # Row-major: each query descriptor's neighbours come nearest first, so the
+        # first (query, image) pair is that image's nearest descriptor.
+        _, first = np.unique(query_rows * len(ids) + owner, return_index=True)
+        query_rows, local, owner = query_rows[first], local[first], owner[first]
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(len(ids) + 1))
+        out = []
+        for position, image_id in enumerate(ids):
+            picked = order[bounds[position] : bounds[position + 1]]
+            database_rows = rows[local[picked]]
+            out.append(
+                Matches(
+                    query.keypoints[query_rows[picked]],
+                    np.asarray(self.index.keypoints[database_rows]),
+                    query_rows[picked].astype(np.int64),
+                    (database_rows - offsets[image_id]).astype(np.int64),
+                )
+            )
+        return out
+
+    def match_image(self, query: LocalFeatures, image_id: int) -> Matches:
+        """Nearest descriptor of `image_id` for every query descriptor, within the bound.
+
+        The reference re-ranking's putative matches (a KD-tree over the database
+        image, queried with the query's descriptors, k=1), computed exactly.
+        """
+        return self.match_images(query, [image_id])[0]
+
+    def match_images(self, query: LocalFeatures, image_ids) -> list[Matches]:
+        """`match_image` for many images: one matrix product per ~_MATCH_BLOCK database rows."""
+        out: list[Matches] = []
+        ids = [int(i) for i in image_ids]
+        start = 0
+        while start < len(ids):
+            stop, rows = start, 0
+            while stop < len(ids) and (stop == start or rows < _MATCH_BLOCK):
+                rows += self.index.offsets[ids[stop] + 1] - self.index.offsets[ids[stop]]
+                stop += 1
+            out += self._match_block(query, ids[start:stop])
+            start = stop
+        return out
+
+    def _match_block(self, query: LocalFeatures, ids: list[int]) -> list[Matches]:
+        blocks = [self.index.image_descriptors(i) for i in ids]
+        sizes = [len(block) for block in blocks]
+        if len(query) == 0 or not sum(sizes):
+            return [_no_matches() for _ in ids]
+        stacked = np.concatenate(blocks)
+        # argmin |q - d|^2 = argmax q.d - |d|^2 / 2
+        scores = query.descriptors @ stacked.T
+        scores -= 0.5 * np.einsum("ij,ij->i", stacked, stacked)[None]
+        out, first = [], 0
+        for image_id, size in zip(ids, sizes, strict=True):
+            if size == 0:
+                out.append(_no_matches())
+                continue
+            nearest = np.argmax(scores[:, first : first + size], axis=1)
+            difference = query.descriptors - stacked[first + nearest]
+            distances = np.sqrt(np.einsum("ij,ij->i", difference, difference))
+            query_rows = np.flatnonzero(distances <= self.config.distance_bound)
+            database_rows = nearest[query_rows].astype(np.int64)
+            out.append(
+                Matches(
+                    query.keypoints[query_rows],
+                    self.index.image_keypoints(image_id)[database_rows],
+                    query_rows.astype(np.int64),
+                    database_rows,
+                )
+            )
+            first += size
+        return out
+
+    def _verify_ranked(
+        self,
+        query: LocalFeatures,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        top_k: int,
+        shortlist: int,
+    ) -> list[SearchResult]:
+        """Verifies the `shortlist` best of (ids, scores); the top_k by (inliers, score).
+
+        Inliers <= putative matches, so images are verified by falling match count
+        and the loop stops once no remaining image can enter the top k.
+        """
+        if self.config.rerank_matches == "knn":
+            matches = self.shortlist_matches(query, ids[:shortlist])
+        else:
+            matches = self.match_images(query, ids[:shortlist])
+        candidates = [
+            (int(image_id), float(score), found)
+            for image_id, score, found in zip(
+                ids[:shortlist], scores[:shortlist], matches, strict=True
+            )
+        ]
+        candidates.sort(key=lambda c: (-len(c[2]), -c[1], c[0]))
+        results: list[SearchResult] = []
+        for image_id, score, matches in candidates:
+            if len(results) >= top_k and len(matches) < _kth_inliers(results, top_k):
+                break
+            results.append(self._result(image_id, matches, score))
+        results.sort(key=lambda r: (-r.inliers, -r.score, r.image_id))
+        return results[:top_k]
+
+    # --- public -------------------------------------------------------------------------
+
+    def search(
+        self, query: LocalFeatures, top_k: int | None = None, shortlist: int | None = None
+    ) -> list[SearchResult]:
+        """The `top_k` database images best verified against `query`, best first."""
+        return self.verify(query, self.initial(query), top_k, shortlist)
 
     def ranking(
         self, query: LocalFeatures, shortlist: int | None = None
     ) -> list[tuple[int, float]]:
-        """Every database image with a vote, best first, as (image_id, score).
+        """Every ranked database image, best first, as (image_id, score).
 
-        The shortlist, verified by RANSAC, comes first (by inliers, then votes);
-        the other voted images follow by votes. Scores keep that order:
-        1 + inliers + votes / (max_votes + 1) for verified images, and
-        votes / (max_votes + 1) < 1 for the others. Evaluation protocols need
+        The shortlist, verified by RANSAC, comes first (by inliers, then the
+        initial score); the other images follow in the initial order. Scores keep
+        that order: 1 + inliers + s for verified images and s < 1 for the others,
+        where s in [0, 1) grows with the initial score. Evaluation protocols need
         this whole list, not only the top k.
         """
         shortlist = shortlist or self.config.shortlist
-        voted = self.vote(query)
-        votes = voted[0]
-        scale = float(votes.max(initial=0) + 1)
-        verified = self._verify(query, voted, top_k=shortlist, shortlist=shortlist)
-        ranked = [(r.image_id, 1.0 + r.inliers + r.votes / scale) for r in verified]
-        seen = {r.image_id for r in verified}
-        others = [
-            int(i) for i in np.argsort(-votes, kind="stable") if votes[i] > 0 and i not in seen
+        initial = self.initial(query)
+        verified = self.verify(query, initial, top_k=shortlist, shortlist=shortlist)
+        unit = _unit_scores(initial.scores)
+        position = {int(image_id): i for i, image_id in enumerate(initial.ids)}
+        ranked = [
+            (r.image_id, float(1.0 + r.inliers + unit[position[r.image_id]])) for r in verified
         ]
-        return ranked + [(i, float(votes[i]) / scale) for i in others]
+        seen = {r.image_id for r in verified}
+        others = [(int(i), float(unit[n])) for n, i in enumerate(initial.ids) if int(i) not in seen]
+        return ranked + others
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _result(self, image_id: int, matches: Matches, score: float) -> SearchResult:
+        record = self.index.images[image_id]
+        return SearchResult(
+            image_id,
+            record.key,
+            record.path,
+            len(matches),
+            matches,
+            verify(matches, self.config),
+            score,
+        )
+
+    def _check_dim(self, query: LocalFeatures) -> None:
+        if query.dim != self.index.dim:
+            raise InputError(
+                f"query descriptors are {query.dim}-D, the index holds {self.index.dim}-D"
+            )
+
+
+# Database rows compared with a query in one matrix product when re-ranking.
+_MATCH_BLOCK = 16_384
+
+
+def _no_matches() -> Matches:
+    empty = np.zeros(0, np.int64)
+    return Matches(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), empty, empty)
+
+
+def _unit_scores(scores: np.ndarray) -> np.ndarray:
+    """Scores mapped into [0, 1), order kept (the largest to 0.999)."""
+    if scores.size == 0:
+        return np.zeros(0, np.float64)
+    low, high = float(scores.min()), float(scores.max())
+    if high <= low:
+        return np.full(scores.shape, 0.5)
+    return 0.999 * (scores - low) / (high - low)
 
 
 def _kth_inliers(results: list[SearchResult], k: int) -> int:
@@ -180,5 +487,5 @@ def _kth_inliers(results: list[SearchResult], k: int) -> int:
 def search(
     index: Index, query: LocalFeatures, config: RetrievalConfig | None = None
 ) -> list[SearchResult]:
-    """One-off search (builds the nearest-neighbour structure; reuse a Searcher for many)."""
+    """One-off search (loads the index's structures; reuse a Searcher for many queries)."""
     return Searcher(index, config).search(query)

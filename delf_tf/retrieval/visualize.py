@@ -8,6 +8,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from delf_tf.errors import InputError
 from delf_tf.images import ImageError, load_image
 from delf_tf.matching.visualize import draw_matches, stack_vertically
 from delf_tf.retrieval.search import SearchResult
@@ -40,5 +41,5 @@ def draw_results(
             )
         )
     if not pictures:
-        raise ValueError("no result image could be read to draw (index built without --images?)")
+        raise InputError("no result image could be read to draw (index built without --images?)")
     return stack_vertically(pictures)
