@@ -239,7 +239,7 @@ def test_delf_index_command_prints_recall_and_appends(tmp_path, capsys):
     first = make_store(tmp_path / "s1", [f"a{i}" for i in range(10)], data, with_global=False)
     second = make_store(tmp_path / "s2", [f"b{i}" for i in range(3)], data, with_global=False)
     output = tmp_path / "index"
-    command = ["delf", "index", f"--features={first.root}", f"--output={output}"]
+    command = ["delf", "index", f"--features={first.root}", f"--output_dir={output}"]
     assert main([*command, "--backend=ivfpq", "--index_type=votes,asmk"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -247,7 +247,7 @@ def test_delf_index_command_prints_recall_and_appends(tmp_path, capsys):
     assert 0.0 < recall["recall_at_k"] <= 1.0 and recall["k"] == 10
     assert "sampled recall@10 against exact search" in captured.err
     assert summary["structures"]["asmk"]["action"] == "built"
-    append = ["delf", "index", f"--features={second.root}", f"--output={output}", "--append"]
+    append = ["delf", "index", f"--features={second.root}", f"--output_dir={output}", "--append"]
     assert main(append) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
