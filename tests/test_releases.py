@@ -295,6 +295,21 @@ def test_delf_extract_and_export_take_a_release_folder(releases, photo, tmp_path
     np.testing.assert_array_equal(
         read_global_descriptor(store_dir / "a.png.delg_global"), stored.global_descriptor
     )
+    # The reference's files alone (no manifest, no fingerprint) index and search too,
+    # with the DELG global descriptors ranking the collection.
+    reference_dir = tmp_path / "reference_files"
+    reference_dir.mkdir()
+    for name in ("a.png.delf", "a.png.delg_global"):
+        shutil.copy(store_dir / name, reference_dir / name)
+    index_dir = tmp_path / "index"
+    argv = ["delf", "index", f"--features={reference_dir}", f"--output_dir={index_dir}"]
+    assert main([*argv, f"--images={images}"]) == 0
+    indexed = json.loads(capsys.readouterr().out)
+    assert indexed["global_descriptors"] is True and indexed["fingerprint"] is None
+    search = ["delf", "search", f"--index={index_dir}", f"--image={images / 'a.png'}", *model]
+    assert main([*search, "--ranking=global", "--top_k=1"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["ranking"] == "global" and found["results"][0]["key"] == "a.png"
     argv = ["delf", "export", f"--model={releases['delf']}", f"--export_base={tmp_path / 'm'}"]
     assert main(argv) == 0
     exported = json.loads(capsys.readouterr().out)

@@ -249,8 +249,8 @@ class Index:
         """
         if store.fingerprint != self.fingerprint:
             raise FingerprintMismatchError(
-                f"{store.root}: features of extractor {store.fingerprint[:12]}, but the "
-                f"index holds features of extractor {self.fingerprint[:12]}; "
+                f"{store.root}: features of extractor {_short(store.fingerprint)}, but the "
+                f"index holds features of extractor {_short(self.fingerprint)}; "
                 "an index can only combine features of one model"
             )
         root = Path(images_root).resolve() if images_root is not None else None
@@ -268,6 +268,8 @@ class Index:
                 skipped += 1
                 continue
             features = store.load(key)
+            if len(features) == 0:  # an empty .delf file does not say its descriptor size
+                features = dataclasses.replace(features, descriptors=np.zeros((0, self.dim)))
             if features.dim != self.dim:
                 raise IndexFormatError(
                     f"{store.path(key)}: {features.dim}-D descriptors, the index has {self.dim}-D"
@@ -716,8 +718,8 @@ class Index:
                 f"{path / HEADER}: format_version {header.get('format_version')!r}, "
                 f"this version of delf-tf reads {FORMAT_VERSION}"
             )
-        if not isinstance(header.get("fingerprint"), str):
-            raise IndexFormatError(f"{path / HEADER}: no extractor fingerprint")
+        if not isinstance(header.get("fingerprint"), str) and header.get("fingerprint") is not None:
+            raise IndexFormatError(f"{path / HEADER}: malformed extractor fingerprint")
         names = dict(ARRAYS)
         if GLOBAL_ARRAY in header.get("arrays", {}):
             names[GLOBAL_ARRAY] = np.float32
@@ -745,8 +747,8 @@ class Index:
             if entry.get("fingerprint", header["fingerprint"]) != header["fingerprint"]:
                 raise IndexFormatError(
                     f"{path / HEADER}: the {name} structure was built from features of "
-                    f"extractor {str(entry.get('fingerprint'))[:12]}, the index holds "
-                    f"{header['fingerprint'][:12]}; rebuild it with `delf index`"
+                    f"extractor {_short(entry.get('fingerprint'))}, the index holds "
+                    f"{_short(header['fingerprint'])}; rebuild it with `delf index`"
                 )
         global_descriptors = arrays.pop(GLOBAL_ARRAY, None)
         return cls(
@@ -762,9 +764,18 @@ class Index:
     def check_fingerprint(self, fingerprint: str | None, source: str = "query extractor") -> bool:
         """Raises FingerprintMismatchError if `fingerprint` is not the index's.
 
-        Returns False (and logs a warning) when `fingerprint` is None: a back end
-        that cannot report one cannot be checked.
+        Returns False (and logs a warning) when either fingerprint is None: a back
+        end that cannot report one, or an index of reference `.delf` files, cannot
+        be checked.
         """
+        if self.fingerprint is None:
+            logging.warning(
+                "%s: an index of files without an extractor fingerprint (reference .delf "
+                "files): cannot check that the %s's descriptors match it",
+                self.path or "index",
+                source,
+            )
+            return False
         if fingerprint is None:
             logging.warning(
                 "%s reports no fingerprint: cannot check that its descriptors match "
@@ -784,13 +795,19 @@ class Index:
         return True
 
 
+def _short(fingerprint: str | None) -> str:
+    """The first 12 characters of a fingerprint, or "(none)" for files that carry none."""
+    return fingerprint[:12] if fingerprint else "(none)"
+
+
 def _store_dim(store: FeatureStore) -> int:
     dim = store.manifest.get("extractor", {}).get("descriptor_dim")
     if dim is None:
-        first = next(store.stored_keys(), None)
-        if first is None:
-            raise IndexFormatError(f"{store.root}: empty feature store, nothing to index")
-        dim = store.load(first).dim
+        for key in store.stored_keys():  # the first image with features says it
+            features = store.load(key)
+            if len(features):
+                return features.dim
+        raise IndexFormatError(f"{store.root}: no features in the store, nothing to index")
     return int(dim)
 
 
