@@ -30,7 +30,7 @@ test: $(STAMP) strace
 test-fast: $(STAMP) strace
 	$(PYTEST) -m "not slow" tests
 
-# The crash tests (tests/test_crash_safety.py) kill commands with strace's fault
+# The crash tests (tests/commands/test_crash_safety.py) kill commands with strace's fault
 # injection: installed here when missing (as root, with apt-get); without it those
 # tests are skipped and say why.
 strace:

@@ -13,7 +13,7 @@ delf-tf's own file writes happen; the call the injection actually hit is read
 back from the crash run's own trace (`Crash.hit`), so a point that moved (a run
 that made one more call than the traced one) is seen, not assumed.
 
-Used by tests/test_crash_safety.py (a fixed sample of points) and
+Used by tests/commands/test_crash_safety.py (a fixed sample of points) and
 bench/crash_sweep.py (every point). Needs the `strace` binary and ptrace; see
 `strace_unavailable`.
 """

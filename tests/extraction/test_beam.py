@@ -26,7 +26,7 @@ from PIL import Image
 from delf_tf.cli import main
 from delf_tf.features import FeatureStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MULTI_PROCESS = "--direct_num_workers=2 --direct_running_mode=multi_processing"
 
 

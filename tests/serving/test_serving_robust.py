@@ -36,7 +36,7 @@ from delf_tf.serving.client import ServingExtractor
 from delf_tf.serving.local_server import LocalServer
 from delf_tf.serving.repository import ModelRepository, ModelSource
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

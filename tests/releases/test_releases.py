@@ -29,7 +29,7 @@ from delf_tf.releases.folder import find_release
 from delf_tf.releases.presets import DELG_SCALES, RELEASE_PRESETS
 from delf_tf.releases.synthetic import build_many_in_subprocess
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

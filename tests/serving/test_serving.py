@@ -36,7 +36,7 @@ from delf_tf.serving.errors import (
 from delf_tf.serving.local_server import LocalServer
 from delf_tf.serving.repository import ModelSource, sources_from_config_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROTOCOLS = ["grpc", "rest"]
 
 

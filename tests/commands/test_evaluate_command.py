@@ -65,7 +65,7 @@ def test_evaluate_json_dataset(tmp_path, extractor, small_config, model_config_f
     with open(report_dir / "per_query.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 2
     assert (report_dir / "pr_curves.png").stat().st_size > 0
-    # report.html (delf_tf/report, rendered in tests/test_report_html.py): named in the
+    # report.html (delf_tf/report, rendered in tests/report/test_report_html.py): named in the
     # summary, with the mAP and both queries' first ranked images (3 other views each).
     assert printed["files"]["report"] == str(report_dir / "report.html")
     page = (report_dir / "report.html").read_text()

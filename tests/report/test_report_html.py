@@ -415,7 +415,7 @@ def test_evaluation_page_bounds(evaluated, tmp_path):
     assert "coffee_1" in text
 
 
-# --- the command (`delf evaluate`'s report.html: tests/test_evaluate_command.py) --------------
+# --- the command (`delf evaluate`'s report.html: tests/commands/test_evaluate_command.py) --------------
 
 
 def test_search_command_writes_a_page(tmp_path, extractor, small_config, model_config_file, capsys):

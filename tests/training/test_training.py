@@ -24,7 +24,7 @@ from absl import flags
 from delf_tf.config import ModelConfig, TrainingConfig
 from delf_tf.training.synthetic import write_pattern_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL = ModelConfig(backbone="tiny", feature_depth=32, attention_hidden_units=16)
 # The same model as `delf train` flags.
 SMALL_MODEL_FLAGS = ["--backbone=tiny", "--feature_depth=32", "--attention_hidden_units=16"]
