@@ -225,10 +225,10 @@ def clean_stale_tree(root: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def fsync_directory(folder: str | os.PathLike) -> None:
-    """Makes the folder's entries (a rename into it) durable; a no-op where unsupported."""
+def _fsync_path(path: str | os.PathLike, flags: int = 0) -> None:
+    """fsync of a file or folder by its path; a no-op where it cannot be opened or synced."""
     try:
-        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        descriptor = os.open(path, os.O_RDONLY | flags)
     except OSError:
         return
     try:
@@ -237,6 +237,11 @@ def fsync_directory(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def fsync_directory(folder: str | os.PathLike) -> None:
+    """Makes the folder's entries (a rename into it) durable; a no-op where unsupported."""
+    _fsync_path(folder, getattr(os, "O_DIRECTORY", 0))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -290,16 +295,7 @@ def _fsync_tree(root: Path) -> None:
     """fsync of every file and folder under `root` (what a swap makes visible)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            try:
-                descriptor = os.open(os.path.join(folder, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(descriptor)
-            except OSError:
-                pass
-            finally:
-                os.close(descriptor)
+            _fsync_path(os.path.join(folder, name))
         fsync_directory(folder)
 
 

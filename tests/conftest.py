@@ -137,3 +137,42 @@ def saved_model_cli_show_all(version_dir) -> str:
     with contextlib.redirect_stdout(buffer):
         saved_model_cli._show_all(str(version_dir))
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_serve_process(program: list[str], model_dir, grpc_port: int, rest_port: int):
+    """`delf serve` (through `program`, e.g. ["-m", "delf_tf.cli"]) in a subprocess over
+    `model_dir`, waited for until it prints its ready line: (process, lines read)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, *program, "serve", f"--port={grpc_port}"]
+        + [f"--rest_api_port={rest_port}", f"--model_base_path={model_dir}"]
+        + ["--file_system_poll_wait_seconds=0"],
+        env={**os.environ, "PYTHONPATH": str(repo), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "delf serve: ready" in line:
+            break
+    return process, lines

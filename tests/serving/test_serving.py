@@ -1,11 +1,7 @@
 """ServingExtractor against `delf serve` (LocalServer) over gRPC and REST, and every error case."""
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -16,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import free_port, start_serve_process
 from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -38,12 +35,6 @@ from delf_tf.serving.repository import ModelSource, sources_from_config_file
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOCOLS = ["grpc", "rest"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def client(server, protocol, **options):
@@ -318,25 +309,9 @@ def batching_parameters():
 
 def test_delf_serve_subprocess_stops_cleanly_on_sigterm(exported_model, tmp_path):
     grpc_port, rest_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "delf_tf.cli", "serve", f"--port={grpc_port}"]
-        + [f"--rest_api_port={rest_port}", f"--model_base_path={exported_model.parent}"]
-        + ["--file_system_poll_wait_seconds=0"],
-        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    program = ["-m", "delf_tf.cli"]
+    process, lines = start_serve_process(program, exported_model.parent, grpc_port, rest_port)
     try:
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "delf serve: ready" in line:
-                break
         assert "ready" in lines[-1], "".join(lines[-20:])
         assert f"127.0.0.1:{grpc_port}" in lines[-1] and f"127.0.0.1:{rest_port}" in lines[-1]
         with urllib.request.urlopen(

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import free_port, start_serve_process
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -37,12 +38,6 @@ from delf_tf.serving.local_server import LocalServer
 from delf_tf.serving.repository import ModelRepository, ModelSource
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def client(server, protocol, **options):
@@ -366,25 +361,9 @@ SLOW_SERVER = textwrap.dedent(
 def test_sigterm_lets_running_requests_finish(exported_model, astronaut_small, tmp_path):
     grpc_port, rest_port = free_port(), free_port()
     marker = tmp_path / "in_flight"
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SERVER, str(marker), "serve", f"--port={grpc_port}"]
-        + [f"--rest_api_port={rest_port}", f"--model_base_path={exported_model.parent}"]
-        + ["--file_system_poll_wait_seconds=0"],
-        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    program = ["-c", SLOW_SERVER, str(marker)]
+    process, lines = start_serve_process(program, exported_model.parent, grpc_port, rest_port)
     try:
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "delf serve: ready" in line:
-                break
         assert "ready" in lines[-1], "".join(lines[-20:])
         images = np.array([encode_png(astronaut_small), b"slow"], dtype=object)
         answers = {}
@@ -401,6 +380,7 @@ def test_sigterm_lets_running_requests_finish(exported_model, astronaut_small, t
         callers = [threading.Thread(target=grpc_call), threading.Thread(target=rest_call)]
         for caller in callers:
             caller.start()
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if marker.exists() and marker.read_text().count("started") == 2:
                 break
