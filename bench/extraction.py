@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from absl import app, flags
+from common import free_port, interleaved
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "folder of photos")
@@ -184,25 +183,6 @@ def floor_function(model, config):
     return floor
 
 
-def interleaved(runners: dict, inputs: dict) -> tuple[dict, dict]:
-    """Times every runner on every photo, the runners taking turns per photo (a load
-    change on a shared machine then hits all of them alike). One warm-up call each.
-
-    runners: {mode: function(input)}; inputs: {mode: [input per photo]}.
-    Returns ({mode: [seconds per photo]}, {mode: [result per photo]}).
-    """
-    for mode, run in runners.items():
-        run(inputs[mode][0])
-    seconds = {mode: [] for mode in runners}
-    results = {mode: [] for mode in runners}
-    for index in range(1, len(next(iter(inputs.values())))):
-        for mode, run in runners.items():
-            start = time.perf_counter()
-            results[mode].append(run(inputs[mode][index]))
-            seconds[mode].append(round(time.perf_counter() - start, 3))
-    return seconds, results
-
-
 def as_dict(features) -> dict:
     if isinstance(features, dict):
         return features
@@ -235,12 +215,6 @@ def compare(a, b) -> dict:
             np.abs(a["descriptors"][ia] - b["descriptors"][ib]).max()
         ),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main(argv: list[str]) -> None:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from absl import app, flags
+from common import free_port, interleaved
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("release", None, "a release folder (default: build a synthetic one)")
@@ -42,26 +41,6 @@ flags.DEFINE_float(
 )
 flags.DEFINE_list("modes", ["reference", "in_process", "served"], "what to measure")
 flags.mark_flag_as_required("images")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def interleaved(runners: dict, inputs: dict) -> tuple[dict, dict]:
-    """Times every runner on every photo, taking turns per photo; one warm-up call each."""
-    for mode, run in runners.items():
-        run(inputs[mode][0])
-    seconds = {mode: [] for mode in runners}
-    results = {mode: [] for mode in runners}
-    for index in range(1, len(next(iter(inputs.values())))):
-        for mode, run in runners.items():
-            start = time.perf_counter()
-            results[mode].append(run(inputs[mode][index]))
-            seconds[mode].append(round(time.perf_counter() - start, 3))
-    return seconds, results
 
 
 def max_difference(features, reference: dict) -> dict:
@@ -121,19 +100,7 @@ def main(argv: list[str]) -> None:
     runners, inputs, server = {}, {}, None
     try:
         if "reference" in FLAGS.modes:
-            reference = ReferenceExtractor(
-                release,
-                ReferenceSettings(
-                    scales=config.scales,
-                    score_threshold=config.score_threshold,
-                    max_features=config.max_features,
-                    max_image_size=config.max_image_size,
-                    min_image_size=config.min_image_size,
-                    global_scale_indices=config.global_scale_indices,
-                    pca=pca,
-                    pca_dim=config.pca_dim,
-                ),
-            )
+            reference = ReferenceExtractor(release, ReferenceSettings.from_config(config, pca))
             runners["reference"], inputs["reference"] = reference.extract, photos
         if "in_process" in FLAGS.modes:
             runners["in_process"], inputs["in_process"] = extractor.extract, photos

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from absl import app, flags
+from common import free_port
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("export", None, "model dir or version dir of an export (default: make one)")
@@ -67,12 +67,6 @@ def make_export(base: Path) -> Path:
         score_threshold=0.0,
     )
     return export_model(build_delf_model(seed=0), base, config)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(model_dir: Path) -> tuple[subprocess.Popen, int, int]:

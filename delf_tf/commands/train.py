@@ -102,8 +102,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "backbone",
         model_defaults.backbone,
         list(BACKBONES),
-        "resnet50 (the paper's; --backbone_weights apply) or tiny (a small conv net for "
-        "quick tests; --backbone_weights=random only)",
+        "resnet50 (the paper's; --weights apply) or tiny (a small conv net for "
+        "quick tests; --weights=random only)",
         **define,
     )
     flags.DEFINE_integer(

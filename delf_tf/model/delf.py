@@ -134,8 +134,7 @@ def build_delf_model(
     if config.backbone != "resnet50" and weights not in (None, "random"):
         raise ConfigError(
             f"backbone weights {str(weights)!r} exist only for backbone 'resnet50', not "
-            f"{config.backbone!r}: use random weights (--weights=random, "
-            "--backbone_weights=random)"
+            f"{config.backbone!r}: use random weights (--weights=random)"
         )
     if seed is not None:
         keras.utils.set_random_seed(seed)

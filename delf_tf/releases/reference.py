@@ -37,6 +37,20 @@ class ReferenceSettings:
     pca: object | None = None
     pca_dim: int = 40
 
+    @classmethod
+    def from_config(cls, config, pca: object | None = None) -> ReferenceSettings:
+        """The settings of an `ExtractionConfig` (the fields the reference reads)."""
+        return cls(
+            scales=config.scales,
+            score_threshold=config.score_threshold,
+            max_features=config.max_features,
+            max_image_size=config.max_image_size,
+            min_image_size=config.min_image_size,
+            global_scale_indices=config.global_scale_indices,
+            pca=pca,
+            pca_dim=config.pca_dim,
+        )
+
 
 def resize_image(image: np.ndarray, max_size: int, min_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The reference's ResizeImage: (resized uint8 [h, w, 3], factors float64 [2] (h, w))."""

@@ -82,17 +82,7 @@ def reference_extract(release_dir, config, pca=None):
     """The reference extractor's way (prune + numpy) with the settings of `config`."""
     from delf_tf.releases.reference import ReferenceExtractor, ReferenceSettings
 
-    settings = ReferenceSettings(
-        scales=config.scales,
-        score_threshold=config.score_threshold,
-        max_features=config.max_features,
-        max_image_size=config.max_image_size,
-        min_image_size=config.min_image_size,
-        global_scale_indices=config.global_scale_indices,
-        pca=pca,
-        pca_dim=config.pca_dim,
-    )
-    return ReferenceExtractor(find_release(release_dir), settings)
+    return ReferenceExtractor(find_release(release_dir), ReferenceSettings.from_config(config, pca))
 
 
 def assert_same_features(ours, reference):
