@@ -20,7 +20,7 @@ import sys
 from absl import flags, logging
 
 from delf_tf.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, DelfError
-from delf_tf.tf_runtime import import_tensorflow_quietly
+from delf_tf.tf_runtime import import_tensorflow_quietly, quiet_library_loggers
 
 # name -> (module under delf_tf.commands, one-line help, whether it runs TensorFlow)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
+    quiet_library_loggers()
     try:
         if COMMANDS[name][2]:
             import_tensorflow_quietly()

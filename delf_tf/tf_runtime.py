@@ -4,13 +4,15 @@ TensorFlow 2.21 logs through absl's C++ logging before it is initialised, which
 ignores TF_CPP_MIN_LOG_LEVEL: every command would start with lines about CUDA
 drivers, CPU instructions and oneDNN. `import_tensorflow_quietly` sends file
 descriptor 2 to a temporary file while TensorFlow is imported and its devices
-are listed, and replays what was captured only if that fails. DELF_TF_LOGS=1
-keeps TensorFlow's own output.
+are listed, and replays what was captured only if that fails.
+`quiet_library_loggers` keeps the INFO lines of FAISS's loader (which CPU build it
+picked) off stderr. DELF_TF_LOGS=1 keeps both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -38,6 +40,12 @@ def _native_stderr_captured() -> Iterator[None]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def quiet_library_loggers() -> None:
+    """Raises the loggers of libraries that report their start-up at INFO to WARNING."""
+    if os.environ.get(VERBOSE_ENV) != "1":
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def import_tensorflow_quietly() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,48 @@ def test_serving_contract_has_one_home():
             if literal in text:
                 offenders.append(f"{path.relative_to(REPO)}: {literal}")
     assert offenders == []
+
+
+STARTUP_CHATTER = ("cuda", "cpu_feature_guard", "onednn", "absl::initializelog", "loading faiss")
+
+
+def test_commands_start_without_library_chatter(tmp_path, model_config_file, astronaut_small):
+    """`delf extract` and `delf search` (TensorFlow, FAISS) write only their own lines to
+    stderr, also without TF_CPP_MIN_LOG_LEVEL; DELF_TF_LOGS=1 lets FAISS's loader speak."""
+    from PIL import Image
+
+    Image.fromarray(astronaut_small).save(tmp_path / "a.png")
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("TF_CPP_MIN_LOG_LEVEL", "DELF_TF_LOGS")
+    }
+
+    def delf(*argv, **extra):
+        done = subprocess.run(
+            [sys.executable, "-m", "delf_tf.cli", *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=240,
+            env={**environment, **extra},
+        )
+        assert done.returncode == 0, done.stderr
+        json.loads(done.stdout)  # one JSON summary on stdout
+        return done.stderr.lower()
+
+    extract = delf(
+        "extract",
+        f"--images={tmp_path / 'a.png'}",
+        f"--output_dir={tmp_path / 'features'}",
+        f"--model_config={model_config_file}",
+        "--score_threshold=0",
+        "--max_image_size=64",
+    )
+    delf("index", f"--features={tmp_path / 'features'}", f"--output_dir={tmp_path / 'i'}")
+    search = [f"--index={tmp_path / 'i'}", f"--image={tmp_path / 'a.png'}"]
+    search.append(f"--model_config={model_config_file}")
+    quiet = delf("search", *search)
+    for stderr in (extract, quiet):
+        assert not [marker for marker in STARTUP_CHATTER if marker in stderr], stderr
+    assert "loading faiss" in delf("search", *search, DELF_TF_LOGS="1")
