@@ -135,7 +135,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, protocol):
     path.write_bytes(pickle.dumps(payload, protocol=protocol))
     with pytest.raises(UnsafePickleError, match=r"refused global (posix|nt)\.system"):
         safe_load(path)
-    with pytest.raises(UnsafePickleError):
+    with pytest.raises(UnsafePickleError, match=r"refused global (posix|nt)\.system"):
         load_revisited(path, tmp_path)
     assert not marker.exists()
 

@@ -69,7 +69,7 @@ def test_precision_at_k_follows_the_protocol():
     assert precision_at_k(ranks, 5) == pytest.approx(2 / 3)
     assert precision_at_k(ranks, 2) == pytest.approx(1 / 2)
     assert precision_at_k(np.array([], np.int64), 5) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         precision_at_k(ranks, 0)
 
 

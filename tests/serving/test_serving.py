@@ -138,9 +138,9 @@ def test_unreachable_server(protocol):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_missing_model_version_and_signature(local_server, mixed_images, protocol):
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match=r"Latest\(nope\)"):
         client(local_server, protocol, model_name="nope").extract(mixed_images[0])
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match=r"99"):
         client(local_server, protocol, version=99).model_status()
     with pytest.raises(ModelNotFoundError):
         client(local_server, protocol, version=99).extract(mixed_images[0])
