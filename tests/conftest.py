@@ -110,19 +110,29 @@ def local_server(exported_model):
 
 @pytest.fixture(scope="session")
 def official_formats():
-    """Folder of reference-written .delf/.datum files: $DELF_OFFICIAL_FORMATS_DIR, else
-    <repo>/../shared/data/official-formats; the test is skipped when it is absent."""
+    """`find(*relative_paths) -> folder` holding all of them, among reference-written
+    files: $DELF_OFFICIAL_FORMATS_DIR, <repo>/../shared/data/official-formats (the
+    project workspace's full set), then tests/data/official-formats (the smaller files,
+    in the repository). The test is skipped when no folder holds them all."""
     from pathlib import Path
 
-    folder = os.environ.get("DELF_OFFICIAL_FORMATS_DIR")
-    root = Path(__file__).resolve().parents[1].parent
-    folder = Path(folder) if folder else root / "shared" / "data" / "official-formats"
-    if not (folder / "delf_pca40.delf").is_file():
+    tests = Path(__file__).resolve().parent
+    folders = [tests.parents[1] / "shared" / "data" / "official-formats"]
+    folders.append(tests / "data" / "official-formats")
+    if os.environ.get("DELF_OFFICIAL_FORMATS_DIR"):
+        folders.insert(0, Path(os.environ["DELF_OFFICIAL_FORMATS_DIR"]))
+
+    def find(*relative_paths: str) -> Path:
+        for folder in folders:
+            if all((folder / path).is_file() for path in relative_paths):
+                return folder
         pytest.skip(
-            f"reference-written files not found in {folder} (set DELF_OFFICIAL_FORMATS_DIR "
-            "to the official-formats data folder)"
+            f"reference-written {', '.join(relative_paths)} not found in "
+            f"{', '.join(map(str, folders))} (set DELF_OFFICIAL_FORMATS_DIR to the "
+            "official-formats data folder)"
         )
-    return folder
+
+    return find
 
 
 def saved_model_cli_show_all(version_dir) -> str:

@@ -63,7 +63,8 @@ def test_config_paths_and_variances_of_input_size(tmp_path):
 
 
 def test_official_pca_folder(official_formats):
-    folder = official_formats / "pca"
+    names = ("mean.datum", "pca_proj_mat.datum", "pca_vars.datum", "pca_arrays.npz")
+    folder = official_formats(*(f"pca/{name}" for name in names)) / "pca"
     expected = np.load(folder / "pca_arrays.npz", allow_pickle=False)
     pca = PcaParams.from_datum_folder(folder, whiten=True)
     np.testing.assert_array_equal(pca.mean, expected["mean"])

@@ -2,8 +2,9 @@
 
 The writers are checked three ways: against golden bytes built by hand from the
 wire layout, against the protobuf messages (a writer that follows the
-reference's steps), and against files written by the reference itself (when the
-data folder is present; see the `official_formats` fixture in conftest.py).
+reference's steps), and against files written by the reference itself (a subset in
+tests/data/official-formats, all of them when the workspace's data folder is there;
+see the `official_formats` fixture in conftest.py).
 """
 
 from __future__ import annotations
@@ -252,30 +253,28 @@ def test_large_files_are_fast(tmp_path):
 
 @pytest.mark.parametrize("name", ["delf_pca40", "delf_1024", "delg_local128"])
 def test_official_delf_files(official_formats, tmp_path, name):
-    expected = np.load(official_formats / f"{name}.npz", allow_pickle=False)
-    read = read_delf(official_formats / f"{name}.delf")
-    assert (
-        _canonical_records((official_formats / f"{name}.delf").read_bytes()) is not None
-    )  # numpy path
+    folder = official_formats(f"{name}.npz", f"{name}.delf")
+    expected = np.load(folder / f"{name}.npz", allow_pickle=False)
+    read = read_delf(folder / f"{name}.delf")
+    assert _canonical_records((folder / f"{name}.delf").read_bytes()) is not None  # numpy path
     fields = ("locations_yx", "scales", "descriptors", "attention")
     for field in fields:
         assert getattr(read, field).dtype == expected[field].dtype == np.float32
         np.testing.assert_array_equal(getattr(read, field), expected[field])
     assert not read.orientations.any()
     write_delf(tmp_path / "out.delf", *(expected[field] for field in fields))
-    assert (tmp_path / "out.delf").read_bytes() == (official_formats / f"{name}.delf").read_bytes()
+    assert (tmp_path / "out.delf").read_bytes() == (folder / f"{name}.delf").read_bytes()
 
 
 def test_official_global_descriptor(official_formats, tmp_path):
-    expected = np.load(official_formats / "delg_global2048.npz", allow_pickle=False)[
-        "global_descriptor"
-    ]
+    folder = official_formats("delg_global2048.npz", "delg_global2048.delg_global")
+    expected = np.load(folder / "delg_global2048.npz", allow_pickle=False)["global_descriptor"]
     np.testing.assert_array_equal(
-        read_global_descriptor(official_formats / "delg_global2048.delg_global"), expected
+        read_global_descriptor(folder / "delg_global2048.delg_global"), expected
     )
     write_global_descriptor(tmp_path / "g.delg_global", expected)
     assert (tmp_path / "g.delg_global").read_bytes() == (
-        official_formats / "delg_global2048.delg_global"
+        folder / "delg_global2048.delg_global"
     ).read_bytes()
 
 
@@ -283,8 +282,9 @@ def test_official_global_descriptor(official_formats, tmp_path):
     "datum, key", [("mean", "mean"), ("pca_proj_mat", "projection"), ("pca_vars", "variances")]
 )
 def test_official_pca_datum_files(official_formats, tmp_path, datum, key):
-    expected = np.load(official_formats / "pca" / "pca_arrays.npz", allow_pickle=False)[key]
-    original = official_formats / "pca" / f"{datum}.datum"
+    folder = official_formats("pca/pca_arrays.npz", f"pca/{datum}.datum") / "pca"
+    expected = np.load(folder / "pca_arrays.npz", allow_pickle=False)[key]
+    original = folder / f"{datum}.datum"
     np.testing.assert_array_equal(read_datum(original), expected)
     write_datum(tmp_path / "out.datum", expected)
     assert (tmp_path / "out.datum").read_bytes() == original.read_bytes()
