@@ -33,13 +33,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from absl import app, flags
-from common import free_port, interleaved
+from common import interleaved, start_server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "folder of photos")
@@ -275,15 +273,8 @@ def main(argv: list[str]) -> None:
                 else:
                     from delf_tf.serving.client import ServingExtractor
 
-                    port = free_port()
-                    server = subprocess.Popen(
-                        [sys.executable, "-m", "delf_tf.cli", "serve", f"--port={port}"]
-                        + ["--rest_api_port=0", f"--model_base_path={export.parent}"],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                    server, port, _ = start_server(export.parent)
                     client = ServingExtractor(f"127.0.0.1:{port}", timeout=600)
-                    client.wait_until_available(timeout=300)
                     chosen[mode] = lambda data, client=client: client.extract_batch([data])[0]
                     inputs[mode] = [Path(path).read_bytes() for path in paths]
             else:

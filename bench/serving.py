@@ -19,15 +19,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from absl import app, flags
-from common import free_port
+from common import start_server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("export", None, "model dir or version dir of an export (default: make one)")
@@ -67,25 +65,6 @@ def make_export(base: Path) -> Path:
         score_threshold=0.0,
     )
     return export_model(build_delf_model(seed=0), base, config)
-
-
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, int, int]:
-    grpc_port, rest_port = free_port(), free_port()
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "delf_tf.cli", "serve", f"--port={grpc_port}"]
-        + [f"--rest_api_port={rest_port}", f"--model_base_path={model_dir}"]
-        + ["--file_system_poll_wait_seconds=0", "--grpc_max_threads=16"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    for line in process.stdout:
-        if "delf serve: ready" in line:
-            return process, grpc_port, rest_port
-    raise RuntimeError(f"delf serve exited with {process.wait()}")
 
 
 def measure(extract, images, clients: int, rounds: int) -> dict:
@@ -166,7 +145,9 @@ def main(argv: list[str]) -> int:
         local = InProcessExtractor.from_saved_model(version_dir)
         local.extract(images[0])  # warm-up, as the server's warm-up request does
         backends = {"in_process": local.extract}
-        process, grpc_port, rest_port = start_server(version_dir.parent)
+        process, grpc_port, rest_port = start_server(
+            version_dir.parent, "--file_system_poll_wait_seconds=0", "--grpc_max_threads=16"
+        )
         try:
             ports = {"grpc": grpc_port, "rest": rest_port}
             for protocol in FLAGS.protocols:
