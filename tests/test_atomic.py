@@ -44,8 +44,8 @@ def leftovers(root: Path) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if p.name.endswith(SUFFIXES))
 
 
-def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+def run_python(code: str, cwd: Path, **variables: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", **variables)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=cwd,
@@ -128,15 +128,7 @@ KILLED_WRITERS = """
 
 
 def kill_a_writer(cwd: Path, what: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", WHAT=what)
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(KILLED_WRITERS)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(KILLED_WRITERS, cwd, WHAT=what)
     assert result.returncode == -9, result.stderr
 
 
