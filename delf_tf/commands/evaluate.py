@@ -55,8 +55,7 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.evaluation.engine import engine_rank_fn
     from delf_tf.evaluation.evaluate import evaluate, write_report
     from delf_tf.report.evaluation_page import write_evaluation_report
-    from delf_tf.retrieval.index import Index
-    from delf_tf.retrieval.search import Searcher
+    from delf_tf.retrieval.search import load_searcher
 
     config = retrieval_config_from_flags(flag_values, shortlist=flag_values.shortlist)
     dataset = load_dataset(
@@ -65,10 +64,10 @@ def run(flag_values: flags.FlagValues) -> int:
         flag_values.images,
         flag_values.groundtruth,
     )
-    index = Index.load(flag_values.index)
+    searcher = load_searcher(flag_values.index, config)
+    index = searcher.index
     extractor = extractor_from_flags(flag_values)
     index.check_fingerprint(extractor.fingerprint)
-    searcher = Searcher(index, config)
     rank_fn = engine_rank_fn(extractor, searcher)
     result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
     paths = write_report(result, flag_values.output_dir)

@@ -67,8 +67,7 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.errors import InputError
     from delf_tf.images import load_image
     from delf_tf.retrieval.batch import QueryRunner, read_queries
-    from delf_tf.retrieval.index import Index
-    from delf_tf.retrieval.search import Searcher
+    from delf_tf.retrieval.search import load_searcher
 
     if bool(flag_values.image) == bool(flag_values.queries):
         raise InputError("give one of --image and --queries")
@@ -82,8 +81,8 @@ def run(flag_values: flags.FlagValues) -> int:
     )
     image = load_image(flag_values.image) if flag_values.image else None
     queries = read_queries(flag_values.queries) if flag_values.queries else None
-    index = Index.load(flag_values.index)
-    searcher = Searcher(index, config)
+    searcher = load_searcher(flag_values.index, config)
+    index = searcher.index
     extractor = extractor_from_flags(flag_values, cached=image is not None)
     index.check_fingerprint(extractor.fingerprint)
     warn_if_untrained(extractor)

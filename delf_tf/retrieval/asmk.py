@@ -177,6 +177,10 @@ class AsmkIndex:
         problems = []
         if self.offsets.shape != (words + 1,) or (words and int(self.offsets[-1]) != len(self)):
             problems.append(f"offsets {self.offsets.shape} for {words} words, {len(self)} entries")
+        elif words and (int(self.offsets[0]) != 0 or np.any(np.diff(self.offsets) < 0)):
+            problems.append("offsets do not rise from 0")  # O(words)
+        if self.entry_images.shape != (len(self),):
+            problems.append(f"entry_images {self.entry_images.shape} for {len(self)} entries")
         if self.entry_bits.shape != (len(self), bytes_per_word):
             problems.append(f"entry_bits {self.entry_bits.shape} for {len(self)} entries")
         if int(self.words.ntotal) != words:
@@ -336,19 +340,23 @@ class AsmkIndex:
         differing = np.bitwise_count(np.bitwise_xor(self.entry_bits[entries], bits[owner]))
         similarity = 1.0 - 2.0 * differing.sum(axis=1, dtype=np.float64) / self.dim
         kernel = selective_kernel(similarity, alpha, threshold)
-        scores = np.bincount(
-            self.entry_images[entries], weights=kernel, minlength=self.num_images
-        ).astype(np.float64)
+        images = np.asarray(self.entry_images[entries])
+        if images.size and (int(images.min()) < 0 or int(images.max()) >= self.num_images):
+            # Checked where read (O(entries of the query's words)), not on every load.
+            raise AsmkError(
+                f"entry_images holds image {int(images.min()) if images.min() < 0 else int(images.max())}"
+                f" outside 0..{self.num_images - 1}: the ASMK structure is damaged"
+            )
+        scores = np.bincount(images, weights=kernel, minlength=self.num_images).astype(np.float64)
         image_words = np.asarray(self.image_words, np.float64)
         norm = np.where(image_words > 0, 1.0 / np.sqrt(np.maximum(image_words, 1.0)), 0.0)
         return scores * norm / math.sqrt(len(words))
 
     # --- disk ----------------------------------------------------------------------
 
-    def save(self, folder: str | os.PathLike, write_array) -> dict[str, Any]:
-        """Writes the files into `folder` (with `write_array(path, array)`); returns the header."""
-        import faiss
-
+    def save(self, folder: str | os.PathLike, write_array, write_faiss) -> dict[str, Any]:
+        """Writes the files into `folder` (with `write_array(path, array)` and
+        `write_faiss(path, index)`); returns the header."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         shapes = {}
@@ -356,7 +364,7 @@ class AsmkIndex:
             array = np.asarray(getattr(self, name), DTYPES[name])
             write_array(folder / f"{name}.npy", array)
             shapes[name] = list(array.shape)
-        faiss.write_index(self.words, str(folder / WORDS_FILE))
+        write_faiss(folder / WORDS_FILE, self.words)
         return {
             "parameters": self.parameters.to_dict(),
             "shapes": shapes,

@@ -43,6 +43,15 @@ from delf_tf.matching.ransac import RansacResult
 from delf_tf.retrieval.asmk import AsmkIndex
 from delf_tf.retrieval.global_ranking import GlobalRanker
 from delf_tf.retrieval.index import Index, IndexFormatError
+from delf_tf.retrieval.structures import (
+    AsmkStructure,
+    GlobalStructure,
+    IndexChangedError,
+    Ranking,
+    SearchStructure,
+    VotesStructure,
+)
+from delf_tf.retrieval.structures.votes import vote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,19 +94,8 @@ class SearchResult:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class InitialRanking:
-    """A query's ranking before verification.
-
-    Attributes:
-      ids: int64 [R] image ids, best first.
-      scores: float64 [R] their scores (votes, ASMK* similarity, inner product).
-      voted: the votes ranking's (votes, query_rows, database_rows), see `Searcher.vote`.
-    """
-
-    ids: np.ndarray
-    scores: np.ndarray
-    voted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+# A query's ranking before verification (ids, scores, and the votes ranking's voted).
+InitialRanking = Ranking
 
 
 def resolve_ranking(ranking: str, index: Index) -> str:
@@ -131,10 +129,12 @@ class Searcher:
         self.neighbors: NeighborIndex | None = None
         self.asmk: AsmkIndex | None = None
         self.global_ranker: GlobalRanker | None = None
+        self.structure: SearchStructure
         if self.method == "votes":
             self.neighbors = neighbors or self._votes_structure()
             if self.config.nprobe and hasattr(self.neighbors, "set_nprobe"):
                 self.neighbors.set_nprobe(self.config.nprobe)
+            self.structure = VotesStructure.wrap(self.neighbors)
         elif self.method == "asmk":
             self.asmk = asmk or index.asmk()
             if self.asmk is None:
@@ -142,6 +142,7 @@ class Searcher:
                     f"{index.path or 'index'}: no ASMK structure; build it with "
                     "`delf index --index_type=asmk` (or rank with --ranking=votes)"
                 )
+            self.structure = AsmkStructure.wrap(self.asmk)
         else:
             self.global_ranker = global_ranker or index.global_ranker()
             if self.global_ranker is None:
@@ -149,6 +150,7 @@ class Searcher:
                     f"{index.path or 'index'}: no global descriptors (its features come "
                     "from a model without a global head); use --ranking=votes or asmk"
                 )
+            self.structure = GlobalStructure.wrap(self.global_ranker)
 
     def _votes_structure(self) -> NeighborIndex:
         """The saved k-NN structure, or an exact one that needs no training."""
@@ -187,18 +189,7 @@ class Searcher:
         self._check_dim(query)
         if self.neighbors is None:
             raise ValueError(f"this Searcher ranks by {self.method}, not votes")
-        _, neighbors = self.neighbors.search(
-            query.descriptors, self.config.neighbors, self.config.distance_bound
-        )
-        # Row-major order keeps each query's neighbours nearest first, so the first
-        # (query, image) occurrence is that image's nearest descriptor.
-        query_rows, column = np.nonzero(neighbors != MISSING)
-        database_rows = neighbors[query_rows, column]
-        images = self._image_ids[database_rows].astype(np.int64)
-        _, first = np.unique(query_rows * self.index.num_images + images, return_index=True)
-        query_rows, database_rows, images = query_rows[first], database_rows[first], images[first]
-        votes = np.bincount(images, minlength=self.index.num_images)
-        return votes, query_rows, database_rows
+        return vote(self.neighbors, self.index, query.descriptors, self.config)
 
     def _verify_votes(
         self,
@@ -242,29 +233,7 @@ class Searcher:
         similarity; global: every image (or the IVF structure's best).
         """
         self._check_dim(query)
-        if self.method == "votes":
-            voted = self.vote(query)
-            votes = voted[0]
-            ids = np.argsort(-votes, kind="stable")
-            ids = ids[votes[ids] > 0]
-            return InitialRanking(ids.astype(np.int64), votes[ids].astype(np.float64), voted)
-        if self.method == "asmk":
-            scores = self.asmk.scores(
-                query.descriptors,
-                self.config.asmk_alpha,
-                self.config.asmk_threshold,
-                self.config.asmk_query_assignments,
-            )
-            ids = np.argsort(-scores, kind="stable")
-            ids = ids[scores[ids] > 0]
-            return InitialRanking(ids.astype(np.int64), scores[ids])
-        if query.global_descriptor is None:
-            raise InputError(
-                "the query has no global descriptor: ranking=global needs a model with a "
-                "global head (DELG); use --ranking=votes or asmk"
-            )
-        ids, scores = self.global_ranker.rank(query.global_descriptor)
-        return InitialRanking(ids, scores.astype(np.float64))
+        return self.structure.search(self.index, query, self.config)
 
     def initial_ranking(self, query: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
         """(image ids int64 [R], scores float64 [R]) of `initial`, best first."""
@@ -489,3 +458,16 @@ def search(
 ) -> list[SearchResult]:
     """One-off search (loads the index's structures; reuse a Searcher for many queries)."""
     return Searcher(index, config).search(query)
+
+
+def load_searcher(path, config: RetrievalConfig | None = None, attempts: int = 3) -> Searcher:
+    """`Index.load(path)` and a Searcher over it with its structure loaded, all of one
+    generation: read again when a writer replaced the index in between."""
+    for attempt in range(attempts):
+        index = Index.load(path)
+        try:
+            return Searcher(index, config)
+        except IndexChangedError:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")

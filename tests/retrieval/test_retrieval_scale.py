@@ -21,7 +21,7 @@ from delf_tf.matching.neighbors import (
 from delf_tf.matching.ransac import apply_transform
 from delf_tf.retrieval import Index, IndexFormatError, Searcher
 from delf_tf.retrieval import asmk as asmk_module
-from delf_tf.retrieval import index as index_module
+from delf_tf.retrieval.structures import votes as votes_module
 from delf_tf.retrieval.asmk import AsmkIndex, default_codebook_size
 from delf_tf.retrieval.batch import QueryRunner, read_queries, search_to_jsonl
 from delf_tf.retrieval.global_ranking import GlobalRanker
@@ -225,7 +225,7 @@ def test_append_extends_trained_structures_without_retraining(planted, tmp_path,
 
 def test_append_retrains_when_the_index_outgrows_the_structure(planted, tmp_path, monkeypatch):
     data, _, path = planted
-    monkeypatch.setattr(index_module, "RETRAIN_GROWTH", 1.1)
+    monkeypatch.setattr(votes_module, "RETRAIN_GROWTH", 1.1)
     more = make_store(tmp_path / "more", [f"new{i}" for i in range(6)], data)
     index, _ = Index.load(path).add_store(more, progress=False)
     report = index.build_structures(progress=False)
