@@ -443,7 +443,11 @@ class Index:
         if structure is None:
             return None
         if structure.value is None:
-            value = structure.load(self, mmap)
+            try:
+                value = structure.load(self, mmap)
+            except IndexFormatError:
+                self.check_unchanged()  # a file of the next generation: IndexChangedError
+                raise
             self.check_unchanged()
             structure.value = value
         return structure.value
@@ -493,13 +497,13 @@ class Index:
         Search structures are written with it (or copied from the index's own
         directory when unchanged). A structure that covers fewer images than the
         index (after `add_store`) must be extended first by `build_structures`.
-        The generation in index.json becomes one more than the one it replaces.
+        The generation in index.json becomes one more than that of the index it
+        replaces at `path` (1 where there is none).
         """
         path = Path(path)
         self._check_structures_cover()
         recover_staged_directory(path)
-        previous = _generation_or_none(path) or 0
-        generation = max(previous, self.generation or 0) + 1
+        generation = (_generation_or_none(path) or 0) + 1
         with staged_directory(path) as staging:
             for name, array in self._arrays().items():
                 dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]

@@ -21,10 +21,10 @@ from delf_tf.matching.neighbors import (
 from delf_tf.matching.ransac import apply_transform
 from delf_tf.retrieval import Index, IndexFormatError, Searcher
 from delf_tf.retrieval import asmk as asmk_module
-from delf_tf.retrieval.structures import votes as votes_module
 from delf_tf.retrieval.asmk import AsmkIndex, default_codebook_size
 from delf_tf.retrieval.batch import QueryRunner, read_queries, search_to_jsonl
 from delf_tf.retrieval.global_ranking import GlobalRanker
+from delf_tf.retrieval.structures import votes as votes_module
 
 DIM = 16
 GLOBAL_DIM = 24

@@ -289,6 +289,5 @@ def read_faiss(path: Path, writable: bool) -> Any:
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        detail = first[-1] if first else "unreadable"
+        detail = " ".join(str(error).split())[:300] or "unreadable"
         raise IndexFormatError(f"{path}: unreadable FAISS structure ({detail})") from error

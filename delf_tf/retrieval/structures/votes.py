@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from delf_tf.config import NEIGHBOR_BACKENDS
+from delf_tf.errors import InputError
 from delf_tf.matching.neighbors import (
     MISSING,
     PERSISTED_BACKENDS,
@@ -52,6 +53,8 @@ RETRAIN_GROWTH = 4.0
 RECALL_K = 10
 RECALL_DISTANCE = 0.8
 # Back-end names an index.json may record ("auto" only as "requested").
+# IVF-PQ codes are 8 bits: each sub-quantizer learns 256 centroids from as many points.
+PQ_CENTROIDS = 256
 KINDS = tuple(name for name in NEIGHBOR_BACKENDS if name != "auto")
 
 
@@ -135,6 +138,11 @@ class VotesStructure(SearchStructure):
                 f"to {kind}"
             )
         if structure is None:
+            if count < PQ_CENTROIDS:
+                raise InputError(
+                    f"--backend={kind}: {count} descriptors, its 8-bit codes are trained on at "
+                    f"least {PQ_CENTROIDS}; use --backend=flat (exact) for so few"
+                )
             start = time.perf_counter()
             quantizer = "hnsw" if kind == "ivfpq-hnsw" else "flat"
             parameters = ivfpq_parameters(count, collection.dim, quantizer)
@@ -227,7 +235,10 @@ def vote(
       database_rows: int64 [V] nearest descriptor (index row) of each vote in its image.
     Rows or image ids out of the collection (a damaged file) are an IndexFormatError.
     """
-    _, nearest = neighbors.search(descriptors, config.neighbors, config.distance_bound)
+    try:
+        _, nearest = neighbors.search(descriptors, config.neighbors, config.distance_bound)
+    except IndexError as error:  # a damaged file's ids, out of the descriptors' rows
+        raise _damaged(collection, error) from error
     # Row-major order keeps each query's neighbours nearest first, so the first
     # (query, image) occurrence is that image's nearest descriptor.
     query_rows, column = np.nonzero(nearest != MISSING)
@@ -244,11 +255,7 @@ def _images_of(collection: Collection, rows: np.ndarray, num_images: int) -> np.
     """int64 image ids of descriptor `rows`, checked against the offsets (O(rows))."""
     where = collection.path or "index"
     if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= collection.num_descriptors):
-        raise IndexFormatError(
-            f"{where}: the k-NN structure returned descriptor rows outside the index "
-            f"(0..{collection.num_descriptors - 1}); {NEIGHBORS_FILE} is damaged: rebuild it "
-            "with `delf index`"
-        )
+        raise _damaged(collection, f"row {int(rows.max())}")
     images = np.asarray(collection.image_ids)[rows].astype(np.int64)
     if images.size:
         offsets = np.asarray(collection.offsets)
@@ -262,6 +269,14 @@ def _images_of(collection: Collection, rows: np.ndarray, num_images: int) -> np.
                 f"(the index has {num_images} images); the file is damaged"
             )
     return images
+
+
+def _damaged(collection: Collection, detail: Any) -> IndexFormatError:
+    return IndexFormatError(
+        f"{collection.path or 'index'}: the k-NN structure returned descriptor rows outside "
+        f"the index ({detail}; it has {collection.num_descriptors}): {NEIGHBORS_FILE} is "
+        "damaged; rebuild it with `delf index`"
+    )
 
 
 def _source(collection: Collection, name: str, structure: str):

@@ -1,0 +1,282 @@
+"""Tampered index files end in one line from `delf search` (exit 1); readers never mix
+generations of an index that a writer keeps replacing; `read_generation`."""
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from delf_tf.cli import main
+from delf_tf.config import RetrievalConfig
+from delf_tf.extraction.folder import extract_to_store
+from delf_tf.features import FeatureStore, LocalFeatures
+from delf_tf.retrieval import Index, IndexFormatError
+from delf_tf.retrieval.index import read_generation
+from delf_tf.retrieval.search import load_searcher
+from delf_tf.retrieval.structures import STRUCTURES, SearchStructure
+
+
+def make_store(path, names, seed, count=60, dim=16):
+    """A store of random unit descriptors (60 per image) under one fingerprint."""
+    rng = np.random.default_rng(seed)
+    store = FeatureStore.open_or_create(path, "a" * 64, {"descriptor_dim": dim, "model": "t"})
+    for name in names:
+        descriptors = rng.normal(size=(count, dim)).astype(np.float32)
+        descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+        points = rng.uniform([0, 0], [320, 240], (count, 2))
+        store.save(
+            name, LocalFeatures(points, np.ones(count), rng.uniform(size=count), descriptors)
+        )
+    return store
+
+
+def _small(name, size=128):
+    picture = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
+    factor = size / max(picture.size)
+    return picture.resize((round(picture.width * factor), round(picture.height * factor)))
+
+
+@pytest.fixture(scope="module")
+def built(extractor, model_config_file, tmp_path_factory):
+    """(an index of 8 photographs with IVF-PQ and ASMK, the query image, search flags)."""
+    root = tmp_path_factory.mktemp("tampering")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "rocket", "chelsea"):
+        _small(name).save(photos / f"{name}.png")
+        _small(name).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / f"{name}-m.png")
+    _small("astronaut").save(root / "query.png")
+    extract_to_store(extractor, photos, root / "features", False)
+    index = root / "index"
+    command = ["delf", "index", f"--features={root / 'features'}", f"--output_dir={index}"]
+    assert main([*command, "--index_type=votes,asmk", "--backend=ivfpq", "--codebook_size=16"]) == 0
+    fast = [
+        f"--model_config={model_config_file}",
+        "--score_threshold=0",
+        "--max_image_size=128",
+        "--max_features=100",
+    ]
+    return index, root / "query.png", fast
+
+
+def _header(path, change):
+    header = json.loads((path / "index.json").read_text())
+    change(header)
+    (path / "index.json").write_text(json.dumps(header))
+
+
+def _array(name, change):
+    def tamper(path):
+        array = np.load(path / name)
+        change(array)
+        np.save(path / name, array)
+
+    return tamper
+
+
+def _flip_lists(path):
+    """Flip bits in the second half of neighbors.faiss: the inverted lists' codes and ids."""
+    data = bytearray((path / "neighbors.faiss").read_bytes())
+    start, stop = len(data) // 2, len(data) - 8
+    data[start:stop] = bytes(byte ^ 0x5A for byte in data[start:stop])
+    (path / "neighbors.faiss").write_bytes(bytes(data))
+
+
+def _interior_image_ids(path):
+    """Every row but the first and last of each image names image 99 (checked when read)."""
+    ids, offsets = np.load(path / "image_ids.npy"), np.load(path / "offsets.npy")
+    keep = np.zeros(len(ids), bool)
+    keep[offsets[:-1][np.diff(offsets) > 0]] = True
+    keep[offsets[1:][np.diff(offsets) > 0] - 1] = True
+    ids[~keep] = 99
+    np.save(path / "image_ids.npy", ids)
+
+
+def _first_row_of_second_image(value):
+    def tamper(path):
+        ids, offsets = np.load(path / "image_ids.npy"), np.load(path / "offsets.npy")
+        ids[offsets[1]] = value
+        np.save(path / "image_ids.npy", ids)
+
+    return tamper
+
+
+def _structure(name, change):
+    return lambda path: _header(path, lambda header: change(header["structures"][name]))
+
+
+TAMPERED = {
+    # name: (ranking, tamper(index folder), words of the one-line error)
+    "image-id-out-of-range": ("votes", _first_row_of_second_image(13), "image_ids holds 13"),
+    "image-id-negative": ("votes", _first_row_of_second_image(-4), "image_ids holds -4"),
+    "image-ids-inside-an-image": ("votes", _interior_image_ids, "image_ids.npy holds 99"),
+    "structures-a-list": (
+        "votes",
+        lambda p: _header(p, lambda h: h.update(structures=[])),
+        "structures: expected a JSON object",
+    ),
+    "arrays-a-string": (
+        "votes",
+        lambda p: _header(p, lambda h: h.update(arrays="descriptors")),
+        "arrays: expected a JSON object",
+    ),
+    "parameters-missing": (
+        "votes",
+        _structure("neighbors", lambda s: s.pop("parameters")),
+        "neighbors.parameters: expected a JSON object",
+    ),
+    "flipped-bytes-in-neighbors-faiss": ("votes", _flip_lists, "neighbors.faiss"),
+    "unknown-back-end": (
+        "votes",
+        _structure("neighbors", lambda s: s.update(backend="annoy")),
+        "unknown back end 'annoy'",
+    ),
+    "unknown-structure": (
+        "votes",
+        lambda p: _header(p, lambda h: h["structures"].update(milvus={})),
+        "unknown search structure 'milvus'",
+    ),
+    "asmk-entry-images": (
+        "asmk",
+        _array("asmk/entry_images.npy", lambda a: a.__iadd__(1000)),
+        "entry_images holds",
+    ),
+    "asmk-offsets": (
+        "asmk",
+        _array("asmk/offsets.npy", lambda a: a.__setitem__(slice(1, -1), a[1:-1][::-1])),
+        "offsets do not rise",
+    ),
+    "path-outside-the-index": (
+        "votes",
+        _structure("neighbors", lambda s: s.update(file="../../etc/hostname")),
+        "not inside the index folder",
+    ),
+    "num-features-negative": (
+        "votes",
+        lambda p: (p / "images.json").write_text(
+            json.dumps(
+                [
+                    {**r, "num_features": -1} if n == 0 else r
+                    for n, r in enumerate(json.loads((p / "images.json").read_text()))
+                ]
+            )
+        ),
+        "malformed num_features -1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_tampered_index_is_one_line_and_exit_1(built, tmp_path, capsys, case):
+    index, query, fast = built
+    ranking, tamper, words = TAMPERED[case]
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    tamper(copy)
+    command = ["delf", "search", f"--index={copy}", f"--image={query}", f"--ranking={ranking}"]
+    assert main([*command, *fast]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("delf search: error:")]
+    assert len(errors) == 1 and words in errors[0], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_untampered_index_searches(built, tmp_path, capsys):
+    """The cases above fail for their tampering, not for the setup."""
+    index, query, fast = built
+    for ranking in ("votes", "asmk"):
+        command = ["delf", "search", f"--index={index}", f"--image={query}", f"--ranking={ranking}"]
+        assert main([*command, *fast]) == 0
+        assert json.loads(capsys.readouterr().out)["results"][0]["key"] == "astronaut.png"
+
+
+def test_generation_counts_saves(tmp_path):
+    path = tmp_path / "index"
+    assert read_generation(path) is None
+    index = Index.from_store(make_store(tmp_path / "s", ["a", "b"], seed=0), progress=False)
+    index.save(path)
+    assert read_generation(path) == 1 == Index.load(path).generation
+    appended, _ = Index.load(path).add_store(
+        make_store(tmp_path / "t", ["c"], seed=1), progress=False
+    )
+    appended.build_structures(progress=False)
+    appended.save(path)
+    assert read_generation(path) == 2
+    Index.from_store(make_store(tmp_path / "u", ["d"], seed=2), progress=False).save(path)
+    assert read_generation(path) == 3  # a rebuild over it continues the count
+    _header(path, lambda header: header.pop("generation"))  # an index of before
+    assert read_generation(path) == 0 and Index.load(path).num_images == 1
+    _header(path, lambda header: header.update(generation="7"))
+    with pytest.raises(IndexFormatError, match="generation"):
+        read_generation(path)
+
+
+def test_a_structure_read_after_the_swap_is_refused(tmp_path):
+    path = tmp_path / "index"
+    store = make_store(tmp_path / "s", [f"i{n}" for n in range(5)], seed=0)
+    index = Index.from_store(store, progress=False)
+    index.build_structures(backend="ivfpq", recall=False, progress=False)
+    index.save(path)
+    old = Index.load(path)
+    Index.load(path).save(path)  # another writer replaces it: generation 2
+    with pytest.raises(IndexFormatError, match="replaced while in use"):
+        old.neighbors()
+    assert load_searcher(path).index.generation == 2
+
+
+def test_readers_racing_a_writer_never_see_a_mixed_state(tmp_path):
+    """A writer swaps two indexes of different sizes over one path; readers load it (and
+    its IVF-PQ structure) all the while: never an error, never arrays of two of them."""
+    sources = {}
+    for size in (5, 8):
+        names = [f"{size}-{n}" for n in range(size)]
+        index = Index.from_store(
+            make_store(tmp_path / f"s{size}", names, seed=size), progress=False
+        )
+        index.build_structures(backend="ivfpq", recall=False, progress=False)
+        index.save(tmp_path / f"source{size}")
+        sources[index.num_descriptors] = np.asarray(index.descriptors).copy()
+    target = tmp_path / "index"
+    Index.load(tmp_path / "source5").save(target)
+    done, problems, seen = threading.Event(), [], []
+
+    def write():
+        try:
+            for turn in range(40):
+                Index.load(tmp_path / f"source{(5, 8)[turn % 2]}").save(target)
+        finally:
+            done.set()
+
+    def read():
+        while not done.is_set():
+            try:
+                searcher = load_searcher(target, RetrievalConfig(ranking="votes"))
+                index = searcher.index
+                descriptors = sources[index.num_descriptors]
+                assert len(searcher.neighbors) == index.num_descriptors
+                assert index.offsets[-1] == index.num_descriptors == len(index.keypoints)
+                assert sum(record.num_features for record in index.images) == len(descriptors)
+                np.testing.assert_array_equal(np.asarray(index.descriptors), descriptors)
+                seen.append(index.generation)
+            except Exception as error:  # noqa: BLE001 (reported below)
+                problems.append(repr(error))
+                return
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not problems, problems[:3]
+    assert len(set(seen)) > 3, seen  # the reader did see the writer's generations go by
+    assert read_generation(target) == 41
+
+
+def test_every_structure_implements_the_interface():
+    for name, cls in STRUCTURES.items():
+        assert issubclass(cls, SearchStructure) and cls.name == name
+        assert not getattr(cls, "__abstractmethods__", None), name
