@@ -409,3 +409,16 @@ def staged_directory(final: str | os.PathLike, replace: bool = True) -> Iterator
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_staged(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Calls `write(handle)` on a new file `path` inside a `staged_directory` folder.
+
+    No temporary and no rename: the folder is the unit that appears whole (its swap
+    publishes every file at once, after `staged_directory` fsynced them), so a file
+    inside it needs neither. O_EXCL: never over an existing file or a link.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    descriptor = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(descriptor, "wb") as handle:
+        write(handle)

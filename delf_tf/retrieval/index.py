@@ -50,7 +50,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from delf_tf.atomic import atomic_write_text, recover_staged_directory, staged_directory
+from delf_tf.atomic import recover_staged_directory, staged_directory
 from delf_tf.errors import FingerprintMismatchError
 from delf_tf.features.store import FeatureStore
 from delf_tf.images import TRANSPOSED_ORIENTATIONS, exif_orientation
@@ -428,14 +428,6 @@ class Index:
             )
         return self._loaded("global", mmap)
 
-    def structure(self, name: str, mmap: bool = True) -> SearchStructure | None:
-        """The search structure `name` with its object loaded (None when the index has none)."""
-        if name == "global":
-            self.global_ranker(mmap)
-        elif self._loaded(name, mmap) is None:
-            return None
-        return self._structures.get(name)
-
     def _loaded(self, name: str, mmap: bool) -> Any:
         """The object of structure `name`, read once; the directory must not have been
         replaced since the arrays were read (IndexChangedError)."""
@@ -509,11 +501,11 @@ class Index:
                 dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
                 base.write_array(staging / f"{name}.npy", np.asarray(array, dtype))
             images = [dataclasses.asdict(record) for record in self.images]
-            atomic_write_text(staging / IMAGES, json.dumps(images, indent=1) + "\n")
+            base.write_json(staging / IMAGES, images)
             for structure in self._structures.values():
                 structure.save(staging, self.path)
             header = {**self.header(), "generation": generation}
-            atomic_write_text(staging / HEADER, json.dumps(header, indent=2) + "\n")
+            base.write_json(staging / HEADER, header)
         self.path = path
         self.generation = generation
         for structure in self._structures.values():

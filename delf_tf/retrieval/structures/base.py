@@ -16,7 +16,10 @@ Files live inside the index directory, named relative to it by the header
 (`files()`); `confined` refuses any name that leaves the folder. A structure that
 lives outside the directory (a Milvus collection) sets `external = True`, records
 its location as a "uri" string in its header, owns no files, and is saved/loaded
-through that URI: the directory swap then replaces only its header.
+through that URI: the directory swap then replaces only its header. Its readers must
+not see another generation than the directory's, so such a structure writes a new
+location per save (for example a collection named after the index's generation) and
+names it in the header; the old one is dropped once no reader holds it.
 
 Every problem of a header or a file is an `IndexFormatError` (one line, naming the
 file): `check_header` validates the types of every field before anything is read.
@@ -26,13 +29,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from delf_tf.atomic import atomic_write
+from delf_tf.atomic import write_staged
 from delf_tf.errors import InputError
 
 if TYPE_CHECKING:
@@ -265,15 +269,21 @@ def parameters(factory, header: dict[str, Any], where: str):
 
 
 def write_array(path: Path, array: np.ndarray) -> None:
-    """Writes one `.npy` file (no pickle) through `delf_tf.atomic`."""
-    atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
+    """Writes one `.npy` file (no pickle) into the index's staging folder (`delf_tf.atomic`)."""
+    write_staged(path, lambda handle: np.save(handle, array, allow_pickle=False))
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes one JSON file into the index's staging folder (`delf_tf.atomic`)."""
+    text = json.dumps(value, indent=1 if isinstance(value, list) else 2) + "\n"
+    write_staged(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def write_faiss(path: Path, index: Any) -> None:
-    """Writes one FAISS index file through `delf_tf.atomic`."""
+    """Writes one FAISS index file into the index's staging folder (`delf_tf.atomic`)."""
     import faiss
 
-    atomic_write(
+    write_staged(
         path, lambda handle: faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
     )
 
