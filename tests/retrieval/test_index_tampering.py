@@ -280,3 +280,18 @@ def test_every_structure_implements_the_interface():
     for name, cls in STRUCTURES.items():
         assert issubclass(cls, SearchStructure) and cls.name == name
         assert not getattr(cls, "__abstractmethods__", None), name
+
+
+def test_staged_files_are_new_files_only(tmp_path):
+    """`atomic.write_staged` (the index's files in its staging folder) never writes through
+    an existing file or a planted link."""
+    from delf_tf.atomic import write_staged
+
+    write_staged(tmp_path / "a.bin", lambda handle: handle.write(b"data"))
+    assert (tmp_path / "a.bin").read_bytes() == b"data"
+    (tmp_path / "target").write_bytes(b"keep")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for name in ("a.bin", "link"):
+        with pytest.raises(FileExistsError):
+            write_staged(tmp_path / name, lambda handle: handle.write(b"x"))
+    assert (tmp_path / "target").read_bytes() == b"keep"
