@@ -32,14 +32,13 @@ images.json, then checks that the directory still holds the generation it starte
 with (and reads again when a writer swapped it meanwhile); a structure read later
 checks it too (IndexChangedError). `read_generation` tells a poller (hot reload)
 which generation the directory holds. index.json is validated field by field
-(`_check_header`, and each structure's `check_header`), and every file it names
-must stay inside the directory.
+(`index_files.check_header`, and each structure's `check_header`), and every file
+it names must stay inside the directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -57,6 +56,19 @@ from delf_tf.images import TRANSPOSED_ORIENTATIONS, exif_orientation
 from delf_tf.matching.neighbors import NeighborIndex
 from delf_tf.retrieval.asmk import AsmkIndex
 from delf_tf.retrieval.global_ranking import IVF_MIN_IMAGES, GlobalRanker
+from delf_tf.retrieval.index_files import (
+    ARRAYS,
+    FORMAT_VERSION,
+    GLOBAL_ARRAY,
+    HEADER,
+    IMAGES,
+    check_header,
+    check_image_ids,
+    generation_or_none,
+    read_generation,
+    read_json,
+    read_records,
+)
 from delf_tf.retrieval.structures import STRUCTURES, base
 from delf_tf.retrieval.structures.base import (
     BuildOptions,
@@ -66,30 +78,23 @@ from delf_tf.retrieval.structures.base import (
 )
 from delf_tf.retrieval.structures.global_descriptors import GlobalStructure
 
-FORMAT_VERSION = 1
-HEADER = "index.json"
-IMAGES = "images.json"
-ARRAYS = {
-    "descriptors": np.float32,
-    "keypoints": np.float32,
-    "image_ids": np.int32,
-    "offsets": np.int64,
-}
-GLOBAL_ARRAY = "global_descriptors"
+__all__ = [
+    "ARRAYS",
+    "FORMAT_VERSION",
+    "GLOBAL_ARRAY",
+    "HEADER",
+    "IMAGES",
+    "ImageRecord",
+    "Index",
+    "IndexChangedError",
+    "IndexFormatError",
+    "read_generation",
+]
 # Reads of a directory that a writer keeps replacing, before giving up (IndexChangedError).
 LOAD_ATTEMPTS = 20
 # Reads of a directory that is absent (a swap between its two renames is waited for by
 # `recover_staged_directory`; a second absence means there is no index).
 ABSENT_ATTEMPTS = 2
-# image records: field -> accepted JSON types
-_RECORD_FIELDS = {
-    "key": (str,),
-    "path": (str,),
-    "width": (int, type(None)),
-    "height": (int, type(None)),
-    "num_features": (int,),
-    "store": (str, type(None)),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +204,7 @@ class Index:
         elif n and np.any(np.diff(self.offsets) < 0):
             problems.append("offsets fall")
         elif m > 0 and self.image_ids.shape == (m,):
-            problems += _check_image_ids(self.image_ids, self.offsets)
+            problems += check_image_ids(self.image_ids, self.offsets)
         if self.global_descriptors is not None and (
             self.global_descriptors.ndim != 2 or self.global_descriptors.shape[0] != n
         ):
@@ -449,7 +454,7 @@ class Index:
         one this object was read from (a writer replaced it since)."""
         if self.path is None or self.generation is None:
             return
-        now = _generation_or_none(self.path)
+        now = generation_or_none(self.path)
         if now != self.generation:
             raise IndexChangedError(
                 f"{self.path}: replaced while in use (generation {self.generation}, now "
@@ -495,7 +500,7 @@ class Index:
         path = Path(path)
         self._check_structures_cover()
         recover_staged_directory(path)
-        generation = (_generation_or_none(path) or 0) + 1
+        generation = (generation_or_none(path) or 0) + 1
         with staged_directory(path) as staging:
             for name, array in self._arrays().items():
                 dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
@@ -540,7 +545,7 @@ class Index:
             try:
                 index = cls._read(path, mmap, seen)
             except IndexFormatError:
-                now = _generation_or_none(path)
+                now = generation_or_none(path)
                 if "generation" in seen and now == seen["generation"]:
                     raise  # the directory did not change: the error is its own
                 if now is None:  # absent (mid-swap, or no index) or unreadable
@@ -549,7 +554,7 @@ class Index:
                         raise
                 time.sleep(0.001)
                 continue
-            if _generation_or_none(path) == index.generation:
+            if generation_or_none(path) == index.generation:
                 return index
         raise IndexChangedError(
             f"{path}: replaced {LOAD_ATTEMPTS} times while being read; try again"
@@ -558,10 +563,10 @@ class Index:
     @classmethod
     def _read(cls, path: Path, mmap: bool, seen: dict[str, int]) -> Index:
         """One read of the directory; seen["generation"]: that of the index.json read."""
-        header = _read_json(path / HEADER, f"{path}: not an index (no {HEADER})")
+        header = read_json(path / HEADER, f"{path}: not an index (no {HEADER})")
         if isinstance(header, dict) and isinstance(header.get("generation", 0), int):
             seen["generation"] = header.get("generation", 0)
-        structures = _check_header(header, path / HEADER)
+        structures = check_header(header, path / HEADER)
         arrays = {}
         for name, entry in header["arrays"].items():
             dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
@@ -576,7 +581,7 @@ class Index:
                     f"{entry['dtype']} {entry['shape']}"
                 )
             arrays[name] = array
-        images = _read_images(path / IMAGES)
+        images = [ImageRecord(**record) for record in read_records(path / IMAGES)]
         for name, entry in structures.items():
             if entry.get("fingerprint", header["fingerprint"]) != header["fingerprint"]:
                 raise IndexFormatError(
@@ -658,133 +663,3 @@ def _image_size(path: str) -> tuple[int | None, int | None]:
     except (OSError, ValueError) as error:
         logging.warning("%s: size unknown (%s)", path, error)
         return None, None
-
-
-def _read_json(path: Path, missing_message: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise IndexFormatError(missing_message) from error
-    except (OSError, json.JSONDecodeError) as error:
-        raise IndexFormatError(f"{path}: unreadable ({error})") from error
-
-
-def _read_images(path: Path) -> list[ImageRecord]:
-    """images.json: a list of records with typed fields (num_features >= 0)."""
-    records = _read_json(path, f"{path.parent}: incomplete index (no {IMAGES})")
-    if not isinstance(records, list):
-        raise IndexFormatError(f"{path}: expected a JSON list of image records")
-    images = []
-    for number, record in enumerate(records):
-        if not isinstance(record, dict) or set(record) - set(_RECORD_FIELDS):
-            raise IndexFormatError(f"{path}: record {number} is not an image record")
-        for field, types in _RECORD_FIELDS.items():
-            value = record.get(field)
-            if field not in record and field != "store":
-                raise IndexFormatError(f"{path}: record {number} has no {field}")
-            if (
-                not isinstance(value, types)
-                or isinstance(value, bool)
-                or (isinstance(value, int) and value < 0)
-            ):
-                raise IndexFormatError(f"{path}: record {number}: malformed {field} {value!r}")
-        images.append(ImageRecord(**record))
-    return images
-
-
-def _check_image_ids(image_ids: np.ndarray, offsets: np.ndarray) -> list[str]:
-    """image_ids at the first and last row of every image (O(images)); the rows between
-    are checked where a search reads them (`structures.votes`)."""
-    counts = np.diff(offsets)
-    owners = np.flatnonzero(counts > 0)
-    firsts, lasts = offsets[:-1][owners], offsets[1:][owners] - 1
-    expected = owners.astype(np.int64)
-    for rows in (firsts, lasts):
-        found = np.asarray(image_ids[rows], np.int64)
-        if not np.array_equal(found, expected):
-            bad = int(found[found != expected][0])
-            return [f"image_ids holds {bad} where the offsets say another image"]
-    return []
-
-
-def _check_header(header: Any, path: Path) -> dict[str, dict[str, Any]]:
-    """Validates index.json's fields (types, known names, confined file names); returns
-    its structures ({} when it has none)."""
-    if not isinstance(header, dict):
-        raise IndexFormatError(f"{path}: expected a JSON object")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{path}: format_version {header.get('format_version')!r}, "
-            f"this version of delf-tf reads {FORMAT_VERSION}"
-        )
-    if "fingerprint" not in header or not isinstance(header["fingerprint"], str | None):
-        raise IndexFormatError(f"{path}: malformed extractor fingerprint")
-    if not isinstance(header.get("extractor"), dict | None):
-        raise IndexFormatError(f"{path}: extractor: expected a JSON object")
-    if "generation" in header:
-        base.count(header, "generation", str(path))
-    for field in ("descriptor_dim", "num_images", "num_descriptors"):
-        if field in header:
-            base.count(header, field, str(path))
-    arrays = base.mapping(header, "arrays", str(path))
-    names = set(ARRAYS) | ({GLOBAL_ARRAY} if GLOBAL_ARRAY in arrays else set())
-    if set(arrays) != names:
-        raise IndexFormatError(
-            f"{path}: arrays {sorted(arrays)}, expected {sorted(ARRAYS)} (+ {GLOBAL_ARRAY})"
-        )
-    for name, entry in arrays.items():
-        where = f"{path}: arrays.{name}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
-            raise IndexFormatError(f"{where}: expected {{dtype, shape}}")
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape
-        ):
-            raise IndexFormatError(f"{where}.shape: expected a list of sizes, got {shape!r}")
-    structures = header.get("structures")
-    if structures is None:
-        return {}
-    if not isinstance(structures, dict):
-        raise IndexFormatError(
-            f"{path}: structures: expected a JSON object, got {type(structures).__name__}"
-        )
-    for name, entry in structures.items():
-        if name not in STRUCTURES:
-            raise IndexFormatError(
-                f"{path}: unknown search structure {name!r}; known {sorted(STRUCTURES)}"
-            )
-        STRUCTURES[name].check_header(entry, f"{path}: structures.{name}")
-    return structures
-
-
-def read_generation(directory: str | os.PathLike) -> int | None:
-    """The generation of the index at `directory` (0 for an index saved before it was
-    recorded), or None while there is none there: absent, not an index yet, or between
-    the two renames of a writer's swap. Cheap (reads index.json only): for polling.
-
-    Raises IndexFormatError when index.json is there but malformed.
-    """
-    path = Path(directory) / HEADER
-    try:
-        text = path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as error:
-        raise IndexFormatError(f"{path}: unreadable ({error})") from error
-    try:
-        header = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise IndexFormatError(f"{path}: unreadable ({error})") from error
-    if not isinstance(header, dict):
-        raise IndexFormatError(f"{path}: expected a JSON object")
-    if "generation" not in header:
-        return 0
-    return base.count(header, "generation", str(path))
-
-
-def _generation_or_none(directory: Path) -> int | None:
-    """`read_generation`, None for a malformed index.json too."""
-    try:
-        return read_generation(directory)
-    except IndexFormatError:
-        return None
