@@ -374,24 +374,19 @@ class AsmkIndex:
         }
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, header: dict[str, Any], mmap: bool = True):
-        """Reads the files of `save` (arrays memory-mapped unless mmap=False)."""
+    def load(cls, folder: str | os.PathLike, header: dict[str, Any], read_array, mmap: bool = True):
+        """Reads the files of `save`: arrays by `read_array(path, dtype, shape, mmap)`
+        (which checks them against the header's shapes), memory-mapped unless mmap=False."""
         import faiss
 
         folder = Path(folder)
         arrays = {}
         for name in FILES:
             path = folder / f"{name}.npy"
-            try:
-                array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise AsmkError(f"{path}: unreadable ASMK array ({error})") from error
             expected = header.get("shapes", {}).get(name)
-            if array.dtype != DTYPES[name] or list(array.shape) != expected:
-                raise AsmkError(
-                    f"{path}: {array.dtype} {list(array.shape)}, index.json says {expected}"
-                )
-            arrays[name] = array
+            if expected is None:
+                raise AsmkError(f"{path}: index.json gives no shape for it")
+            arrays[name] = read_array(path, DTYPES[name], expected, mmap)
         try:
             words = faiss.read_index(str(folder / WORDS_FILE))
         except RuntimeError as error:

@@ -570,17 +570,7 @@ class Index:
         arrays = {}
         for name, entry in header["arrays"].items():
             dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
-            file = path / f"{name}.npy"
-            try:
-                array = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise IndexFormatError(f"{file}: unreadable index array ({error})") from error
-            if array.dtype != dtype or list(array.shape) != entry["shape"]:
-                raise IndexFormatError(
-                    f"{file}: {array.dtype} {list(array.shape)}, {HEADER} says "
-                    f"{entry['dtype']} {entry['shape']}"
-                )
-            arrays[name] = array
+            arrays[name] = base.read_array(path / f"{name}.npy", dtype, entry["shape"], mmap)
         images = [ImageRecord(**record) for record in read_records(path / IMAGES)]
         for name, entry in structures.items():
             if entry.get("fingerprint", header["fingerprint"]) != header["fingerprint"]:

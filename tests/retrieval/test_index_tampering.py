@@ -105,6 +105,16 @@ def _first_row_of_second_image(value):
     return tamper
 
 
+def _huge_descriptors(path):
+    """descriptors.npy and index.json both claim 1e11 rows; the file holds a few bytes."""
+    dim = np.load(path / "descriptors.npy", mmap_mode="r").shape[1]
+    with open(path / "descriptors.npy", "wb") as handle:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**11, dim)}
+        np.lib.format.write_array_header_1_0(handle, header)
+        handle.write(b"\0" * 64)
+    _header(path, lambda h: h["arrays"]["descriptors"].update(shape=[10**11, dim]))
+
+
 def _structure(name, change):
     return lambda path: _header(path, lambda header: change(header["structures"][name]))
 
@@ -150,6 +160,7 @@ TAMPERED = {
         _array("asmk/offsets.npy", lambda a: a.__setitem__(slice(1, -1), a[1:-1][::-1])),
         "offsets do not rise",
     ),
+    "array-header-claims-1e11-rows": ("votes", _huge_descriptors, "descriptors.npy: truncated"),
     "path-outside-the-index": (
         "votes",
         _structure("neighbors", lambda s: s.update(file="../../etc/hostname")),

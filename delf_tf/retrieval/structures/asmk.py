@@ -133,7 +133,7 @@ class AsmkStructure(SearchStructure):
         name = self.header.get("folder", ASMK_FOLDER)
         folder = base.confined(collection.path, name, f"{collection.path}: structures.asmk.folder")
         try:
-            value = AsmkIndex.load(folder, self.header, mmap=mmap)
+            value = AsmkIndex.load(folder, self.header, base.read_array, mmap=mmap)
         except (ValueError, KeyError, TypeError) as error:
             raise IndexFormatError(f"{folder}: {error}") from error
         return value

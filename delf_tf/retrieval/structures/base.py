@@ -268,6 +268,36 @@ def parameters(factory, header: dict[str, Any], where: str):
         raise IndexFormatError(f"{where}.parameters: malformed ({error})") from error
 
 
+def read_array(path: Path, dtype: Any, shape: Any, mmap: bool, said_by: str = "index.json"):
+    """The `.npy` file `path`, which index.json says is `dtype` [shape]; memory-mapped
+    unless mmap=False. Its header is checked first: a file that claims another dtype or
+    shape, or holds fewer bytes, is refused (IndexFormatError) before anything is
+    allocated or mapped."""
+    dtype = np.dtype(dtype)
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            found_shape, fortran, found_dtype = read_header(handle)
+            data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
+    except (OSError, ValueError) as error:
+        raise IndexFormatError(f"{path}: unreadable array ({error})") from error
+    if found_dtype != dtype or list(found_shape) != list(shape) or fortran:
+        raise IndexFormatError(
+            f"{path}: {found_dtype} {list(found_shape)}, {said_by} says {dtype.name} {shape}"
+        )
+    if data_bytes < int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise IndexFormatError(f"{path}: truncated ({data_bytes} bytes of data for {shape})")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise IndexFormatError(f"{path}: unreadable array ({error})") from error
+
+
 def write_array(path: Path, array: np.ndarray) -> None:
     """Writes one `.npy` file (no pickle) into the index's staging folder (`delf_tf.atomic`)."""
     write_staged(path, lambda handle: np.save(handle, array, allow_pickle=False))
