@@ -219,6 +219,9 @@ def test_generation_counts_saves(tmp_path):
     assert read_generation(path) == 2
     Index.from_store(make_store(tmp_path / "u", ["d"], seed=2), progress=False).save(path)
     assert read_generation(path) == 3  # a rebuild over it continues the count
+    path.rename(tmp_path / "moment-between-the-two-renames")
+    assert read_generation(path) is None
+    (tmp_path / "moment-between-the-two-renames").rename(path)
     _header(path, lambda header: header.pop("generation"))  # an index of before
     assert read_generation(path) == 0 and Index.load(path).num_images == 1
     _header(path, lambda header: header.update(generation="7"))
