@@ -229,49 +229,53 @@ def test_generation_counts_saves(tmp_path):
         read_generation(path)
 
 
-def test_a_structure_read_after_the_swap_is_refused(tmp_path):
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Two saved indexes with ASMK (5 and 8 images of 60 descriptors): (folder, descriptors
+    by count)."""
+    root = tmp_path_factory.mktemp("sources")
+    found = {}
+    for size in (5, 8):
+        names = [f"{size}-{n}" for n in range(size)]
+        index = Index.from_store(make_store(root / f"s{size}", names, seed=size), progress=False)
+        index.build_structures(backend="flat", asmk=True, codebook_size=16, progress=False)
+        index.save(root / f"source{size}")
+        found[index.num_descriptors] = np.asarray(index.descriptors).copy()
+    return root, found
+
+
+def test_a_structure_read_after_the_swap_is_refused(sources, tmp_path):
     path = tmp_path / "index"
-    store = make_store(tmp_path / "s", [f"i{n}" for n in range(5)], seed=0)
-    index = Index.from_store(store, progress=False)
-    index.build_structures(backend="ivfpq", recall=False, progress=False)
-    index.save(path)
+    Index.load(sources[0] / "source5").save(path)
     old = Index.load(path)
     Index.load(path).save(path)  # another writer replaces it: generation 2
     with pytest.raises(IndexFormatError, match="replaced while in use"):
-        old.neighbors()
+        old.asmk()
     assert load_searcher(path).index.generation == 2
 
 
-def test_readers_racing_a_writer_never_see_a_mixed_state(tmp_path):
+def test_readers_racing_a_writer_never_see_a_mixed_state(sources, tmp_path):
     """A writer swaps two indexes of different sizes over one path; readers load it (and
-    its IVF-PQ structure) all the while: never an error, never arrays of two of them."""
-    sources = {}
-    for size in (5, 8):
-        names = [f"{size}-{n}" for n in range(size)]
-        index = Index.from_store(
-            make_store(tmp_path / f"s{size}", names, seed=size), progress=False
-        )
-        index.build_structures(backend="ivfpq", recall=False, progress=False)
-        index.save(tmp_path / f"source{size}")
-        sources[index.num_descriptors] = np.asarray(index.descriptors).copy()
+    its ASMK structure) all the while: never an error, never arrays of two of them."""
+    root, by_count = sources
     target = tmp_path / "index"
-    Index.load(tmp_path / "source5").save(target)
+    Index.load(root / "source5").save(target)
     done, problems, seen = threading.Event(), [], []
 
     def write():
         try:
             for turn in range(40):
-                Index.load(tmp_path / f"source{(5, 8)[turn % 2]}").save(target)
+                Index.load(root / f"source{(5, 8)[turn % 2]}").save(target)
         finally:
             done.set()
 
     def read():
         while not done.is_set():
             try:
-                searcher = load_searcher(target, RetrievalConfig(ranking="votes"))
+                searcher = load_searcher(target, RetrievalConfig(ranking="asmk"))
                 index = searcher.index
-                descriptors = sources[index.num_descriptors]
-                assert len(searcher.neighbors) == index.num_descriptors
+                descriptors = by_count[index.num_descriptors]
+                assert searcher.asmk.num_images == index.num_images
                 assert index.offsets[-1] == index.num_descriptors == len(index.keypoints)
                 assert sum(record.num_features for record in index.images) == len(descriptors)
                 np.testing.assert_array_equal(np.asarray(index.descriptors), descriptors)
