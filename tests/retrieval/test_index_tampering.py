@@ -17,7 +17,7 @@ from delf_tf.features import FeatureStore, LocalFeatures
 from delf_tf.retrieval import Index, IndexFormatError
 from delf_tf.retrieval.index import read_generation
 from delf_tf.retrieval.search import load_searcher
-from delf_tf.retrieval.structures import STRUCTURES, SearchStructure
+from delf_tf.retrieval.structures import STRUCTURES, Ranking, SearchStructure
 
 
 def make_store(path, names, seed, count=60, dim=16):
@@ -313,3 +313,63 @@ def test_staged_files_are_new_files_only(tmp_path):
         with pytest.raises(FileExistsError):
             write_staged(tmp_path / name, lambda handle: handle.write(b"x"))
     assert (tmp_path / "target").read_bytes() == b"keep"
+
+
+class _OutsideStructure(SearchStructure):
+    """An external structure (the shape of a Milvus back end): the vectors live in a
+    "server" (a dict here), one location per save, named by "uri" in index.json."""
+
+    name = "outside"
+    covers = "num_images"
+    external = True
+    server: dict = {}
+
+    @classmethod
+    def build(cls, collection, options, notes):
+        uri = f"memory://collection-{len(cls.server)}"
+        means = np.stack([collection.descriptors[a:b].mean(0) for a, b in _pairs(collection)])
+        cls.server[uri] = means
+        return cls({"uri": uri, "num_images": collection.num_images}, means, fresh=True)
+
+    def append(self, collection, options, notes):
+        return self.build(collection, options, notes), "retrained"
+
+    def load(self, collection, mmap=True):
+        if self.header["uri"] not in self.server:
+            raise IndexFormatError(f"{self.header['uri']}: no such collection")
+        return self.server[self.header["uri"]]
+
+    def search(self, collection, query, config):
+        scores = self.value @ query.descriptors.mean(0)
+        ids = np.argsort(-scores, kind="stable")
+        return Ranking(ids.astype(np.int64), scores[ids].astype(np.float64))
+
+
+def _pairs(collection):
+    offsets = np.asarray(collection.offsets)
+    return zip(offsets[:-1], offsets[1:], strict=True)
+
+
+def test_a_structure_outside_the_directory_is_one_more_module(tmp_path, monkeypatch):
+    monkeypatch.setitem(STRUCTURES, _OutsideStructure.name, _OutsideStructure)
+    monkeypatch.setattr(_OutsideStructure, "server", {})
+    store = make_store(tmp_path / "s", [f"i{n}" for n in range(4)], seed=3)
+    index = Index.from_store(store, progress=False)
+    report = index.build_structures(backend="flat", others=("outside",), progress=False)
+    assert report["outside"]["action"] == "built"
+    index.save(tmp_path / "index")
+    header = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert header["structures"]["outside"]["uri"] == "memory://collection-0"
+    assert not (tmp_path / "index" / "outside").exists()  # owns no file in the folder
+    loaded = Index.load(tmp_path / "index")
+    structure = loaded.structure("outside")
+    query = store.load("i2")
+    assert structure.search(loaded, query, RetrievalConfig()).ids[0] == 2
+    appended, _ = loaded.add_store(make_store(tmp_path / "t", ["j"], seed=4), progress=False)
+    appended.build_structures(progress=False)  # extends the structures it has
+    appended.save(tmp_path / "index")
+    header = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert header["structures"]["outside"] == {"uri": "memory://collection-1", "num_images": 5}
+    _header(tmp_path / "index", lambda h: h["structures"]["outside"].pop("uri"))
+    with pytest.raises(IndexFormatError, match="outside.uri: expected"):
+        Index.load(tmp_path / "index")
