@@ -20,6 +20,7 @@ from delf_tf.presets import EXTRACTION_PRESETS
 
 if TYPE_CHECKING:
     from delf_tf.extraction.extractor import Extractor
+    from delf_tf.retrieval.index import Index
 
 # Settings of the in-process extractor; with --server the served export's own apply.
 _LOCAL_ONLY_FLAGS = (
@@ -195,6 +196,18 @@ def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) ->
         "model_config": model_config.to_dict() if model_config else None,
     }
     return cached_extractor(described, lambda: build_extractor(**arguments))
+
+
+def extractor_for_index(flag_values: flags.FlagValues, index: Index, *, cached: bool) -> Extractor:
+    """The query extractor of `index`: the flags' extractor, checked against the index's
+    fingerprint (FingerprintMismatchError on a mismatch).
+
+    Minimal version (branch `service`): the `frontdoor` branch replaces it with one that
+    also applies the extraction settings recorded in the index.
+    """
+    extractor = extractor_from_flags(flag_values, cached=cached)
+    index.check_fingerprint(extractor.fingerprint)
+    return extractor
 
 
 def warn_if_untrained(extractor: Extractor) -> None:
