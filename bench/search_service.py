@@ -143,7 +143,9 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     one = next((row for row in rows if row["clients"] == 1), None)
     for row in rows:
         if one and one["throughput_per_s"]:
-            row["throughput_vs_1_client"] = round(row["throughput_per_s"] / one["throughput_per_s"], 2)
+            row["throughput_vs_1_client"] = round(
+                row["throughput_per_s"] / one["throughput_per_s"], 2
+            )
     return rows
 
 
@@ -227,9 +229,7 @@ def real_part(work: Path) -> dict:
         payloads = [query.read_bytes() for query in queries]
         target = f"127.0.0.1:{grpc_port}"
         SearchClient(target).search(payloads[0])  # warm-up
-        rows = with_ratios(
-            [load_test(target, payloads, int(clients)) for clients in FLAGS.clients]
-        )
+        rows = with_ratios([load_test(target, payloads, int(clients)) for clients in FLAGS.clients])
         rss = process_rss(server.pid)
     finally:
         server.terminate()

@@ -176,6 +176,7 @@ class SearchService:
         self.metrics = SearchMetrics(registry)
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
         self._lock = threading.Lock()  # guards the counters and the failure record
+        self._reloading = threading.Lock()  # one reload at a time
         self._waiting = 0
         self._running = 0
         self._failure: dict[str, Any] | None = None
@@ -202,9 +203,10 @@ class SearchService:
         return self
 
     def stop(self) -> None:
+        """Stops polling (a load in progress finishes in its daemon thread, unused)."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=1.0)
             self._thread = None
 
     @property
@@ -227,6 +229,10 @@ class SearchService:
     def reload(self) -> str:
         """One poll: "unchanged", "missing" (mid-swap), "retry" (raced a writer),
         "failed" (the old index keeps serving) or "loaded"."""
+        with self._reloading:
+            return self._reload()
+
+    def _reload(self) -> str:
         generation = read_generation(self.directory)
         if generation is None:
             return "missing"
@@ -247,8 +253,8 @@ class SearchService:
             return "failed"
         if read_generation(self.directory) != generation:
             return "retry"
-        self._snapshot = snapshot  # the swap: one reference, atomic for readers
-        with self._lock:
+        with self._lock:  # the swap: one reference, atomic for readers
+            self._snapshot = snapshot
             self._failure = None
         self._publish(snapshot)
         self.metrics.reloads.labels("loaded").inc()
@@ -279,8 +285,8 @@ class SearchService:
 
     def status(self) -> dict[str, Any]:
         """What /status shows: the served generation and the last failed load, if any."""
-        snapshot = self._snapshot
         with self._lock:
+            snapshot = self._snapshot
             failure = dict(self._failure) if self._failure else None
         return {
             "name": self.name,

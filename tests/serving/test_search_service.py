@@ -315,6 +315,23 @@ def wait_for(condition, seconds: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def test_missing_directory_mid_swap_keeps_serving(server, collection):
+    """Between the two renames of `Index.save` the directory does not exist."""
+    directory = collection[2]
+    moved = directory.with_name("index-elsewhere")
+    before = server.search.snapshot.generation
+    os.rename(directory, moved)
+    try:
+        assert server.search.reload() == "missing"
+        with SearchClient(server.addresses()["grpc"]) as client:
+            reply = client.search(collection[3])
+        assert reply.generation == before and reply.hits[0].key == f"{SOURCE}.png"
+        assert rest(server, "/readyz")[0] == 200
+    finally:
+        os.rename(moved, directory)
+    assert server.search.reload() == "unchanged"
+
+
 def test_failing_new_index_keeps_the_old_one_serving(server, collection):
     directory = collection[2]
     before = server.search.snapshot.generation
