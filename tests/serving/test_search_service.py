@@ -26,6 +26,7 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
@@ -34,6 +35,7 @@ from tensorflow_serving.apis import (
 
 from delf_tf.atomic import staged_directory
 from delf_tf.config import RetrievalConfig
+from delf_tf.contract import SEARCH_OUTPUTS
 from delf_tf.extraction.folder import extract_to_store
 from delf_tf.images import load_image
 from delf_tf.retrieval import Index
@@ -128,6 +130,17 @@ def test_raw_grpc_stub_ranks_the_planted_match_first(server, collection):
         get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "index"}), timeout=10
     )
     assert status.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    metadata = stub.GetModelMetadata(
+        get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec={"name": "index"}, metadata_field=["signature_def"]
+        ),
+        timeout=10,
+    )
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    metadata.metadata["signature_def"].Unpack(signatures)
+    signature = signatures.signature_def["serving_default"]
+    assert set(signature.inputs) == {"image_bytes", "top_k", "ranking"}
+    assert set(signature.outputs) == set(SEARCH_OUTPUTS)
     bad = predict_pb2.PredictRequest()
     bad.model_spec.name = "index"
     bad.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(np.array([b"not an image"], object)))
@@ -303,6 +316,46 @@ def test_refuses_to_start_on_fingerprint_mismatch(collection, model_config_file,
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert lines[-1].startswith("delf serve: error: ") and "extractor" in lines[-1]
+
+
+def test_delf_serve_index_command_and_sigterm(collection, model_config_file):
+    """The command itself: ready line, a REST search, SIGTERM -> graceful exit 0."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    repo = Path(__file__).resolve().parents[2]
+    rest_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "delf_tf.cli", "serve", f"--index={collection[2]}"]
+        + [f"--model_config={model_config_file}", "--score_threshold=0", "--max_features=200"]
+        + ["--max_image_size=-1", f"--port={free_port()}", f"--rest_api_port={rest_port}"]
+        + ["--shutdown_grace_seconds=2"],
+        env={**os.environ, "PYTHONPATH": str(repo), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "delf serve: ready" in line:
+                break
+        assert "index 'index' generation" in lines[-1], lines
+        with SearchClient(f"127.0.0.1:{rest_port}", protocol="rest") as client:
+            reply = client.search(collection[3], top_k=2)
+        assert reply.hits and reply.hits[0].key == f"{SOURCE}.png", reply
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        assert "delf serve: stopped" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 # --- these change the index directory: they run last -------------------------------------
