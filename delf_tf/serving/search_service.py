@@ -31,6 +31,7 @@ client sends is written to disk or unpickled.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import threading
@@ -52,6 +53,7 @@ from delf_tf.serving.errors import ServingError
 from delf_tf.serving.limits import SearchLimits
 
 STAGES = ("decode", "extract", "ranking", "verification")
+_THUMBNAILS = 512  # JPEG thumbnails kept in memory (~10 KB each)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -178,6 +180,7 @@ class SearchService:
         self._lock = threading.Lock()  # guards the counters and the failure record
         self._reloading = threading.Lock()  # one reload at a time
         self._waiting = 0
+        self._thumbnails: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._running = 0
         self._failure: dict[str, Any] | None = None
         self._stopping = threading.Event()
@@ -468,19 +471,31 @@ class SearchService:
         return outputs
 
     def thumbnail(self, key: str, long_side: int = 256) -> bytes:
-        """JPEG bytes of a collection image the served index lists (NOT_FOUND otherwise)."""
+        """JPEG bytes of a collection image the served index lists (NOT_FOUND otherwise);
+        the last `_THUMBNAILS` are kept in memory."""
         snapshot = self._snapshot
         image_id = snapshot.keys.get(key)
         if image_id is None:
             raise ServingError("NOT_FOUND", "not an image of the index")
+        path = snapshot.index.images[image_id].path
+        entry = f"{snapshot.generation}:{path}"  # a new generation may change the file
+        with self._lock:
+            cached = self._thumbnails.get(entry)
+            if cached is not None:
+                self._thumbnails.move_to_end(entry)
+                return cached
         try:
-            pixels = load_image(snapshot.index.images[image_id].path)
+            pixels = load_image(path)
         except (ImageError, OSError) as error:
             raise ServingError("NOT_FOUND", "the image file is unavailable") from error
         picture = Image.fromarray(pixels)
         picture.thumbnail((long_side, long_side), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=85)
+        with self._lock:
+            self._thumbnails[entry] = buffer.getvalue()
+            while len(self._thumbnails) > _THUMBNAILS:
+                self._thumbnails.popitem(last=False)
         return buffer.getvalue()
 
 
