@@ -179,18 +179,6 @@ def test_search_client(server, collection, protocol):
         assert client.status()  # the model status of the index
 
 
-def test_query_features_from_a_model_server(local_server, collection):
-    """Extraction by `delf serve` / TF Serving (ServingExtractor), search here."""
-    from delf_tf.serving.client import ServingExtractor
-
-    extractor = ServingExtractor(local_server.addresses()["grpc"], model_name="delf")
-    service = SearchService(collection[2], extractor, poll_seconds=0)
-    (answer,) = service.search_batch([collection[3].read_bytes()], top_k=2)
-    assert answer.results[0].key == f"{SOURCE}.png"
-    assert answer.stages["extract"] > 0
-    extractor.close()
-
-
 def test_thumbnails_only_for_files_the_index_lists(server):
     status, kind, body = rest(server, "/thumbnail?key=" + urllib.parse.quote(f"{SOURCE}.png"))
     assert status == 200 and kind == "image/jpeg" and body[:2] == b"\xff\xd8"
