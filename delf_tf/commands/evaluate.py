@@ -6,7 +6,7 @@ import json
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
+from delf_tf.commands.common import define_extractor_flags, extractor_for_index
 from delf_tf.commands.retrieval_flags import (
     define_ranking_flags,
     define_retrieval_flags,
@@ -66,8 +66,7 @@ def run(flag_values: flags.FlagValues) -> int:
         flag_values.groundtruth,
     )
     index = Index.load(flag_values.index)
-    extractor = extractor_from_flags(flag_values)
-    index.check_fingerprint(extractor.fingerprint)
+    extractor = extractor_for_index(flag_values, index, cached=False)
     searcher = Searcher(index, config)
     rank_fn = engine_rank_fn(extractor, searcher)
     result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)

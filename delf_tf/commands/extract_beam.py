@@ -86,6 +86,8 @@ def run_beam(flag_values: flags.FlagValues) -> int:
 
     if "server" in flag_values and flag_values.server:
         raise InputError("--runner runs the exported model on the Beam workers; drop --server")
+    if "overwrite" in flag_values and flag_values.overwrite:
+        raise InputError("--overwrite applies without --runner; give Beam a new --output_dir")
     try:
         beam_args = shlex.split(flag_values.beam_options or "")
     except ValueError as error:

@@ -77,6 +77,8 @@ def run(flag_values: flags.FlagValues) -> int:
     if unknown:
         raise InputError(f"--index_type {unknown}: known {list(INDEX_TYPES)}")
     store = FeatureStore.open(flag_values.features)
+    if next(store.stored_keys(), None) is None:
+        raise InputError(f"{store.root}: an empty feature store (run `delf extract` into it)")
     # First of all: a run killed while swapping the index folder may have left the
     # previous index under its backup name; nothing may be decided before it is back.
     recover_staged_directory(output)

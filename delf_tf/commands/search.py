@@ -8,7 +8,11 @@ from typing import TYPE_CHECKING
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
+from delf_tf.commands.common import (
+    define_extractor_flags,
+    extractor_for_index,
+    warn_if_untrained,
+)
 from delf_tf.commands.retrieval_flags import (
     define_ranking_flags,
     define_retrieval_flags,
@@ -84,8 +88,7 @@ def run(flag_values: flags.FlagValues) -> int:
     queries = read_queries(flag_values.queries) if flag_values.queries else None
     index = Index.load(flag_values.index)
     searcher = Searcher(index, config)
-    extractor = extractor_from_flags(flag_values, cached=image is not None)
-    index.check_fingerprint(extractor.fingerprint)
+    extractor = extractor_for_index(flag_values, index, cached=image is not None)
     warn_if_untrained(extractor)
     runner = QueryRunner(extractor, searcher)
     if queries is not None:
