@@ -298,6 +298,11 @@ def warn_if_untrained(extractor: Extractor) -> None:
         note("untrained (random) weights: features show the pipeline, not retrieval quality")
 
 
+def deprecated(old: str, new: str) -> None:
+    """The note of a flag renamed in this release (the old name works until the next)."""
+    note(f"--{old} is deprecated and will be removed in the next release: use --{new}")
+
+
 def note(message: str) -> None:
     """A human-readable note on stderr (stdout carries only the JSON summary)."""
     print(f"note: {message}", file=sys.stderr)

@@ -20,12 +20,22 @@ from delf_tf.evaluation.metrics import TIE_POLICIES
 def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     flags.DEFINE_enum("dataset", None, list(DATASET_KINDS), "benchmark protocol", **define)
-    flags.DEFINE_string("dataset_dir", None, "dataset folder (images + ground truth)", **define)
+    flags.DEFINE_string(
+        "dataset_dir",
+        None,
+        "dataset folder (images + ground truth); not needed for --dataset=json with "
+        "--groundtruth and --images",
+        **define,
+    )
     flags.DEFINE_string(
         "images", None, "image folder (default: found under --dataset_dir)", **define
     )
     flags.DEFINE_string(
-        "groundtruth", None, "ground-truth file or folder (default: found)", **define
+        "groundtruth",
+        None,
+        "ground-truth file or folder (default: found under --dataset_dir); for "
+        '--dataset=json a file {"labels": {image: landmark or null}, "queries": [image, ...]}',
+        **define,
     )
     flags.DEFINE_string("index", None, "index of the database images (`delf index`)", **define)
     flags.DEFINE_integer(
@@ -44,7 +54,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "report folder: metrics.json, per_query.csv, pr_curves.png, report.html",
         **define,
     )
-    flags.mark_flags_as_required(["dataset", "dataset_dir", "index", "output_dir"], **define)
+    flags.mark_flags_as_required(["dataset", "index", "output_dir"], **define)
+    flags.register_multi_flags_validator(
+        ["dataset", "dataset_dir", "groundtruth"],
+        lambda v: bool(v["dataset_dir"]) or (v["dataset"] == "json" and bool(v["groundtruth"])),
+        message="give --dataset_dir (or, with --dataset=json, --groundtruth)",
+        **define,
+    )
     define_extractor_flags(flag_values)
     define_retrieval_flags(flag_values)
     define_ranking_flags(flag_values)
@@ -61,7 +77,7 @@ def run(flag_values: flags.FlagValues) -> int:
     config = retrieval_config_from_flags(flag_values, shortlist=flag_values.shortlist)
     dataset = load_dataset(
         flag_values.dataset,
-        flag_values.dataset_dir,
+        flag_values.dataset_dir or "",
         flag_values.images,
         flag_values.groundtruth,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from absl import flags
@@ -29,18 +30,19 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     defaults = RetrievalConfig()
     flags.DEFINE_string("index", None, "index directory from `delf index`", **define)
-    flags.DEFINE_string("image", None, "query image file (or --queries)", **define)
     flags.DEFINE_string(
-        "queries",
+        "images",
         None,
-        "many queries: a folder of images or a text file of image paths (one per line); "
-        "needs --output_file",
+        "the query: an image file; or many queries: a folder of images or a text file of "
+        "image paths (one per line), which need --output_file",
         **define,
     )
+    flags.DEFINE_string("image", None, "deprecated: use --images=FILE", **define)
+    flags.DEFINE_string("queries", None, "deprecated: use --images=FOLDER_OR_LIST", **define)
     flags.DEFINE_string(
         "output_file",
         None,
-        "with --queries: results file, one JSON line per query, appended line by line; "
+        "with many queries: results file, one JSON line per query, appended line by line; "
         "rerunning with the same file resumes after the queries it holds",
         **define,
     )
@@ -74,18 +76,17 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.retrieval.index import Index
     from delf_tf.retrieval.search import Searcher
 
-    if bool(flag_values.image) == bool(flag_values.queries):
-        raise InputError("give one of --image and --queries")
-    if flag_values.queries and not flag_values.output_file:
-        raise InputError("--queries needs --output_file (a .jsonl file)")
+    single, many = query_inputs(flag_values)
+    if many and not flag_values.output_file:
+        raise InputError(f"--images={many}: many queries need --output_file (a .jsonl file)")
     config = retrieval_config_from_flags(
         flag_values,
         top_k=flag_values.top_k,
         shortlist=flag_values.shortlist,
         neighbors=flag_values.neighbors,
     )
-    image = load_image(flag_values.image) if flag_values.image else None
-    queries = read_queries(flag_values.queries) if flag_values.queries else None
+    image = load_image(single) if single else None
+    queries = read_queries(many) if many else None
     index = Index.load(flag_values.index)
     searcher = Searcher(index, config)
     extractor = extractor_for_index(flag_values, index, cached=image is not None)
@@ -95,9 +96,9 @@ def run(flag_values: flags.FlagValues) -> int:
         return _run_batch(runner, queries, flag_values.output_file)
     outcome = runner.run(image)
     results = outcome.results
-    print(format_table(flag_values.image, len(outcome.features), results), file=sys.stderr)
+    print(format_table(single, len(outcome.features), results), file=sys.stderr)
     payload = {
-        "query": flag_values.image,
+        "query": single,
         "query_features": len(outcome.features),
         "ranking": searcher.method,
         "results": [result.to_dict() for result in results],
@@ -111,10 +112,29 @@ def run(flag_values: flags.FlagValues) -> int:
     if flag_values.html:
         from delf_tf.report.search_page import SearchPageQuery, write_search_page
 
-        page = SearchPageQuery(flag_values.image, image, results, len(outcome.features))
+        page = SearchPageQuery(single, image, results, len(outcome.features))
         payload["html"] = str(write_search_page(flag_values.html, [page]))
     print(json.dumps(payload))
     return 0
+
+
+def query_inputs(flag_values: flags.FlagValues) -> tuple[str | None, str | None]:
+    """(one query image, or None; a folder or list file of many queries, or None) from
+    --images, or the deprecated --image / --queries (with a note)."""
+    from delf_tf.commands.common import deprecated
+    from delf_tf.errors import InputError
+    from delf_tf.images import IMAGE_SUFFIXES
+
+    given = [name for name in ("images", "image", "queries") if flag_values[name].value]
+    if len(given) != 1:
+        raise InputError("give the query images once: --images=FILE, FOLDER or LIST.txt")
+    value = flag_values[given[0]].value
+    if given[0] != "images":
+        deprecated(given[0], "images")
+        return (value, None) if given[0] == "image" else (None, value)
+    if Path(value).is_file() and Path(value).suffix.lower() in IMAGE_SUFFIXES:
+        return value, None
+    return None, value
 
 
 def _run_batch(runner: QueryRunner, queries: list[str], output: str) -> int:
