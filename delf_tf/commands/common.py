@@ -120,6 +120,13 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         "measured fidelity",
         **define,
     )
+    checks = {
+        "max_image_size": (lambda v: v is None or v == -1 or v > 0, "-1 (keep) or > 0"),
+        "max_features": (lambda v: v is None or v > 0, "> 0"),
+        "score_threshold": (lambda v: v is None or v >= 0, ">= 0"),
+    }
+    for name, (check, wanted) in checks.items():
+        flags.register_validator(name, check, message=f"--{name} must be {wanted}", **define)
     if not remote:
         return
     flags.DEFINE_string(
@@ -292,9 +299,14 @@ def _runtime_fields(recorded: dict[str, object]) -> dict[str, object]:
     return {name: recorded[name] for name in RUNTIME_OVERRIDES if name in recorded}
 
 
+def is_untrained(extractor: Extractor) -> bool:
+    """Whether the features come from a randomly initialised model."""
+    return "weights=random" in str(extractor.describe().get("model", ""))
+
+
 def warn_if_untrained(extractor: Extractor) -> None:
     """A note on stderr when the features come from a randomly initialised model."""
-    if "weights=random" in extractor.describe().get("model", ""):
+    if is_untrained(extractor):
         note("untrained (random) weights: features show the pipeline, not retrieval quality")
 
 

@@ -12,6 +12,7 @@ from absl import flags
 from delf_tf.commands.common import (
     define_extractor_flags,
     extractor_for_index,
+    is_untrained,
     warn_if_untrained,
 )
 from delf_tf.commands.retrieval_flags import (
@@ -113,7 +114,8 @@ def run(flag_values: flags.FlagValues) -> int:
         from delf_tf.report.search_page import SearchPageQuery, write_search_page
 
         page = SearchPageQuery(single, image, results, len(outcome.features))
-        payload["html"] = str(write_search_page(flag_values.html, [page]))
+        untrained = is_untrained(extractor)
+        payload["html"] = str(write_search_page(flag_values.html, [page], untrained=untrained))
     print(json.dumps(payload))
     return 0
 
@@ -158,14 +160,17 @@ def _run_batch(runner: QueryRunner, queries: list[str], output: str) -> int:
 
 
 def format_table(query: str, num_features: int, results: list[SearchResult]) -> str:
+    """The ranked results as text: what ranks them (RANSAC inliers, then the initial
+    score), the query's own file marked."""
+    from delf_tf.report.search_page import is_query_itself
+
     lines = [
         f"query {query} ({num_features} features)",
-        f"{'rank':>4} {'inliers':>7} {'votes':>6} {'score':>9}  path",
+        f"{'rank':>4} {'inliers':>7} {'initial score':>13}  path",
     ]
-    lines += [
-        f"{rank:>4} {r.inliers:>7} {r.votes:>6} {r.score:>9.4g}  {r.path}"
-        for rank, r in enumerate(results, 1)
-    ]
+    for rank, r in enumerate(results, 1):
+        mark = "  (the query itself)" if is_query_itself(query, r.path) else ""
+        lines.append(f"{rank:>4} {r.inliers:>7} {r.score:>13.4g}  {r.path}{mark}")
     if not results:
         lines.append("  (no database image shares a descriptor match with the query)")
     return "\n".join(lines)

@@ -107,6 +107,8 @@ class FeatureStore:
         with fingerprint None (and a warning)."""
         root = Path(root)
         path = root / MANIFEST
+        if not root.is_dir():
+            raise InputError(f"{root}: no such directory (not a feature store)")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:

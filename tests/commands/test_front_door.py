@@ -70,11 +70,11 @@ def test_user_errors_are_one_line_with_exit_status_1(tmp_path, capsys):
     cases = [
         (
             ["fit-pca", f"--features={tmp_path / 'none'}", f"--output_file={tmp_path / 'p.npz'}"],
-            "not a feature store",
+            "no such file or directory",
         ),
         (
             ["index", f"--features={tmp_path / 'none'}", f"--output_dir={tmp_path / 'i'}"],
-            "not a feature store",
+            "no such file or directory",
         ),
         (["serve", f"--model_base_path={tmp_path / 'none'}"], "no such directory"),
         (

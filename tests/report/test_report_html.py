@@ -266,7 +266,7 @@ def test_search_page_in_chromium(searched, tmp_path):
     shown = report["text"]
     for rank in range(1, 5):
         assert f"#{rank}" in shown
-    assert "inliers 60 · votes 60" in shown
+    assert "inliers 60 · initial score 60" in shown
     assert "image unavailable" in shown and "gone.png" in shown
     assert "matches not drawn" in shown
     assert "Matches of the best 3" in shown
