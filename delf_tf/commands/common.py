@@ -62,7 +62,7 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         "model_config",
         None,
         "ModelConfig JSON: the architecture of a checkpoint given by --model, or of the fresh "
-        'model built from --weights (default: ResNet50; e.g. {"backbone": "tiny", '
+        'model built from --weights (default ResNet50; e.g. {"backbone": "tiny", '
         '"feature_depth": 64} for quick tests)',
         **define,
     )
@@ -71,7 +71,7 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         None,
         sorted(EXTRACTION_PRESETS),
         "named extraction settings: paper (the reference values), fast (4 scales, 500 "
-        "features, long side 512) or a released model's reference config; default: paper, "
+        "features, long side 512) or a released model's reference config; default paper, "
         "or the release's own for a release folder",
         **define,
     )

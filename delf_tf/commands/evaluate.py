@@ -28,12 +28,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **define,
     )
     flags.DEFINE_string(
-        "images", None, "image folder (default: found under --dataset_dir)", **define
+        "images", None, "image folder (default found under --dataset_dir)", **define
     )
     flags.DEFINE_string(
         "groundtruth",
         None,
-        "ground-truth file or folder (default: found under --dataset_dir); for "
+        "ground-truth file or folder (default found under --dataset_dir); for "
         '--dataset=json a file {"labels": {image: landmark or null}, "queries": [image, ...]}',
         **define,
     )
@@ -44,7 +44,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         f"images verified by RANSAC (default {RetrievalConfig().shortlist})",
         **define,
     )
-    flags.DEFINE_list("setups", None, "setups to report (default: all of the dataset)", **define)
+    flags.DEFINE_list("setups", None, "setups to report (default all of the dataset)", **define)
     flags.DEFINE_enum(
         "ties", "pessimistic", list(TIE_POLICIES), "order within equal scores", **define
     )
