@@ -67,6 +67,8 @@ def test_thin_mains_list_their_flags(script, flag):
 
 
 def test_user_errors_are_one_line_with_exit_status_1(tmp_path, capsys):
+    model = tmp_path / "x.keras"  # exists: input paths are checked first
+    model.touch()
     cases = [
         (
             ["fit-pca", f"--features={tmp_path / 'none'}", f"--output_file={tmp_path / 'p.npz'}"],
@@ -78,7 +80,7 @@ def test_user_errors_are_one_line_with_exit_status_1(tmp_path, capsys):
         ),
         (["serve", f"--model_base_path={tmp_path / 'none'}"], "no such directory"),
         (
-            ["export", "--model=x.keras", "--weights=random", f"--export_base={tmp_path}"],
+            ["export", f"--model={model}", "--weights=random", f"--export_base={tmp_path}"],
             "--weights applies only without --model",
         ),
     ]
@@ -184,7 +186,7 @@ def test_commands_start_without_library_chatter(tmp_path, model_config_file, ast
         "--max_image_size=64",
     )
     delf("index", f"--features={tmp_path / 'features'}", f"--output_dir={tmp_path / 'i'}")
-    search = [f"--index={tmp_path / 'i'}", f"--image={tmp_path / 'a.png'}"]
+    search = [f"--index={tmp_path / 'i'}", f"--images={tmp_path / 'a.png'}"]
     search.append(f"--model_config={model_config_file}")
     quiet = delf("search", *search)
     for stderr in (extract, quiet):

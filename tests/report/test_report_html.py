@@ -436,7 +436,7 @@ def test_search_command_writes_a_page(tmp_path, extractor, small_config, model_c
 
     html = tmp_path / "results.html"
     search = ["delf", "search", f"--index={tmp_path / 'index'}", f"--html={html}"]
-    assert main([*search, f"--image={images / 'astronaut_b.png'}", *model]) == 0
+    assert main([*search, f"--images={images / 'astronaut_b.png'}", *model]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["html"] == str(html)
     assert payload["results"][0]["key"] == "astronaut_b.png"  # the query is in the index
