@@ -6,7 +6,7 @@ import json
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_for_index
+from delf_tf.commands.common import define_extractor_flags, extractor_for_index, is_untrained
 from delf_tf.commands.retrieval_flags import (
     define_ranking_flags,
     define_retrieval_flags,
@@ -87,7 +87,9 @@ def run(flag_values: flags.FlagValues) -> int:
     rank_fn = engine_rank_fn(extractor, searcher)
     result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
     paths = write_report(result, flag_values.output_dir)
-    paths["report"] = write_evaluation_report(result, dataset, flag_values.output_dir)
+    paths["report"] = write_evaluation_report(
+        result, dataset, flag_values.output_dir, untrained=is_untrained(extractor)
+    )
     report = result.to_dict()
     report["ranking"] = searcher.method
     report["files"] = {name: str(path) for name, path in paths.items()}

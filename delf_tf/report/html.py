@@ -87,6 +87,18 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+UNTRAINED_BANNER = (
+    "Untrained weights: these features come from a randomly initialised model. Matches "
+    "along image borders and between unrelated images are to be expected; they show the "
+    "pipeline, not retrieval quality."
+)
+
+
+def untrained_banner() -> str:
+    """The banner of a page whose features come from random weights."""
+    return f'<p class="banner">{esc(UNTRAINED_BANNER)}</p>'
+
+
 def path_text(path: object) -> str:
     """An escaped file path that breaks only after a "/" (never inside a name that fits)."""
     return "/<wbr>".join(esc(part) for part in str(path).split("/"))

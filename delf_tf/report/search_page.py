@@ -34,6 +34,7 @@ from delf_tf.report.html import (
     page,
     path_text,
     to_picture,
+    untrained_banner,
     write_page,
 )
 from delf_tf.retrieval.search import SearchResult
@@ -61,13 +62,6 @@ class SearchPageQuery:
     image: np.ndarray
     results: Sequence[SearchResult]
     num_features: int | None = None
-
-
-UNTRAINED_BANNER = (
-    "Untrained weights: these features come from a randomly initialised model. Matches "
-    "along image borders and between unrelated images are to be expected; they show the "
-    "pipeline, not retrieval quality."
-)
 
 
 def is_query_itself(query_path: str, result_path: str) -> bool:
@@ -105,7 +99,7 @@ def search_page(
     )
     parts = [f"<h1>{esc(title)}</h1>", f'<p class="bounds">{esc(bounds)}</p>']
     if untrained:
-        parts.append(f'<p class="banner">{esc(UNTRAINED_BANNER)}</p>')
+        parts.append(untrained_banner())
     for number, query in enumerate(shown, start=1):
         parts.append(
             _query_section(number, query, thumbnails, max_results, match_pictures, len(shown) > 1)

@@ -111,6 +111,8 @@ def test_queries_are_extracted_with_the_index_settings(
     assert main(evaluate) == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert next(iter(report["setups"].values()))["mAP"] == 1.0
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "Untrained weights" in page and "rank score" in page
     assert main([*evaluate[:3], *evaluate[4:]]) == 2  # neither --dataset_dir nor --groundtruth
     assert "--dataset_dir" in capsys.readouterr().err
 

@@ -380,7 +380,7 @@ def test_evaluation_page_in_chromium(evaluated, tmp_path):
     astronaut_medium = result.queries[0].metrics["medium"].ap
     assert f"medium {astronaut_medium:.4f}" in shown
     assert "hard n/a" in shown  # coffee_1 has no hard positive
-    assert "score 5 (tie)" in shown
+    assert "rank score 5 (tie)" in shown
     ranks = [re.findall(r"^#\d+$", c["text"], re.M) for c in report["cards"]]
     assert ranks == [["#1"], ["#2"], ["#3"], ["#4"], ["#1"], ["#2"]]
     # Marks follow the "medium" setup (checked by default), then "easy" once chosen:
