@@ -34,8 +34,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "images",
         None,
-        "the query: an image file; or many queries: a folder of images or a text file of "
-        "image paths (one per line), which need --output_file",
+        "the query: an image file; or many queries: a folder of images or a list file "
+        "(.txt, .lst: one image path per line), which need --output_file",
         **define,
     )
     flags.DEFINE_string("image", None, "deprecated: use --images=FILE", **define)
@@ -120,12 +120,14 @@ def run(flag_values: flags.FlagValues) -> int:
     return 0
 
 
+LIST_SUFFIXES = (".txt", ".lst", ".list")  # --images=FILE with these: a list of query images
+
+
 def query_inputs(flag_values: flags.FlagValues) -> tuple[str | None, str | None]:
     """(one query image, or None; a folder or list file of many queries, or None) from
     --images, or the deprecated --image / --queries (with a note)."""
     from delf_tf.commands.common import deprecated
     from delf_tf.errors import InputError
-    from delf_tf.images import IMAGE_SUFFIXES
 
     given = [name for name in ("images", "image", "queries") if flag_values[name].value]
     if len(given) != 1:
@@ -134,7 +136,8 @@ def query_inputs(flag_values: flags.FlagValues) -> tuple[str | None, str | None]
     if given[0] != "images":
         deprecated(given[0], "images")
         return (value, None) if given[0] == "image" else (None, value)
-    if Path(value).is_file() and Path(value).suffix.lower() in IMAGE_SUFFIXES:
+    path = Path(value)
+    if path.is_file() and path.suffix.lower() not in LIST_SUFFIXES:
         return value, None
     return None, value
 
