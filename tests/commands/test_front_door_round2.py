@@ -252,3 +252,54 @@ def test_grpc_client_on_a_non_grpc_port_suggests_rest():
 class _Quiet(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+def _flags(argv: list[str]):
+    from absl import flags
+
+    from delf_tf.commands.common import define_extractor_flags
+
+    flag_values = flags.FlagValues()
+    define_extractor_flags(flag_values)
+    flag_values(["delf", *argv])
+    return flag_values
+
+
+class _Index:
+    """What extractor_for_index reads of an index: its record and its own check."""
+
+    def __init__(self, extractor: dict, fingerprint: str | None):
+        self.extractor, self.path, self.fingerprint = extractor, Path("index"), fingerprint
+        self.checked: list[str | None] = []
+
+    def check_fingerprint(self, fingerprint):
+        self.checked.append(fingerprint)
+        return True
+
+
+def test_an_export_takes_the_index_run_time_settings(exported_model):
+    from delf_tf.commands.common import extractor_for_index
+
+    recorded = {"score_threshold": 7.5, "max_features": 20, "scales": [1.0]}
+    index = _Index({"extraction_config": recorded}, None)
+    extractor = extractor_for_index(_flags([f"--model={exported_model}"]), index, cached=False)
+    assert extractor.config.score_threshold == 7.5 and extractor.config.max_features == 20
+    assert tuple(extractor.config.scales) == (1.0,)
+    assert index.checked == [extractor.fingerprint]  # the index's own check ran
+
+
+def test_a_server_query_notes_the_index_settings(monkeypatch, capsys):
+    from delf_tf.commands import common
+
+    class Served:
+        fingerprint = "f" * 64
+
+        def describe(self):
+            return {"backend": "tf-serving grpc", "model": "delf@localhost:8500"}
+
+    monkeypatch.setattr(common, "extractor_from_flags", lambda *a, **k: Served())
+    index = _Index({"extraction_config": {"score_threshold": 0.0, "max_image_size": 384}}, "f")
+    flag_values = _flags(["--server=localhost:8500"])
+    assert isinstance(common.extractor_for_index(flag_values, index, cached=True), Served)
+    assert "score_threshold=0.0, max_image_size=384" in capsys.readouterr().err
+    assert index.checked == ["f" * 64]
