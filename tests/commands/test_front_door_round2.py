@@ -221,8 +221,10 @@ def test_help_is_command_first_and_flags_are_checked_before_tensorflow(tmp_path,
     assert "delf_tf.commands" not in text and "absl.flags" not in text
     assert "(default: " not in text and "(default 10)" in text and "--flagfile" in text
     code = f"""
-import sys
+import pydoc, sys
+import delf_tf
 from delf_tf.cli import main
+assert "delf_tf.build_extractor" in pydoc.render_doc(delf_tf)  # help(delf_tf): no TensorFlow
 a = main(["delf", "extract", "--images={tmp_path}", "--output_dir=o", "--max_image_size=-5"])
 b = main(["delf", "search", "--index={tmp_path / "none"}", "--images={tmp_path}"])
 print(a, b, "tensorflow" in sys.modules)
