@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import importlib
 
+from delf_tf.tf_runtime import install_quiet_import
+
 __version__ = "0.1.0"
+
+install_quiet_import()
 
 _EXPORTS = {
     "build_extractor": "delf_tf.extraction.extractor",
