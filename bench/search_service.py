@@ -4,7 +4,7 @@ Three parts, in one run (a busy machine slows all of them alike; compare ratios)
 
 1. `real`: a small real index (`--real_images` photos of `--data_dir`, random
    ResNet50, `--preset`, threshold 0) served by a `delf serve --index` process;
-   the baseline is `delf search --image` as one process per query (import,
+   the baseline is `delf search --images=QUERY` as one process per query (import,
    index load, cached traced extractor: what a script calling the CLI pays).
    Latency p50/p95 and throughput at `--clients` concurrent gRPC clients
    (SearchClient), the service's RSS.
@@ -204,7 +204,7 @@ def real_part(work: Path) -> dict:
     baseline = []
     for number, query in enumerate(queries[: FLAGS.baseline_queries + 1]):
         start = time.perf_counter()
-        cli(*search, f"--image={query}", capture=True)
+        cli(*search, f"--images={query}", capture=True)
         if number:  # the first run fills the traced-extractor cache
             baseline.append(time.perf_counter() - start)
     grpc_port, rest_port = free_port(), free_port()
