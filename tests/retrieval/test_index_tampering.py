@@ -187,7 +187,7 @@ def test_tampered_index_is_one_line_and_exit_1(built, tmp_path, capsys, case):
     copy = tmp_path / "index"
     shutil.copytree(index, copy)
     tamper(copy)
-    command = ["delf", "search", f"--index={copy}", f"--image={query}", f"--ranking={ranking}"]
+    command = ["delf", "search", f"--index={copy}", f"--images={query}", f"--ranking={ranking}"]
     assert main([*command, *fast]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("delf search: error:")]
@@ -199,7 +199,13 @@ def test_untampered_index_searches(built, tmp_path, capsys):
     """The cases above fail for their tampering, not for the setup."""
     index, query, fast = built
     for ranking in ("votes", "asmk"):
-        command = ["delf", "search", f"--index={index}", f"--image={query}", f"--ranking={ranking}"]
+        command = [
+            "delf",
+            "search",
+            f"--index={index}",
+            f"--images={query}",
+            f"--ranking={ranking}",
+        ]
         assert main([*command, *fast]) == 0
         assert json.loads(capsys.readouterr().out)["results"][0]["key"] == "astronaut.png"
 
