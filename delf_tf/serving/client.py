@@ -48,6 +48,7 @@ from delf_tf.contract import (
     RUNTIME_OVERRIDES,
     SERVING_SIGNATURE,
 )
+from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.images import decode_image, encode_png
 from delf_tf.serving import rest_json
@@ -67,6 +68,32 @@ PROTOCOLS = ("grpc", "rest")
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 _INPUT_DTYPES = {name: np.dtype(IMAGE_INPUTS[name]) for name in RUNTIME_OVERRIDES}
+
+
+def decode_batch_outputs(
+    outputs: dict[str, np.ndarray],
+) -> list[tuple[str | None, LocalFeatures | None]]:
+    """serving_default's padded batch outputs -> (fingerprint, features or None) per row.
+
+    outputs: keypoints float32 [B, K, 2], scales / scores float32 [B, K],
+      descriptors float32 [B, K, D], num_features int32 [B], valid bool [B],
+      fingerprint string [B], optional global_descriptor float32 [B, G].
+    A row's features are its first num_features entries; None for a row the graph
+    could not decode (valid False). The one decoder of these outputs: the client
+    and the Beam pipeline both use it.
+    """
+    rows = []
+    for row in range(len(outputs["valid"])):
+        fingerprint = fingerprints.as_text(outputs["fingerprint"][row])
+        if not bool(outputs["valid"][row]):
+            rows.append((fingerprint, None))
+            continue
+        n = int(outputs["num_features"][row])
+        arrays = {name: np.asarray(outputs[name][row], np.float32)[:n] for name in FEATURE_OUTPUTS}
+        if GLOBAL_OUTPUT in outputs:
+            arrays[GLOBAL_OUTPUT] = np.asarray(outputs[GLOBAL_OUTPUT][row], np.float32)
+        rows.append((fingerprint, LocalFeatures(**arrays)))
+    return rows
 
 
 class _GrpcTransport:
@@ -342,16 +369,20 @@ class ServingExtractor:
         return self._fingerprint
 
     def _check_fingerprint(self, value: Any) -> None:
-        value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        value = fingerprints.as_text(value)
         if self._fingerprint is None:
             self._fingerprint = value
-        elif value != self._fingerprint:
-            raise ServedModelChangedError(
-                "FAILED_PRECONDITION",
-                f"model {self.model_name!r} at {self.target} now answers with fingerprint "
-                f"{value[:12]}..., earlier {self._fingerprint[:12]}...: a different model was "
-                "deployed; its features must not be mixed with the earlier ones",
-            )
+            return
+        fingerprints.require_same(
+            value,
+            self._fingerprint,
+            lambda found, expected: (
+                f"model {self.model_name!r} at {self.target} now answers "
+                f"with fingerprint {found}..., earlier {expected}...: a different model was "
+                "deployed; its features must not be mixed with the earlier ones"
+            ),
+            lambda message: ServedModelChangedError("FAILED_PRECONDITION", message),
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -420,19 +451,11 @@ class ServingExtractor:
                     "FAILED_PRECONDITION",
                     f"{SERVING_SIGNATURE} of {self.model_name!r} lacks outputs {missing}",
                 )
-            for row in range(len(chunk)):
-                self._check_fingerprint(outputs["fingerprint"][row])
-                if not bool(outputs["valid"][row]):
+            for row, (fingerprint, features) in enumerate(decode_batch_outputs(outputs)):
+                self._check_fingerprint(fingerprint)
+                if features is None:
                     invalid.append(start + row)
-                    results.append(None)
-                    continue
-                n = int(outputs["num_features"][row])
-                arrays = {
-                    name: np.asarray(outputs[name][row], np.float32)[:n] for name in FEATURE_OUTPUTS
-                }
-                if GLOBAL_OUTPUT in outputs:
-                    arrays[GLOBAL_OUTPUT] = np.asarray(outputs[GLOBAL_OUTPUT][row], np.float32)
-                results.append(LocalFeatures(**arrays))
+                results.append(features)
         if invalid and not skip_invalid:
             raise InvalidImageError(
                 "INVALID_ARGUMENT",

@@ -298,7 +298,7 @@ def build_many_in_subprocess(specs: list[tuple]) -> list[Path]:
         f"build({str(out)!r}, {kind!r}, {size!r}, {seed}, {resource})"
         for out, kind, size, seed, resource in specs
     )
-    command = [sys.executable, "-c", f"from delf_tf.testing.synthetic_releases import build; {calls}"]
+    command = [sys.executable, "-c", f"from {__name__} import build; {calls}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:

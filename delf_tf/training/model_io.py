@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from delf_tf.atomic import atomic_write
+from delf_tf.atomic import atomic_write_bytes
 from delf_tf.model import DelfModel
 from delf_tf.training import distribute
 
@@ -61,19 +61,6 @@ def save_float32_model(model: DelfModel, path: str | os.PathLike) -> str:
         local = os.path.join(tmp, MODEL_FILE)
         clone.save(local)
         data = Path(local).read_bytes()
-    write_bytes(path, data)
+    atomic_write_bytes(path, data)
     logging.info("saved %s", path)
     return path
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Atomic on local disks (rename); a plain gfile write on remote file systems."""
-    if "://" in path:
-        with tf.io.gfile.GFile(path, "wb") as handle:
-            handle.write(data)
-    else:
-        atomic_write(path, lambda handle: handle.write(data))
-
-
-def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))

@@ -33,16 +33,12 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
+from delf_tf.atomic import atomic_write_text
 from delf_tf.config import ModelConfig, TrainingConfig
 from delf_tf.model import DelfModel, build_delf_model
 from delf_tf.model.backbone import WeightsError
 from delf_tf.training import data, distribute
-from delf_tf.training.model_io import (
-    MODEL_FILE,
-    load_init_weights,
-    save_float32_model,
-    write_text,
-)
+from delf_tf.training.model_io import MODEL_FILE, load_init_weights, save_float32_model
 from delf_tf.training.summaries import attention_images, write_images, write_scalars
 
 CHECKPOINT_DIR = "checkpoints"
@@ -420,12 +416,16 @@ class Trainer:
             return
         model_dir = self.config.model_dir
         tf.io.gfile.makedirs(model_dir)
-        write_text(os.path.join(model_dir, TRAINING_CONFIG_FILE), self.config.to_json() + "\n")
-        write_text(os.path.join(model_dir, MODEL_CONFIG_FILE), self.model_config.to_json() + "\n")
+        atomic_write_text(
+            os.path.join(model_dir, TRAINING_CONFIG_FILE), self.config.to_json() + "\n"
+        )
+        atomic_write_text(
+            os.path.join(model_dir, MODEL_CONFIG_FILE), self.model_config.to_json() + "\n"
+        )
         names = self.train_source.class_names
         if names is not None:
             label_map = {"num_classes": len(names), "classes": list(names)}
-            write_text(
+            atomic_write_text(
                 os.path.join(model_dir, LABEL_MAP_FILE), json.dumps(label_map, indent=1) + "\n"
             )
 
