@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     try:
         leftover = flag_values([f"delf {name}", *argv[2:]])[1:]
     except flags.Error as error:
-        print(f"delf {name}: {error}\n(see delf {name} --help)", file=sys.stderr)
+        print(f"delf {name}: {one_line(error)} (see delf {name} --help)", file=sys.stderr)
         return EXIT_USAGE
     if leftover:
         print(

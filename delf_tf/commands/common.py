@@ -16,7 +16,7 @@ from absl import flags
 
 from delf_tf.config import PRECISIONS, ExtractionConfig, ModelConfig
 from delf_tf.errors import InputError
-from delf_tf.presets import EXTRACTION_PRESETS
+from delf_tf.presets import EXTRACTION_PRESETS, describe_preset
 
 if TYPE_CHECKING:
     from delf_tf.extraction.extractor import Extractor
@@ -69,9 +69,9 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         "preset",
         None,
         sorted(EXTRACTION_PRESETS),
-        "named extraction settings: paper (the reference values), fast (4 scales, 500 "
-        "features, long side 512) or a released model's reference config; default: paper, "
-        "or the release's own for a release folder",
+        f"named extraction settings: paper (the reference values), fast ({describe_preset('fast')}) "
+        "or a released model's reference config; default: paper, or the release's own for a "
+        "release folder",
         **define,
     )
     flags.DEFINE_string(
@@ -195,6 +195,12 @@ def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) ->
         "model_config": model_config.to_dict() if model_config else None,
     }
     return cached_extractor(described, lambda: build_extractor(**arguments))
+
+
+def extraction_precision(extractor: Extractor) -> str | None:
+    """The arithmetic an in-process extractor runs in, for JSON summaries (the `fast`
+    preset picks it by host); None for TF Serving, whose export decides."""
+    return getattr(getattr(extractor, "config", None), "precision", None)
 
 
 def warn_if_untrained(extractor: Extractor) -> None:

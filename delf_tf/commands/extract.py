@@ -13,7 +13,12 @@ import sys
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
+from delf_tf.commands.common import (
+    define_extractor_flags,
+    extraction_precision,
+    extractor_from_flags,
+    warn_if_untrained,
+)
 from delf_tf.commands.extract_beam import define_beam_flags, run_beam
 
 
@@ -54,5 +59,6 @@ def run(flag_values: flags.FlagValues) -> int:
         formats=formats[flag_values.format],
         on_failure=report,
     )
-    print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))
+    precision = extraction_precision(extractor)
+    print(json.dumps({"output_dir": str(store.root), **summary.to_dict(), "precision": precision}))
     return EXIT_PARTIAL if summary.failed else EXIT_OK

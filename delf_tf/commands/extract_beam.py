@@ -92,6 +92,9 @@ def run_beam(flag_values: flags.FlagValues) -> int:
     except ValueError as error:
         raise InputError(f"--beam_options: {error}") from error
     runner = flag_values.runner
+    beam_pipeline.check_runner(runner)  # before any export is made
+    if flag_values.batch_size is not None and flag_values.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {flag_values.batch_size}")
     batch_size = flag_values.batch_size or 8
     local_runner = beam_pipeline.is_local_runner(runner)
 

@@ -76,6 +76,8 @@ def run(flag_values: flags.FlagValues) -> int:
     unknown = sorted(set(index_types or ()) - set(INDEX_TYPES))
     if unknown:
         raise InputError(f"--index_type {unknown}: known {list(INDEX_TYPES)}")
+    if flag_values.images is not None and not Path(flag_values.images).is_dir():
+        raise InputError(f"--images={flag_values.images}: no such directory")
     store = FeatureStore.open(flag_values.features)
     # First of all: a run killed while swapping the index folder may have left the
     # previous index under its backup name; nothing may be decided before it is back.

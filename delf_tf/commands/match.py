@@ -6,7 +6,11 @@ import json
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
+from delf_tf.commands.common import (
+    define_extractor_flags,
+    extraction_precision,
+    extractor_from_flags,
+)
 from delf_tf.commands.retrieval_flags import define_retrieval_flags, retrieval_config_from_flags
 
 
@@ -36,6 +40,7 @@ def run(flag_values: flags.FlagValues) -> int:
         "image1": flag_values.image1,
         "image2": flag_values.image2,
         "features": [len(first), len(second)],
+        "precision": extraction_precision(extractor),
         "matches": len(matches),
         "inliers": verification.num_inliers,
         "transform": None

@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
+from delf_tf.commands.common import (
+    define_extractor_flags,
+    extraction_precision,
+    extractor_from_flags,
+    warn_if_untrained,
+)
 from delf_tf.commands.retrieval_flags import (
     define_ranking_flags,
     define_retrieval_flags,
@@ -97,6 +102,7 @@ def run(flag_values: flags.FlagValues) -> int:
         "query": flag_values.image,
         "query_features": len(outcome.features),
         "ranking": searcher.method,
+        "precision": extraction_precision(extractor),
         "results": [result.to_dict() for result in results],
     }
     if flag_values.visualize and results:
@@ -128,6 +134,7 @@ def _run_batch(runner: QueryRunner, queries: list[str], output: str) -> int:
         "skipped": summary.skipped,
         "failed": summary.failed + summary.failed_before,
         "ranking": runner.searcher.method,
+        "precision": extraction_precision(runner.extractor),
         "seconds_per_query_median": summary.seconds_per_query,
     }
     print(json.dumps(report))

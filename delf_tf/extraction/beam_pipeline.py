@@ -102,6 +102,16 @@ def beam_runner_name(runner: str) -> str:
     return "FnApiRunner" if name in ("direct", "directrunner", "switchingdirectrunner") else runner
 
 
+def check_runner(runner: str) -> None:
+    """InputError for a runner name Beam does not know (checked before any work)."""
+    from apache_beam.runners.runner import create_runner
+
+    try:
+        create_runner(beam_runner_name(runner))
+    except ValueError as error:
+        raise InputError(f"--runner={runner}: {' '.join(str(error).split())}") from error
+
+
 # --- inputs -----------------------------------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ from delf_tf.contract import (
     RUNTIME_OVERRIDES,
     SERVING_SIGNATURE,
 )
+from delf_tf.errors import ConfigError, InputError
 from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.images import decode_image, encode_png
@@ -256,13 +257,13 @@ class ServingExtractor:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if signature not in (SERVING_SIGNATURE, IMAGE_SIGNATURE):
-            raise ValueError(
+            raise ConfigError(
                 f"signature must be {SERVING_SIGNATURE!r} or {IMAGE_SIGNATURE!r}, got {signature!r}"
             )
         if retries < 0 or batch_size < 1 or timeout <= 0:
-            raise ValueError("retries must be >= 0, batch_size >= 1 and timeout > 0")
+            raise ConfigError("retries must be >= 0, batch_size >= 1 and timeout > 0")
         self.target = target
         self.model_name = model_name
         self.signature = signature
@@ -401,7 +402,7 @@ class ServingExtractor:
         """uint8 [H, W, 3] RGB -> LocalFeatures (overrides only with signature extract_image)."""
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
+            raise InputError(
                 f"expected an RGB image uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
             )
         if self.signature == IMAGE_SIGNATURE:

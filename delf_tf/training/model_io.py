@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from delf_tf.atomic import atomic_write_bytes
+from delf_tf.errors import InputError
 from delf_tf.model import DelfModel
 from delf_tf.training import distribute
 
@@ -34,12 +35,12 @@ def load_init_weights(model: DelfModel, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"--init_from: {path} not found (expected a DelfModel .keras)")
     source = keras.saving.load_model(path, compile=False)
     if not isinstance(source, DelfModel):
-        raise ValueError(f"--init_from: {path} holds a {type(source).__name__}, not a DelfModel")
+        raise InputError(f"--init_from: {path} holds a {type(source).__name__}, not a DelfModel")
     model.backbone.set_weights(source.backbone.get_weights())
     try:
         model.attention.set_weights(source.attention.get_weights())
     except ValueError as error:
-        raise ValueError(f"--init_from: {path}: attention head does not match ({error})") from error
+        raise InputError(f"--init_from: {path}: attention head does not match ({error})") from error
     for name in ("descriptor_classifier", "attention_classifier"):
         target, origin = getattr(model, name), getattr(source, name)
         if origin is not None and [w.shape for w in origin.weights] == [
