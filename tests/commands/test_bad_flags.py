@@ -331,3 +331,39 @@ def test_bad_values_end_in_one_line(world, capsys, command):
         elif not lines[0].startswith(f"delf {command}: "):
             problems.append((name, value, status, lines))
     assert problems == [], "\n".join(map(str, problems))
+
+
+def test_the_reproduced_tracebacks_are_one_line_errors(world, capsys):
+    """The three tracebacks of the house review, with what each message must name."""
+    cases = [
+        (
+            ["extract", f"--images={world / 'images'}", f"--output_dir={world / 'f2'}"]
+            + [f"--pca={world / 'garbage.npz'}"],
+            "garbage.npz: not a readable PCA file (not an .npz archive)",
+        ),
+        (
+            ["fit-pca", f"--features={world / 'store'}", f"--output_file={world / 'p.npz'}"]
+            + ["--dim=400"],
+            "PCA dim must be in [1, 16]",
+        ),
+        (
+            ["index", f"--features={world / 'store'}", f"--output_dir={world / 'i3'}"]
+            + ["--index_type=asmk", "--codebook_size=4096"],
+            "a codebook of 4096 words needs >= 4096 descriptors",
+        ),
+    ]
+    for argv, message in cases:
+        line = one_line_error(capsys, argv, (1,))
+        assert line.startswith(f"delf {argv[0]}: error: ") and message in line, line
+
+
+def test_errors_users_cause_are_in_the_family():
+    import pickle
+
+    from delf_tf.errors import DelfError
+    from delf_tf.evaluation.safe_pickle import UnsafePickleError
+    from delf_tf.retrieval.asmk import AsmkError
+
+    assert issubclass(AsmkError, DelfError) and issubclass(AsmkError, ValueError)
+    assert issubclass(UnsafePickleError, DelfError)
+    assert issubclass(UnsafePickleError, pickle.UnpicklingError)

@@ -1,0 +1,84 @@
+"""Precision where the CPU has it: the `fast` preset picks bfloat16 on AVX512-BF16/AMX CPUs.
+
+The detection is tested with fake flag lists, so these tests hold on CPUs with and
+without those instructions.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from delf_tf import presets
+from delf_tf.config import PER_HOST_FIELDS, ExtractionConfig, ModelConfig
+
+EPYC_BF16 = "fpu vme avx2 avx512f avx512_bf16 avx512_vnni"  # an AVX512-BF16 EPYC
+SAPPHIRE_RAPIDS = "avx2 avx512f amx_bf16 amx_tile amx_int8"
+OLDER = "fpu vme sse4_2 avx2 fma avx512f"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(EPYC_BF16, "bfloat16"), (SAPPHIRE_RAPIDS, "bfloat16"), (OLDER, "float32"), ("", "float32")],
+)
+def test_host_precision_from_cpu_flags(flags, expected):
+    assert presets.host_precision(flags.split()) == expected
+    assert presets.preset_precision("fast", flags.split()) == expected
+    assert presets.preset_precision("paper", flags.split()) is None
+    assert presets.preset_precision(None, flags.split()) is None
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {EPYC_BF16}\n\n"
+        f"processor\t: 1\nflags\t\t: {EPYC_BF16}\n"
+    )
+    assert presets.cpu_flags(str(cpuinfo)) == frozenset(EPYC_BF16.split())
+    assert presets.cpu_flags(str(tmp_path / "none")) == frozenset()  # not Linux
+    assert presets.host_precision(presets.cpu_flags(str(cpuinfo))) == "bfloat16"
+
+
+def test_fast_preset_takes_the_hosts_precision_and_a_flag_overrides(monkeypatch):
+    from delf_tf.extraction.extractor import build_extractor
+
+    model_config = ModelConfig(backbone="tiny", feature_depth=16, attention_hidden_units=8)
+    for flags, expected in ((EPYC_BF16, "bfloat16"), (OLDER, "float32")):
+        monkeypatch.setattr(presets, "cpu_flags", lambda flags=flags: frozenset(flags.split()))
+        extractor = build_extractor(preset="fast", model_config=model_config)
+        assert extractor.config.precision == expected
+        assert extractor.describe()["precision"] == expected  # recorded in stores and indexes
+    monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset(EPYC_BF16.split()))
+    chosen = build_extractor(
+        preset="fast", model_config=model_config, overrides={"precision": "float32"}
+    )
+    assert chosen.config.precision == "float32"
+    assert build_extractor(model_config=model_config).config.precision == "float32"  # paper
+
+
+def test_a_query_may_run_in_another_precision_than_its_collection(delf_model, small_config):
+    """Precision is chosen per host: not part of the fingerprint, named as such in config."""
+    from delf_tf.extraction import InProcessExtractor
+
+    float32 = InProcessExtractor.from_model(delf_model, small_config)
+    bfloat16 = InProcessExtractor.from_model(delf_model, small_config.replace(precision="bfloat16"))
+    assert float32.fingerprint == bfloat16.fingerprint
+    assert "precision" in PER_HOST_FIELDS and "precision" in ExtractionConfig().to_dict()
+
+
+def test_extract_summary_says_which_precision(tmp_path, capsys, monkeypatch, astronaut_small):
+    from PIL import Image
+
+    from delf_tf.cli import main
+
+    Image.fromarray(astronaut_small[:64, :64]).save(tmp_path / "a.png")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"backbone": "tiny", "feature_depth": 16}))
+    monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset(SAPPHIRE_RAPIDS.split()))
+    argv = ["extract", f"--images={tmp_path / 'a.png'}", f"--output_dir={tmp_path / 'f'}"]
+    argv += [f"--model_config={config}", "--preset=fast", "--score_threshold=0"]
+    assert main(["delf", *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "bfloat16"
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["extractor"]["precision"] == "bfloat16"
