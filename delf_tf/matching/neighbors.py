@@ -350,7 +350,7 @@ class IvfPqNeighbors:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(Path(path)), flags)
         if index.ntotal != len(descriptors):
-            raise ValueError(
+            raise InputError(
                 f"{path}: holds {index.ntotal} descriptors, the index has {len(descriptors)}"
             )
         return cls(index, descriptors, parameters, read_only=mmap)
