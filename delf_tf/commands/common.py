@@ -197,6 +197,20 @@ def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) ->
     return cached_extractor(described, lambda: build_extractor(**arguments))
 
 
+def check_output_path(flag: str, path: str | None) -> None:
+    """InputError, before any work, when output `path` cannot be made: the nearest
+    existing folder above it is a file."""
+    if not path:
+        return
+    from pathlib import Path
+
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"--{flag}={path}: {parent} is a file, not a folder")
+            return
+
+
 def extraction_precision(extractor: Extractor) -> str | None:
     """The arithmetic an in-process extractor runs in, for JSON summaries (the `fast`
     preset picks it by host); None for TF Serving, whose export decides."""

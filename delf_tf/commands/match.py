@@ -7,6 +7,7 @@ import json
 from absl import flags
 
 from delf_tf.commands.common import (
+    check_output_path,
     define_extractor_flags,
     extraction_precision,
     extractor_from_flags,
@@ -31,6 +32,7 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.matching.pairwise import match_pair
     from delf_tf.matching.visualize import draw_matches, save_picture
 
+    check_output_path("output_file", flag_values.output_file)
     config = retrieval_config_from_flags(flag_values)
     images = [load_image(flag_values.image1), load_image(flag_values.image2)]
     extractor = extractor_from_flags(flag_values, cached=True)

@@ -19,6 +19,11 @@ Writes are atomic (temporary file + rename, see delf_tf.atomic), so an interrupt
 extraction leaves only complete files and resumes by skipping the keys that exist;
 the manifest's random "store_id" names the store in an index (see `identity`).
 
+A remote root (gs://, read and written with tf.io.gfile; TensorFlow is imported only
+then) holds `.npz` files only: `prepare_store` makes or checks its manifest (the same
+`new_manifest`, store_id included) and `StoreWriter` writes its files, for the Beam
+pipeline, whose workers write where the driver cannot.
+
 A folder without manifest.json that holds `.delf` / `.delg_local` files (the
 reference extractor's output, optionally with `.delg_global` beside them) opens
 as a store whose fingerprint is None: nothing records which extractor wrote the
