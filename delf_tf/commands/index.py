@@ -68,6 +68,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.atomic import recover_staged_directory
     from delf_tf.errors import InputError
+    from delf_tf.features import fingerprint as fingerprints
     from delf_tf.features.store import FeatureStore
     from delf_tf.retrieval.index import HEADER, Index
 
@@ -107,7 +108,7 @@ def run(flag_values: flags.FlagValues) -> int:
         "descriptors": index.num_descriptors,
         "descriptor_dim": index.dim,
         "global_descriptors": index.global_descriptors is not None,
-        "fingerprint": (index.fingerprint or "")[:12] or None,
+        "fingerprint": fingerprints.short(index.fingerprint) if index.fingerprint else None,
         "structures": {name: value for name, value in report.items() if name != "notes"},
     }
     print(json.dumps(summary))
