@@ -289,6 +289,10 @@ class TrainingConfig(JsonConfig):
             )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.attention_loss_weight < 0:
+            raise ConfigError(
+                f"attention_loss_weight must be >= 0, got {self.attention_loss_weight}"
+            )
         _check_range("attention_scale_range", self.attention_scale_range, upper=1.0)
         _check_range("crop_area_range", self.crop_area_range, upper=1.0)
         _check_range("crop_aspect_range", self.crop_aspect_range, upper=None)

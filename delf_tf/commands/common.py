@@ -197,13 +197,15 @@ def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) ->
     return cached_extractor(described, lambda: build_extractor(**arguments))
 
 
-def check_output_path(flag: str, path: str | None) -> None:
-    """InputError, before any work, when output `path` cannot be made: the nearest
-    existing folder above it is a file."""
+def check_output_path(flag: str, path: str | None, folder: bool = False) -> None:
+    """InputError, before any work, when output `path` (a file, or with `folder` a
+    folder) cannot be made: the nearest existing folder above it is a file."""
     if not path:
         return
     from pathlib import Path
 
+    if folder and Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"--{flag}={path}: a file, not a folder")
     for parent in Path(path).absolute().parents:
         if parent.exists():
             if not parent.is_dir():

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from absl import flags
 
 from delf_tf.commands.common import (
+    check_output_path,
     define_extractor_flags,
     extraction_precision,
     extractor_from_flags,
@@ -77,6 +78,8 @@ def run(flag_values: flags.FlagValues) -> int:
 
     if bool(flag_values.image) == bool(flag_values.queries):
         raise InputError("give one of --image and --queries")
+    for name in ("output_file", "visualize", "html"):  # before any model is built
+        check_output_path(name, flag_values[name].value)
     if flag_values.queries and not flag_values.output_file:
         raise InputError("--queries needs --output_file (a .jsonl file)")
     config = retrieval_config_from_flags(

@@ -18,9 +18,10 @@ _DEFAULTS = ServerLimits()
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
-    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed)", **define)
+    ports = {"lower_bound": 0, "upper_bound": 65535, **define}
+    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed)", **ports)
     flags.DEFINE_integer(
-        "rest_api_port", 8501, "REST port (0 disables the REST API, as in TF Serving)", **define
+        "rest_api_port", 8501, "REST port (0 disables the REST API, as in TF Serving)", **ports
     )
     flags.DEFINE_string("model_name", "delf", "name of the served model", **define)
     flags.DEFINE_string(
@@ -43,6 +44,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "max_request_bytes",
         _DEFAULTS.max_request_bytes,
         "larger requests (gRPC message, REST body) are refused",
+        lower_bound=1,
         **define,
     )
     flags.DEFINE_integer(
