@@ -22,6 +22,7 @@ from pathlib import Path
 import tensorflow as tf
 from absl import logging
 
+from delf_tf.atomic import is_remote
 from delf_tf.config import TrainingConfig
 from delf_tf.errors import InputError
 from delf_tf.training import records
@@ -61,12 +62,12 @@ def resolve_source(
     """Interprets `spec`: an image folder, a TFRecord glob, or a TFDS name.
 
     `class_names` (the training set's) fixes the labels of a validation folder.
-    Raises ValueError naming `spec` when it is none of these.
+    Raises InputError naming `spec` when it is none of these.
     """
     if spec.startswith(TFDS_PREFIX):
         return _tfds_source(spec[len(TFDS_PREFIX) :], spec, config, default_split)
     path = Path(spec)
-    if "://" not in spec and path.is_dir():
+    if not is_remote(spec) and path.is_dir():
         return _folder_source(path, spec, class_names)
     files = sorted(tf.io.gfile.glob(spec))
     if files:
