@@ -293,7 +293,7 @@ def test_unparsable_values_of_typed_flags_exit_2(world, capsys):
     for command in COMMANDS:
         _, flag_values = command_flags(command)
         base = cases[command][0]
-        for flag in {flag.name: flag for flag in flag_values._flags().values()}.values():
+        for flag in {flag_values[name].name: flag_values[name] for name in flag_values}.values():
             value = unparsable(flag)
             if value is not None:
                 argv = [command, *with_flag(base, flag.name, value)]
@@ -306,7 +306,7 @@ def test_every_flag_of_every_command_is_covered(world):
     uncovered = {}
     for command in COMMANDS:
         _, flag_values = command_flags(command)
-        for flag in flag_values._flags().values():
+        for flag in (flag_values[name] for name in flag_values):
             covered = flag.name in cases[command][1] or flag.name in FREE_TEXT
             if unparsable(flag) is None and not covered:
                 uncovered.setdefault(command, []).append(flag.name)
