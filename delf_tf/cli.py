@@ -15,6 +15,7 @@ TensorFlow's native start-up chatter is hidden unless DELF_TF_LOGS=1.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from absl import flags, logging
@@ -112,7 +113,12 @@ def main(argv: list[str]) -> int:
 def one_line(error: BaseException) -> str:
     """The error's message on one line (OSErrors name their file)."""
     if isinstance(error, OSError) and not isinstance(error, DelfError) and error.filename:
-        text = f"{error.filename}: {error.strerror or error}"
+        reason = error.strerror or error
+        if isinstance(error, (FileExistsError, NotADirectoryError)) and os.path.isfile(
+            error.filename
+        ):  # making a folder where a file is ("File exists" says too little)
+            reason = "a file, where a folder is needed"
+        text = f"{error.filename}: {reason}"
     else:
         text = str(error) or type(error).__name__
     return " ".join(text.split())

@@ -376,6 +376,11 @@ def test_the_reproduced_tracebacks_are_one_line_errors(world, capsys):
             + ["--index_type=asmk", "--codebook_size=4096"],
             "a codebook of 4096 words needs >= 4096 descriptors",
         ),
+        (  # not reproduced there, but as unhelpful: "afile: File exists"
+            ["fit-pca", f"--features={world / 'store'}", "--dim=8"]
+            + [f"--output_file={world / 'afile' / 'p.npz'}"],
+            "afile: a file, where a folder is needed",
+        ),
     ]
     for argv, message in cases:
         line = one_line_error(capsys, argv, (1,))
