@@ -16,6 +16,7 @@ flags given on the command line override them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # Presets whose precision is the host's (`host_precision`) for a DelfModel; a flag
 # --precision, an --extraction_config or a released TF1 graph (float32 only) keep theirs.
 HOST_PRECISION_PRESETS = frozenset({"fast"})
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that keep bfloat16 arithmetic: AVX512_CORE_BF16,
+# AVX512_CORE_FP16 / AVX10_1_512, the AMX ones, and no cap (ALL, DEFAULT).
+_BF16_ISA_WORDS = ("BF16", "FP16", "AMX", "AVX10", "ALL", "DEFAULT")
 
 
 def cpu_flags(path: str = CPU_INFO) -> frozenset[str]:
@@ -82,10 +86,19 @@ def cpu_flags(path: str = CPU_INFO) -> frozenset[str]:
 
 
 def host_precision(flags: Iterable[str] | None = None) -> str:
-    """ "bfloat16" when the CPU flags (default: this host's) include AVX512-BF16 or AMX
-    bfloat16, else "float32"."""
-    flags = cpu_flags() if flags is None else frozenset(flags)
-    return "bfloat16" if flags & BF16_CPU_FLAGS else "float32"
+    """The precision for a CPU: bfloat16 when its flags include AVX512-BF16 or AMX
+    bfloat16, else float32.
+
+    flags: a CPU's flags; default this host's, where ONEDNN_MAX_CPU_ISA (or
+      DNNL_MAX_CPU_ISA) capped below bfloat16 also means float32: oneDNN then has no
+      bfloat16 convolution (every image would fail).
+    """
+    if flags is None:
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+        if cap and not any(word in cap.upper() for word in _BF16_ISA_WORDS):
+            return "float32"
+        flags = cpu_flags()
+    return "bfloat16" if frozenset(flags) & BF16_CPU_FLAGS else "float32"
 
 
 def preset_precision(name: str | None, flags: Iterable[str] | None = None) -> str | None:

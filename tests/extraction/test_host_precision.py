@@ -40,10 +40,24 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     assert presets.host_precision(presets.cpu_flags(str(cpuinfo))) == "bfloat16"
 
 
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [("AVX2", "float32"), ("avx512_core", "float32"), ("AVX512_CORE_BF16", "bfloat16")]
+    + [("AVX512_CORE_AMX", "bfloat16"), ("", "bfloat16")],
+)
+def test_a_onednn_isa_cap_below_bfloat16_means_float32(monkeypatch, cap, expected):
+    monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset(EPYC_BF16.split()))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert presets.host_precision() == expected
+
+
 def test_fast_preset_takes_the_hosts_precision_and_a_flag_overrides(monkeypatch):
     from delf_tf.extraction.extractor import build_extractor
 
     model_config = ModelConfig(backbone="tiny", feature_depth=16, attention_hidden_units=8)
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # only the fake flags decide
+        monkeypatch.delenv(cap, raising=False)
     for flags, expected in ((EPYC_BF16, "bfloat16"), (OLDER, "float32")):
         monkeypatch.setattr(presets, "cpu_flags", lambda flags=flags: frozenset(flags.split()))
         extractor = build_extractor(preset="fast", model_config=model_config)
@@ -67,18 +81,36 @@ def test_a_query_may_run_in_another_precision_than_its_collection(delf_model, sm
     assert "precision" in PER_HOST_FIELDS and "precision" in ExtractionConfig().to_dict()
 
 
-def test_extract_summary_says_which_precision(tmp_path, capsys, monkeypatch, astronaut_small):
+# bfloat16 runs only where the CPU has it: oneDNN has no bfloat16 convolution below
+# AVX-512 (under ONEDNN_MAX_CPU_ISA=AVX2 every image fails), which is why `fast` asks.
+HOST_HAS_BF16 = presets.host_precision() == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        OLDER,
+        pytest.param(
+            SAPPHIRE_RAPIDS,
+            marks=pytest.mark.skipif(not HOST_HAS_BF16, reason="this CPU has no bfloat16"),
+        ),
+    ],
+)
+def test_extract_summary_says_which_precision(
+    tmp_path, capsys, monkeypatch, astronaut_small, flags
+):
     from PIL import Image
 
     from delf_tf.cli import main
 
+    expected = presets.host_precision(flags.split())
     Image.fromarray(astronaut_small[:64, :64]).save(tmp_path / "a.png")
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"backbone": "tiny", "feature_depth": 16}))
-    monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset(SAPPHIRE_RAPIDS.split()))
+    monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset(flags.split()))
     argv = ["extract", f"--images={tmp_path / 'a.png'}", f"--output_dir={tmp_path / 'f'}"]
     argv += [f"--model_config={config}", "--preset=fast", "--score_threshold=0"]
     assert main(["delf", *argv]) == 0
-    assert json.loads(capsys.readouterr().out)["precision"] == "bfloat16"
+    assert json.loads(capsys.readouterr().out)["precision"] == expected
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
-    assert manifest["extractor"]["precision"] == "bfloat16"
+    assert manifest["extractor"]["precision"] == expected
