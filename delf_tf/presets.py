@@ -101,6 +101,13 @@ def host_precision(flags: Iterable[str] | None = None) -> str:
     return "bfloat16" if frozenset(flags) & BF16_CPU_FLAGS else "float32"
 
 
+def precision_for_host(recorded: str, flags: Iterable[str] | None = None) -> str:
+    """The precision this host (or one with `flags`) runs a collection's recorded
+    precision in: bfloat16 only where the CPU computes it, else float32; float32 and
+    float16 as recorded. A query may so differ from its collection (same fingerprint)."""
+    return host_precision(flags) if recorded == "bfloat16" else recorded
+
+
 def preset_precision(name: str | None, flags: Iterable[str] | None = None) -> str | None:
     """The precision preset `name` picks on a host with `flags` (default: this one), or
     None when the preset leaves the config's own (float32)."""

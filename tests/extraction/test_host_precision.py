@@ -114,3 +114,37 @@ def test_extract_summary_says_which_precision(
     assert json.loads(capsys.readouterr().out)["precision"] == expected
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert manifest["extractor"]["precision"] == expected
+
+
+@pytest.mark.parametrize(
+    ("recorded", "flags", "expected"),
+    [
+        ("bfloat16", OLDER, "float32"),
+        ("bfloat16", EPYC_BF16, "bfloat16"),
+        ("float32", EPYC_BF16, "float32"),
+        ("float16", OLDER, "float16"),
+    ],
+)
+def test_a_query_runs_in_its_hosts_precision(monkeypatch, recorded, flags, expected):
+    """The index records bfloat16 (a `fast` collection on a bfloat16 CPU); a query on
+    another CPU runs in float32, with the index's other settings."""
+    from delf_tf.cli import command_flags
+    from delf_tf.commands.common import extractor_from_flags
+
+    assert presets.precision_for_host(recorded, flags.split()) == expected
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(cap, raising=False)
+    monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset(flags.split()))
+    _, flag_values = command_flags("match")
+    flag_values(["delf match", "--image1=a", "--image2=b", "--model_config=x.json"])
+    flag_values.model_config = None  # the default ResNet50 config is not built: see below
+    built = {}
+
+    def fake_build(**arguments):
+        built.update(arguments)
+        return "extractor"
+
+    monkeypatch.setattr("delf_tf.extraction.extractor.build_extractor", fake_build)
+    recorded_config = ExtractionConfig(max_features=7, precision=recorded).to_dict()
+    assert extractor_from_flags(flag_values, recorded=recorded_config) == "extractor"
+    assert built["config"].precision == expected and built["config"].max_features == 7
