@@ -115,6 +115,7 @@ def semantic_cases(w) -> dict[str, tuple[list[str], dict[str, str]]]:
             {
                 "features": missing,
                 "output_file": under_file,
+                "output_dir": under_file,
                 "dim": "400",
                 "max_descriptors": "0",
             },
@@ -130,10 +131,11 @@ def semantic_cases(w) -> dict[str, tuple[list[str], dict[str, str]]]:
             },
         ),
         "search": (
-            [f"--index={w / 'index'}", f"--image={w / 'images' / 'a.png'}", *model],
+            [f"--index={w / 'index'}", f"--images={w / 'images' / 'a.png'}", *model],
             {
                 "index": missing,
-                "image": missing,
+                "images": missing,
+                "image": missing,  # deprecated names of --images
                 "queries": missing,
                 "output_file": under_file,
                 "top_k": "0",
@@ -339,8 +341,11 @@ def test_bad_values_end_in_one_line(world, capsys, monkeypatch, command):
             argv = [arg for arg in argv if not arg.startswith("--image_folder=")]
             argv += [] if name == "csv" else [f"--csv={world / 'gld.csv'}"]
             argv += [] if name == "image_root" else [f"--image_root={world / 'classes'}"]
-        elif name == "queries":
-            argv = [arg for arg in argv if not arg.startswith("--image=")]
+        elif command == "search" and name in ("image", "queries"):
+            argv = [arg for arg in argv if not arg.startswith("--images=")]
+        elif command == "fit-pca" and name == "output_dir":  # the reference's datum folder
+            argv = [arg for arg in argv if not arg.startswith("--output_file=")]
+            argv.append("--format=datum")
         try:
             status = main(["delf", *argv])
         except Started:

@@ -148,3 +148,16 @@ def test_a_query_runs_in_its_hosts_precision(monkeypatch, recorded, flags, expec
     recorded_config = ExtractionConfig(max_features=7, precision=recorded).to_dict()
     assert extractor_from_flags(flag_values, recorded=recorded_config) == "extractor"
     assert built["config"].precision == expected and built["config"].max_features == 7
+
+
+def test_a_store_resumes_in_another_precision(tmp_path):
+    """Settings must match to resume a store, but precision is the host's."""
+    from delf_tf.features import FeatureStore, StoreMismatchError
+
+    def description(**fields):
+        return {"model": "m", "extraction_config": ExtractionConfig(**fields).to_dict()}
+
+    FeatureStore.open_or_create(tmp_path, "a" * 64, description(precision="bfloat16"))
+    FeatureStore.open_or_create(tmp_path, "a" * 64, description(precision="float32"))
+    with pytest.raises(StoreMismatchError, match="max_features"):
+        FeatureStore.open_or_create(tmp_path, "a" * 64, description(max_features=7))
