@@ -189,7 +189,8 @@ def semantic_cases(w) -> dict[str, tuple[list[str], dict[str, str]]]:
             {**extractor, "export_base": under_file, "version": "-3"},
         ),
         "serve": (
-            [f"--model_base_path={w / 'no_models'}", "--port=0", "--rest_api_port=0"],
+            [f"--model_base_path={w / 'no_models'}", "--port=0", "--rest_api_port=0"]
+            + [f"--index={w / 'index'}", *model],
             {
                 "port": "-1",
                 "rest_api_port": "70000",
@@ -204,6 +205,14 @@ def semantic_cases(w) -> dict[str, tuple[list[str], dict[str, str]]]:
                 "rest_api_idle_timeout_seconds": "0",
                 "rest_api_max_connections": "0",
                 "shutdown_grace_seconds": "-1",
+                "index": missing,
+                "index_name": "delf",  # the served model's name
+                "top_k": "0",
+                "shortlist": "-1",
+                **extractor,
+                **served,
+                **retrieval,
+                "nprobe": "0",
             },
         ),
         "train": (
