@@ -103,4 +103,4 @@ class SearchLimits:
 
     def __post_init__(self):
         if self.max_concurrent < 1 or self.max_queued < 0 or self.max_top_k < 1:
-            raise ValueError(f"search limits out of range: {self}")
+            raise ConfigError(f"search limits out of range: {self}")
