@@ -236,7 +236,9 @@ def test_delf_export_command_with_random_weights(
     assert printed["version"] == 2 and printed["export"].endswith(os.path.join("delf", "2"))
     expected = json.loads((exported_model / "assets" / "extraction_config.json").read_text())
     assert printed["fingerprint"] == expected["fingerprint"]
-    assert main(["delf", "export", "--model=x.keras", "--weights=random", "--export_base=m"]) == 1
+    (tmp_path / "x.keras").write_bytes(b"")  # exists: the flag combination is what fails
+    argv = ["delf", "export", f"--model={tmp_path / 'x.keras'}", "--weights=random"]
+    assert main([*argv, "--export_base=m"]) == 1
     assert "delf export: error: --weights applies only without --model" in capsys.readouterr().err
 
 
