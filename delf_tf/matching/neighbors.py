@@ -38,6 +38,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from delf_tf.config import NEIGHBOR_BACKENDS
+from delf_tf.errors import ConfigError, InputError
 
 MISSING = -1
 # `auto` picks exact search up to this many database descriptors (see the module docstring).
@@ -284,7 +285,7 @@ class IvfPqNeighbors:
         count, dim = descriptors.shape
         parameters = parameters or ivfpq_parameters(count, dim)
         if count < parameters.nlist:
-            raise ValueError(
+            raise ConfigError(
                 f"IVF-PQ with {parameters.nlist} lists needs at least as many descriptors, "
                 f"got {count}"
             )
@@ -349,7 +350,7 @@ class IvfPqNeighbors:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(Path(path)), flags)
         if index.ntotal != len(descriptors):
-            raise ValueError(
+            raise InputError(
                 f"{path}: holds {index.ntotal} descriptors, the index has {len(descriptors)}"
             )
         return cls(index, descriptors, parameters, read_only=mmap)
@@ -411,7 +412,7 @@ def kmeans(
 
     points = np.ascontiguousarray(points, np.float32)
     if len(points) < k:
-        raise ValueError(f"k-means with {k} centroids needs >= {k} points, got {len(points)}")
+        raise InputError(f"k-means with {k} centroids needs >= {k} points, got {len(points)}")
     if k < two_level_from:
         return _one_level_kmeans(points, k, iterations, seed, points_per_centroid)
     coarse_k = 2 ** round(math.log2(math.sqrt(k)))
@@ -427,7 +428,7 @@ def kmeans(
             break
         share[index] = int(np.clip(share[index] + missing, min(1, sizes[index]), sizes[index]))
     if int(share.sum()) != k:
-        raise ValueError(f"cannot split {len(points)} points into {k} centroids")
+        raise InputError(f"cannot split {len(points)} points into {k} centroids")
     order = np.argsort(cell, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     centroids = []
@@ -487,7 +488,7 @@ def build_neighbors(descriptors: np.ndarray, backend: str = "auto", **options) -
         if options:
             parameters = dataclasses.replace(parameters, **options)
         return IvfPqNeighbors.train(descriptors, parameters)
-    raise ValueError(f"unknown nearest-neighbour backend {backend!r}; known: {NEIGHBOR_BACKENDS}")
+    raise ConfigError(f"unknown nearest-neighbour backend {backend!r}; known: {NEIGHBOR_BACKENDS}")
 
 
 def sampled_recall(

@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 
 from delf_tf.config import RANSAC_METHODS, TRANSFORMS, RetrievalConfig
+from delf_tf.errors import ConfigError
 
 _DEFAULTS = RetrievalConfig()
 MIN_SAMPLES = {"affine": 3, "homography": 4}
@@ -80,9 +81,9 @@ def ransac(
       method: "vectorized" or "skimage" (skimage.measure.ransac, the reference).
     """
     if transform not in TRANSFORMS:
-        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        raise ConfigError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
     if method not in RANSAC_METHODS:
-        raise ValueError(f"method must be one of {RANSAC_METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {RANSAC_METHODS}, got {method!r}")
     src = np.asarray(src, np.float64).reshape(-1, 2)
     dst = np.asarray(dst, np.float64).reshape(-1, 2)
     if src.shape != dst.shape:
