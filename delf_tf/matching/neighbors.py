@@ -190,8 +190,8 @@ class IvfPqParameters:
 
     Attributes:
       nlist: inverted lists (k-means cells of the coarse quantizer).
-      subquantizers: PQ sub-vectors; each descriptor is stored as this many bytes
-        (8-bit codes) plus its 8-byte id.
+      subquantizers: PQ sub-vectors; each descriptor is stored as this many codes
+        of `bits` bits plus its 8-byte id.
       quantizer: "flat" (exhaustive coarse assignment) or "hnsw" (an HNSW graph
         over the cell centroids; for many lists).
       nprobe: lists visited per query (searches may override it).
@@ -200,6 +200,10 @@ class IvfPqParameters:
       train_size: descriptors sampled to train the k-means cells and PQ codebooks.
       hnsw_neighbors: links per node of the HNSW quantizer.
       seed: seed of the training sample.
+      bits: bits per PQ code. 8: FAISS IndexIVFPQ (256-centroid codebooks, codes
+        scanned one at a time; indexes built before fast-scan record no `bits` and
+        load as 8). 4: IndexIVFPQFastScan (16-centroid codebooks; lists stored in
+        blocks of 32 codes that SIMD shuffles score together, ~10x faster per code).
     """
 
     nlist: int
@@ -210,6 +214,7 @@ class IvfPqParameters:
     train_size: int = 0
     hnsw_neighbors: int = 32
     seed: int = 0
+    bits: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -292,7 +297,14 @@ class IvfPqNeighbors:
             quantizer = faiss.IndexHNSWFlat(dim, parameters.hnsw_neighbors)
         else:
             quantizer = faiss.IndexFlatL2(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, parameters.nlist, parameters.subquantizers, 8)
+        if parameters.bits == 4:
+            index = faiss.IndexIVFPQFastScan(
+                quantizer, dim, parameters.nlist, parameters.subquantizers, 4
+            )
+        elif parameters.bits == 8:
+            index = faiss.IndexIVFPQ(quantizer, dim, parameters.nlist, parameters.subquantizers, 8)
+        else:
+            raise ValueError(f"IVF-PQ codes have 4 or 8 bits, got {parameters.bits}")
         index.own_fields = True
         quantizer.this.disown()
         rng = np.random.default_rng(parameters.seed)
@@ -384,11 +396,15 @@ class IvfPqNeighbors:
     def memory_bytes(self) -> int:
         """PQ codes and 8-byte ids per descriptor, plus the centroids (and HNSW links)."""
         dim = self._index.d
-        per_vector = self.parameters.subquantizers + 8
+        per_vector = self.parameters.subquantizers * self.parameters.bits / 8 + 8
         centroids = self.parameters.nlist * dim * 4
         if self.parameters.quantizer == "hnsw":
             centroids += self.parameters.nlist * self.parameters.hnsw_neighbors * 2 * 4
-        codebooks = self.parameters.subquantizers * 256 * (dim // self.parameters.subquantizers)
+        codebooks = (
+            self.parameters.subquantizers
+            * 2**self.parameters.bits
+            * (dim // self.parameters.subquantizers)
+        )
         return int(len(self) * per_vector + centroids + 4 * codebooks)
 
 
@@ -528,6 +544,72 @@ def sampled_recall(
         "samples": int(samples),
         "exact_neighbors": int(total),
     }
+
+
+def bounded_knn(
+    queries: np.ndarray, database: np.ndarray, k: int, max_distance: float, block: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest `database` rows of each query within `max_distance` (L2).
+
+    The contract of `NeighborIndex.search`: float32 [Q, D] queries and [M, D]
+    database -> (distances float32 [Q, k], indices int64 [Q, k]), nearest first,
+    +inf / MISSING where fewer than k lie within the bound; equal distances keep
+    the lower row first.
+
+    The database is scanned in blocks of `block` rows: one matrix product per block
+    gives |d|^2 - 2 q.d, and only entries below the query's running threshold are
+    kept (the bound at first, then its k-th best so far once it has k), so the
+    per-element work is a compare, not a heap or a sort. The pool is cut back to the
+    k best per query whenever it exceeds 4k per query. Built for the re-ranking's
+    1000 queries x ~10^5 rows, where most pairs lie beyond the bound.
+    """
+    queries = _contiguous(queries)
+    count = len(queries)
+    distances, indices = _empty(count, k)
+    if count == 0 or len(database) == 0:
+        return distances, indices
+    query_norms = np.einsum("ij,ij->i", queries, queries)
+    scaled = -2.0 * queries  # exact: a power of two
+    # A loose pre-filter on |q - d|^2 - |q|^2; the bound itself is applied at the end.
+    limit = max_distance * max_distance * (1.0 + 1e-5) + 1e-6
+    threshold = (limit - query_norms).astype(np.float32)
+    pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    pooled = 0
+    for start in range(0, len(database), block):
+        chunk = _contiguous(database[start : start + block])
+        partial = scaled @ chunk.T  # [Q, B] -2 q.d
+        partial += np.einsum("ij,ij->i", chunk, chunk)[None]
+        rows, columns = np.nonzero(partial <= threshold[:, None])
+        if rows.size:
+            pool.append((rows, columns + start, partial[rows, columns]))
+            pooled += rows.size
+        if pooled > 4 * k * count:
+            pool = [_k_best(pool, k, count, threshold)]
+            pooled = pool[0][0].size
+    if not pooled:
+        return distances, indices
+    rows, columns, values = _k_best(pool, k, count, threshold)
+    found = np.sqrt(np.maximum(values + query_norms[rows], 0.0))
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows)
+    within = found <= max_distance  # a prefix of each query's sorted neighbours
+    distances[rows[within], rank[within]] = found[within]
+    indices[rows[within], rank[within]] = columns[within]
+    return distances, indices
+
+
+def _k_best(pool, k: int, count: int, threshold: np.ndarray):
+    """The k smallest (row, column, value) entries per row of `pool`, sorted by row, value.
+
+    Rows that hold k entries get their `threshold` lowered to the k-th value.
+    """
+    rows, columns, values = (np.concatenate(parts) for parts in zip(*pool, strict=True))
+    order = np.lexsort((columns, values, rows))
+    rows, columns, values = rows[order], columns[order], values[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, np.arange(count))[rows]
+    full = rank == k - 1
+    threshold[rows[full]] = np.minimum(threshold[rows[full]], values[full])
+    keep = rank < k
+    return rows[keep], columns[keep], values[keep]
 
 
 def _rescore(
