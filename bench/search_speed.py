@@ -121,10 +121,12 @@ def worker(setting: str) -> None:
     structures = folder / setting.split("-")[0]
     structures.mkdir(exist_ok=True)
     parameters = ivfpq_parameters(index.num_descriptors, index.dim)
-    path = structures / "neighbors.faiss"
-    if not path.exists():
-        IvfPqNeighbors.train(index.descriptors, parameters).save(path)
-    neighbors = IvfPqNeighbors.load(path, index.descriptors, parameters)
+    neighbors = None
+    if "votes" in FLAGS.search_rankings:
+        path = structures / "neighbors.faiss"
+        if not path.exists():
+            IvfPqNeighbors.train(index.descriptors, parameters).save(path)
+        neighbors = IvfPqNeighbors.load(path, index.descriptors, parameters)
     threads = {}
     if "threads" in Searcher.__init__.__code__.co_varnames:
         threads = {"threads": 1 if setting.endswith("-1t") else None}
