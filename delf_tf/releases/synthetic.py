@@ -22,6 +22,11 @@ DELG (`--kind=delg`) adds input_global_scales_ind and global_descriptors
 local features are 128-D. DELF (`--kind=delf`) also writes the release's
 `pca/` folder (mean.datum, pca_proj_mat.datum, pca_vars.datum) beside `model/`.
 
+`--graph_style=function` writes the graph the reference's TF2 exporter makes once
+re-saved as a TF1 SavedModel with the released tensor names: the same computation
+as a tf.function (v2 While and If, nested function calls) that the graph calls
+through a StatefulPartitionedCall taking the resource variables as inputs.
+
 Building uses process-wide TF1 switches (v1 control flow, graph mode), so
 callers in a TF2 process use `build_in_subprocess`.
 """
@@ -179,84 +184,64 @@ def _receptive_boxes(height, width, scale):
     return boxes / scale
 
 
-def build(output_dir: str | os.PathLike, kind: str, size: str, seed: int, resource: bool) -> Path:
-    """Writes the release folder (see the module docstring); returns the SavedModel folder."""
+GRAPHS = ("v1", "function")
+
+
+def build(
+    output_dir: str | os.PathLike,
+    kind: str,
+    size: str,
+    seed: int,
+    resource: bool,
+    graph_style: str = "v1",
+) -> Path:
+    """Writes the release folder (see the module docstring); returns the SavedModel folder.
+
+    graph_style "v1": the TF1 graph of the releases (v1 while loop, variables read in
+    place). "function": the graph the reference's TF2 exporter makes once re-saved as a
+    TF1 SavedModel: the extraction is a `tf.function` (v2 While and If, a nested
+    function call per level) called from the graph through a StatefulPartitionedCall
+    that takes the resource variables as inputs; the feeds and fetches are the
+    released names around that call.
+    """
     import tensorflow as tf
 
+    if graph_style not in GRAPHS:
+        raise ValueError(f"graph_style must be one of {GRAPHS}, got {graph_style!r}")
     tf.compat.v1.disable_eager_execution()
     tf.compat.v1.disable_control_flow_v2()
     root = Path(output_dir)
     model_dir = root / "model" if kind == "delf" else root
-    weights = _Weights(seed, resource)
-    dim = LOCAL_DIMS[kind]
+    weights = _Weights(seed, resource or graph_style == "function")
     graph = tf.Graph()
     with graph.as_default():
         image = tf.compat.v1.placeholder(tf.uint8, [None, None, 3], name="input_image")
         scales = tf.compat.v1.placeholder(tf.float32, [None], name="input_scales")
         threshold = tf.compat.v1.placeholder(tf.float32, [], name="input_abs_thres")
         max_features = tf.compat.v1.placeholder(tf.int32, [], name="input_max_feature_num")
-        pixels = (tf.cast(image, tf.float32) - 128.0) / 128.0
-        original = tf.cast(tf.shape(pixels)[:2], tf.float32)
+        if kind == "delg":
+            indices = tf.compat.v1.placeholder(tf.int32, [None], name="input_global_scales_ind")
+        else:
+            indices = tf.constant([0])
         # Create the variables outside the loop (the loop body reuses them).
         _network(weights, tf.zeros([1, 64, 64, 3]), kind, size)
         channels = 256 if size == "tiny" else 1024
-        global_weights = weights.variable(
+        weights.variable(
             "global/embedding/weights",
             weights.rng.normal(0, 1 / np.sqrt(channels), (channels, GLOBAL_DIM)),
         )
-
-        def body(i, boxes, features, level_scales, scores, globals_):
-            scale = scales[i]
-            new_size = tf.cast(tf.round(original * scale), tf.int32)
-            resized = tf.compat.v1.image.resize_bilinear(pixels[None], new_size)
-            local, attention, feature_map = _network(weights, resized, kind, size)
-            height, width = tf.shape(attention)[1], tf.shape(attention)[2]
-            attention = tf.reshape(attention, [-1])
-            keep = tf.reshape(tf.where(attention >= threshold), [-1])
-            level_boxes = tf.gather(_receptive_boxes(height, width, scale), keep)
-            level_features = tf.gather(tf.reshape(local, [-1, dim]), keep)
-            count = tf.shape(keep)[:1]
-            pooled = tf.reduce_mean(tf.maximum(feature_map, 1e-6) ** 3.0, axis=[1, 2]) ** (1 / 3)
-            return (
-                i + 1,
-                tf.concat([boxes, level_boxes], 0),
-                tf.concat([features, level_features], 0),
-                tf.concat([level_scales, tf.fill(count, 1.0 / scale)], 0),
-                tf.concat([scores, tf.gather(attention, keep)], 0),
-                tf.concat([globals_, tf.matmul(pooled, global_weights)], 0),
+        feeds = (image, scales, threshold, max_features, indices)
+        if graph_style == "v1":
+            outputs = _extraction(weights, kind, size, *feeds, functions=False)
+        else:
+            function = tf.function(
+                lambda *args: _extraction(weights, kind, size, *args, functions=True),
+                autograph=False,
             )
-
-        loop = tf.compat.v1.while_loop(
-            lambda i, *_: i < tf.shape(scales)[0],
-            body,
-            (
-                tf.constant(0),
-                tf.zeros([0, 4]),
-                tf.zeros([0, dim]),
-                tf.zeros([0]),
-                tf.zeros([0]),
-                tf.zeros([0, GLOBAL_DIM]),
-            ),
-            shape_invariants=(
-                tf.TensorShape([]),
-                tf.TensorShape([None, 4]),
-                tf.TensorShape([None, dim]),
-                tf.TensorShape([None]),
-                tf.TensorShape([None]),
-                tf.TensorShape([None, GLOBAL_DIM]),
-            ),
-            back_prop=False,
-        )
-        _, boxes, features, level_scales, scores, globals_ = loop
-        count = tf.minimum(max_features, tf.shape(scores)[0])
-        selected = tf.image.non_max_suppression(boxes, scores, count, iou_threshold=1.0)
-        tf.gather(boxes, selected, name="boxes")
-        tf.gather(features, selected, name="features")
-        tf.gather(level_scales, selected, name="scales")
-        tf.expand_dims(tf.gather(scores, selected), 1, name="scores")
-        if kind == "delg":
-            indices = tf.compat.v1.placeholder(tf.int32, [None], name="input_global_scales_ind")
-            tf.gather(globals_, indices, name="global_descriptors")
+            outputs = function(*feeds)
+        names = ("boxes", "features", "scales", "scores", "global_descriptors")
+        for name, output in zip(names[: 5 if kind == "delg" else 4], outputs, strict=False):
+            tf.identity(output, name=name)
         with tf.compat.v1.Session(graph=graph) as session:
             session.run(tf.compat.v1.global_variables_initializer())
             for variable, value in weights.values:
@@ -265,8 +250,93 @@ def build(output_dir: str | os.PathLike, kind: str, size: str, seed: int, resour
             builder.add_meta_graph_and_variables(session, [tf.saved_model.SERVING])
             builder.save()
     if kind == "delf":
-        _write_pca(root / "pca", seed, dim)
+        _write_pca(root / "pca", seed, LOCAL_DIMS[kind])
     return model_dir
+
+
+def _extraction(
+    weights: _Weights, kind, size, image, scales, threshold, max_features, indices, functions
+):
+    """The release's computation from its feeds to (boxes, features, scales, scores, global).
+
+    functions: run inside a tf.function (v2 control flow): each level's network is a
+    nested tf.function call and the global head sits in a tf.cond, so variables flow
+    into While, If and function-call ops as in a TF2 export.
+    """
+    import tensorflow as tf
+
+    dim = LOCAL_DIMS[kind]
+    pixels = (tf.cast(image, tf.float32) - 128.0) / 128.0
+    original = tf.cast(tf.shape(pixels)[:2], tf.float32)
+    global_weights = weights.variables["global/embedding/weights"]
+
+    def network(resized):
+        return _network(weights, resized, kind, size)
+
+    if functions:
+        network = tf.function(network, autograph=False)
+
+    def global_head(feature_map, scale):
+        pooled = tf.reduce_mean(tf.maximum(feature_map, 1e-6) ** 3.0, axis=[1, 2]) ** (1 / 3)
+        if not functions:
+            return tf.matmul(pooled, global_weights)
+        return tf.cond(  # always true: an If op whose branches read a variable
+            scale > 0.0,
+            lambda: tf.matmul(pooled, global_weights),
+            lambda: tf.zeros([1, GLOBAL_DIM]),
+        )
+
+    def body(i, boxes, features, level_scales, scores, globals_):
+        scale = scales[i]
+        new_size = tf.cast(tf.round(original * scale), tf.int32)
+        resized = tf.compat.v1.image.resize_bilinear(pixels[None], new_size)
+        local, attention, feature_map = network(resized)
+        height, width = tf.shape(attention)[1], tf.shape(attention)[2]
+        attention = tf.reshape(attention, [-1])
+        keep = tf.reshape(tf.where(attention >= threshold), [-1])
+        level_boxes = tf.gather(_receptive_boxes(height, width, scale), keep)
+        level_features = tf.gather(tf.reshape(local, [-1, dim]), keep)
+        count = tf.shape(keep)[:1]
+        return (
+            i + 1,
+            tf.concat([boxes, level_boxes], 0),
+            tf.concat([features, level_features], 0),
+            tf.concat([level_scales, tf.fill(count, 1.0 / scale)], 0),
+            tf.concat([scores, tf.gather(attention, keep)], 0),
+            tf.concat([globals_, global_head(feature_map, scale)], 0),
+        )
+
+    loop = tf.compat.v1.while_loop(
+        lambda i, *_: i < tf.shape(scales)[0],
+        body,
+        (
+            tf.constant(0),
+            tf.zeros([0, 4]),
+            tf.zeros([0, dim]),
+            tf.zeros([0]),
+            tf.zeros([0]),
+            tf.zeros([0, GLOBAL_DIM]),
+        ),
+        shape_invariants=(
+            tf.TensorShape([]),
+            tf.TensorShape([None, 4]),
+            tf.TensorShape([None, dim]),
+            tf.TensorShape([None]),
+            tf.TensorShape([None]),
+            tf.TensorShape([None, GLOBAL_DIM]),
+        ),
+        back_prop=False,
+    )
+    _, boxes, features, level_scales, scores, globals_ = loop
+    count = tf.minimum(max_features, tf.shape(scores)[0])
+    selected = tf.image.non_max_suppression(boxes, scores, count, iou_threshold=1.0)
+    return (
+        tf.gather(boxes, selected),
+        tf.gather(features, selected),
+        tf.gather(level_scales, selected),
+        tf.expand_dims(tf.gather(scores, selected), 1),
+        tf.gather(globals_, indices),
+    )
 
 
 def _write_pca(folder: Path, seed: int, dim: int) -> None:
@@ -287,16 +357,18 @@ def build_in_subprocess(
     size: str = "tiny",
     seed: int = 0,
     resource: bool = False,
+    graph_style: str = "v1",
 ) -> Path:
     """`build` in a fresh Python process (its TF1 switches stay there); returns the folder."""
-    return build_many_in_subprocess([(output_dir, kind, size, seed, resource)])[0]
+    return build_many_in_subprocess([(output_dir, kind, size, seed, resource, graph_style)])[0]
 
 
 def build_many_in_subprocess(specs: list[tuple]) -> list[Path]:
-    """Several releases, [(output_dir, kind, size, seed, resource)], in one fresh process."""
+    """Several releases, [(output_dir, kind, size, seed, resource[, graph_style])], in one
+    fresh process."""
     calls = "; ".join(
-        f"build({str(out)!r}, {kind!r}, {size!r}, {seed}, {resource})"
-        for out, kind, size, seed, resource in specs
+        f"build({str(spec[0])!r}, " + ", ".join(repr(value) for value in spec[1:]) + ")"
+        for spec in specs
     )
     command = [sys.executable, "-c", f"from delf_tf.releases.synthetic import build; {calls}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -315,8 +387,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--resource_variables", action="store_true", help="resource (not ref) TF1 variables"
     )
+    parser.add_argument(
+        "--graph_style",
+        choices=GRAPHS,
+        default="v1",
+        help="v1: a TF1 graph; function: a tf.function called from the graph (TF2 export)",
+    )
     args = parser.parse_args(argv)
-    build(args.output_dir, args.kind, args.size, args.seed, args.resource_variables)
+    build(
+        args.output_dir,
+        args.kind,
+        args.size,
+        args.seed,
+        args.resource_variables,
+        args.graph_style,
+    )
 
 
 if __name__ == "__main__":
