@@ -61,7 +61,7 @@ INPUT_CONVENTIONS = {
 # tf-slim resnet_v1_50 to block3: conv1 channels, (units, depth) per block, attention units.
 SLIM_SIZES = {
     "resnet50": {"conv1": 64, "blocks": ((3, 256), (4, 512), (6, 1024)), "attention": 512},
-    "tiny": {"conv1": 16, "blocks": ((2, 64), (2, 128), (2, 256)), "attention": 32},
+    "tiny": {"conv1": 16, "blocks": ((1, 64), (1, 128), (2, 256)), "attention": 32},
 }
 # Reference TF2 ResNet50: conv1 channels, (blocks, (f1, f2, f3)) per stage l2..l5, the
 # attention's hidden units, the autoencoder's reduced depth and the global dimension.
@@ -80,7 +80,7 @@ TF2_SIZES = {
     },
     "tiny": {
         "conv1": 16,
-        "stages": ((2, (16, 16, 64)), (2, (32, 32, 128)), (2, (64, 64, 256)), (1, (48, 48, 192))),
+        "stages": ((1, (16, 16, 64)), (1, (32, 32, 128)), (2, (64, 64, 256)), (1, (48, 48, 192))),
         "attention": 32,
         "reduced": 128,
         "global": 2048,

@@ -45,7 +45,7 @@ import numpy as np
 # Receptive field size of block3 per network size, stride 32, padding (size - 1) / 2 as
 # the reference's boxes (291 / 145 for resnet50; the tests check both sizes against the
 # field computed from the Keras layers of delf_tf.model.reference_nets).
-RECEPTIVE_FIELD_SIZES = {"resnet50": 291.0, "tiny": 123.0}
+RECEPTIVE_FIELD_SIZES = {"resnet50": 291.0, "tiny": 99.0}
 STRIDE = 32.0
 # The attention head's output bias: softplus scores land around the reference thresholds.
 ATTENTION_BIAS = 150.0
