@@ -69,10 +69,15 @@ class Unit:
     kind: str
     depth: int
     params: dict[str, tuple[str, tuple[int, ...]]]
+    parents: tuple = ()  # the own signatures of the units that feed it (nearest upstream)
+
+    @property
+    def own_signature(self) -> tuple:
+        return (self.kind, tuple(sorted((role, shape) for role, (_, shape) in self.params.items())))
 
     @property
     def signature(self) -> tuple:
-        return (self.kind, tuple(sorted((role, shape) for role, (_, shape) in self.params.items())))
+        return (*self.own_signature, self.parents)
 
     def describe(self) -> str:
         shapes = ", ".join(
@@ -223,6 +228,28 @@ def release_units(graph_def, shapes: dict[str, tuple[int, ...]]) -> list[Unit]:
             )
         units[producer]["bias"] = variable
     depths = _depths(flat, set(units), "input_image")
+    own = {
+        node_id: Unit(kinds[node_id], 0, {r: (n, shapes[n]) for r, n in params.items()})
+        for node_id, params in units.items()
+    }
+
+    def parents(node_id: str) -> tuple:
+        """Own signatures of the nearest units upstream of the unit's data input."""
+        found, seen = [], set()
+        pending = list(flat.inputs.get(node_id, [])[:1])
+        while pending:
+            current = pending.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current in own and current != node_id:
+                found.append(own[current].own_signature)
+                continue
+            if flat.ops.get(current) == "Placeholder" and current in shapes:
+                continue
+            pending.extend(flat.inputs.get(current, []))
+        return tuple(sorted(set(found), key=repr))
+
     found: dict[tuple, Unit] = {}
     for node_id, params in units.items():
         if node_id not in depths:
@@ -234,6 +261,7 @@ def release_units(graph_def, shapes: dict[str, tuple[int, ...]]) -> list[Unit]:
             kinds[node_id],
             depths[node_id],
             {role: (name, shapes[name]) for role, name in params.items()},
+            parents(node_id),
         )
         key = tuple(sorted(params.items()))
         previous = found.get(key)
@@ -282,13 +310,20 @@ def model_units(network: keras.Model) -> list[tuple[Unit, keras.layers.Layer]]:
     """The layers with weights of a functional model, as units with their depths."""
     depths: dict[str, int] = {}
     result = []
+    owns: dict[str, tuple] = {}
+    feeders: dict[str, tuple] = {}  # weightless layer -> own signatures of units feeding it
     for layer in network.layers:
         parents = [
             parent.operation.name for node in layer._inbound_nodes for parent in node.parent_nodes
         ]
         own = max((depths[name] for name in parents), default=0)
+        upstream = set()
+        for name in parents:
+            upstream |= {owns[name]} if name in owns else set(feeders.get(name, ()))
+        upstream = tuple(sorted(upstream, key=repr))
         if not layer.weights:
             depths[layer.name] = own
+            feeders[layer.name] = upstream
             continue
         depths[layer.name] = own + 1
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -303,7 +338,9 @@ def model_units(network: keras.Model) -> list[tuple[Unit, keras.layers.Layer]]:
             role: (weight.path, tuple(weight.shape))
             for role, weight in zip(roles, layer.weights, strict=False)
         }
-        result.append((Unit(kind, own + 1, params), layer))
+        unit = Unit(kind, own + 1, params, upstream)
+        owns[layer.name] = unit.own_signature
+        result.append((unit, layer))
     return result
 
 
@@ -438,3 +475,34 @@ def save_converted(conversion: Conversion, output_file: str | os.PathLike) -> Pa
         conversion.model.save(local)
         write_bytes(str(output), local.read_bytes())
     return output
+
+
+def feature_parity(ours, release) -> dict[str, float | None]:
+    """How closely two LocalFeatures of one image agree (a converted model vs its release).
+
+    keypoints: share of features (of the larger set) with a counterpart at the same
+    level within 0.01 px; descriptor_cosine: the smallest cosine between counterparts;
+    global_cosine: cosine of the global descriptors (None without).
+    """
+    import numpy as np
+
+    if len(ours) == 0 or len(release) == 0:
+        return {
+            "keypoints": float(len(ours) == len(release)),
+            "descriptor_cosine": None,
+            "global_cosine": None,
+        }
+    a = np.column_stack([ours.keypoints, 1e3 * ours.scales])
+    b = np.column_stack([release.keypoints, 1e3 * release.scales])
+    distances = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=2)
+    nearest = distances.argmin(axis=1)
+    close = distances[np.arange(len(a)), nearest] < 0.01
+    cosines = np.sum(ours.descriptors[close] * release.descriptors[nearest[close]], axis=1)
+    global_cosine = None
+    if release.global_descriptor is not None and ours.global_descriptor is not None:
+        global_cosine = float(ours.global_descriptor @ release.global_descriptor)
+    return {
+        "keypoints": float(close.sum() / max(len(a), len(b))),
+        "descriptor_cosine": float(cosines.min()) if close.any() else None,
+        "global_cosine": global_cosine,
+    }

@@ -8,19 +8,29 @@ variables, randomly initialised (seeded) weights.
 
     python -m delf_tf.releases.synthetic --output_dir=/tmp/r50delg_gld_20200814 --kind=delg
 
-Graph (per scale s of `input_scales`, in a v1 while loop):
-  x = (float(image) - 128) / 128; resize_bilinear (TF1 op: no half-pixel centres)
-  to round([H, W] * s); a conv net (`--size=tiny`: five stride-2 convs;
-  `--size=resnet50`: tf-slim resnet_v1_50 up to block3, the DELF network's cost)
-  gives features [h, w, D] with stride 32 and attention = softplus(conv(relu(bn(conv))));
-  locations with attention >= input_abs_thres are kept, with their receptive
-  boxes (rf 291, stride 32, padding 145) divided by s and scales 1 / s; then
-  all scales are concatenated and the top input_max_feature_num by attention are
-  returned through non_max_suppression with iou 1.0 (sorted by decreasing score).
-DELG (`--kind=delg`) adds input_global_scales_ind and global_descriptors
-[S', 2048] (GeM p=3 of each scale's feature map, then a dense layer), and its
-local features are 128-D. DELF (`--kind=delf`) also writes the release's
-`pca/` folder (mean.datum, pca_proj_mat.datum, pca_vars.datum) beside `model/`.
+Each stand-in is one of the Keras release architectures of
+`delf_tf.model.reference_nets` (so that `delf convert` can be tested on it), written
+in TF1 ops with the release's variable names:
+  --kind=delf: tf-slim resnet_v1_50 to block3 + attention, the names of
+    delf_gld_20190411 (`resnet_v1_50/block1/unit_1/bottleneck_v1/conv1/weights`,
+    `.../BatchNorm/gamma`, `attention_block/attention/compute/conv2/biases`); local
+    features are block3; TF1 resize_bilinear (no half-pixel centres).
+  --kind=delg: the reference TF2 ResNet50 (block3_strides) + autoencoder + attention
+    + GeM/Dense global head, with the names a DELG model built from the reference's
+    Keras code gets in graph mode (`private__identity_block_9/res4f_branch2c/kernel`,
+    `attention/attn_conv1/kernel`, `autoencoder/autoenc_conv1/bias`,
+    `backbone/embedding_layer/kernel`); local features are the 128-D reduced map;
+    tf.image.resize (half-pixel centres).
+  --size=tiny (tests) or resnet50 (bench: the releases' sizes); --naming=renamed
+  (opaque names) or permuted (misleading names) for the mapping tests.
+Per scale s of `input_scales` (a v1 while loop): x = (float(image) - 128) / 128,
+resized to round([H, W] * s); locations with attention >= input_abs_thres are kept,
+with their receptive boxes (rf 291 at full size, 99 tiny; stride 32; padding
+(rf - 1) / 2) divided by s and scales 1 / s; then all scales are concatenated and the
+top input_max_feature_num by attention are returned through non_max_suppression with
+iou 1.0 (sorted by decreasing score). DELG adds input_global_scales_ind and
+global_descriptors [S', 2048]. DELF also writes the release's `pca/` folder
+(mean.datum, pca_proj_mat.datum, pca_vars.datum) beside `model/`.
 
 `--graph_style=function` writes the graph the reference's TF2 exporter makes once
 re-saved as a TF1 SavedModel with the released tensor names: the same computation
