@@ -31,7 +31,8 @@ setup(
         "prometheus-client",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "ruff", "selenium"],
+        # jax[cpu]: tests/model/test_backends.py builds every architecture on JAX too.
+        "dev": ["pytest", "pytest-xdist", "ruff", "selenium", "jax[cpu]"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )
