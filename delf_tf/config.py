@@ -230,6 +230,12 @@ class TrainingConfig(JsonConfig):
       momentum: SGD momentum.
       clip_norm: global-norm gradient clipping of the summed (all-replica) gradient.
       attention_loss_weight: weight of the attention loss in the joint stage.
+      arcface_margin / arcface_scale / reconstruction_loss_weight: DELG (architecture
+        delg_resnet50): ArcFace margin 0.1 (DELG paper, Cao et al. ECCV 2020, and the
+        reference's --delg_arcface_margin), initial value of the learnable ArcFace
+        scale 45.25 = sqrt(2048) (the reference's --delg_scale_factor_init), weight of
+        the autoencoder's reconstruction loss 10 (the reference's
+        --reconstruction_loss_weight). See delf_tf.training.delg.
       attention_scale_range: attention stage: each batch is rescaled by a
         factor drawn uniformly from this range (the paper's [0.25, 1.0]).
       crop_area_range / crop_aspect_range: random resized crop (fraction of
@@ -262,6 +268,9 @@ class TrainingConfig(JsonConfig):
     momentum: float = 0.9
     clip_norm: float = 10.0
     attention_loss_weight: float = 1.0
+    arcface_margin: float = 0.1
+    arcface_scale: float = 45.25
+    reconstruction_loss_weight: float = 10.0
     attention_scale_range: tuple[float, ...] = (0.25, 1.0)
     crop_area_range: tuple[float, ...] = (0.08, 1.0)
     crop_aspect_range: tuple[float, ...] = (0.75, 1.3333)
@@ -301,9 +310,13 @@ class TrainingConfig(JsonConfig):
             )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.attention_loss_weight < 0:
+        for name in ("attention_loss_weight", "reconstruction_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.arcface_margin < 3.14159 or self.arcface_scale <= 0:
             raise ConfigError(
-                f"attention_loss_weight must be >= 0, got {self.attention_loss_weight}"
+                f"arcface_margin must be in [0, pi) and arcface_scale > 0, got "
+                f"{self.arcface_margin}, {self.arcface_scale}"
             )
         _check_range("attention_scale_range", self.attention_scale_range, upper=1.0)
         _check_range("crop_area_range", self.crop_area_range, upper=1.0)

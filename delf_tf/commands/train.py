@@ -1,8 +1,8 @@
 """`delf train` (and `training/train.py`): one stage of DELF training from absl flags.
 
 Every TrainingConfig field is a flag of the same name with the same default,
-plus the model's --weight_decay, --attention_hidden_units, --backbone and
---feature_depth; all of them can come from --flagfile (samples in
+plus the model's --weight_decay, --attention_hidden_units, --backbone,
+--feature_depth and --architecture (delg_resnet50 trains DELG); all of them can come from --flagfile (samples in
 training/configs/).
 """
 
@@ -14,6 +14,7 @@ import json
 from absl import flags
 
 from delf_tf.config import (
+    ARCHITECTURES,
     BACKBONES,
     LR_SCHEDULES,
     STRATEGIES,
@@ -39,6 +40,11 @@ HELP = {
     "momentum": "SGD momentum",
     "clip_norm": "global-norm clipping of the all-replica gradient",
     "attention_loss_weight": "joint stage: weight of the attention loss",
+    "arcface_margin": "delg_resnet50: ArcFace margin of the global head (DELG paper: 0.1)",
+    "arcface_scale": "delg_resnet50: initial value of the learnable ArcFace scale "
+    "(reference: sqrt(2048))",
+    "reconstruction_loss_weight": "delg_resnet50: weight of the autoencoder's reconstruction "
+    "loss (reference: 10)",
     "attention_scale_range": "attention stage: low,high of the random rescale factor",
     "crop_area_range": "random resized crop: low,high fraction of the image area",
     "crop_aspect_range": "random resized crop: low,high width/height",
@@ -50,7 +56,8 @@ HELP = {
     "model_dir": "checkpoints, TensorBoard logs and the final model.keras",
     "weights": "backbone weights: imagenet (Keras cache or download), random, or a local ResNet50 "
     ".h5/.weights.h5/.keras file",
-    "init_from": "the previous stage's model.keras (or its model_dir)",
+    "init_from": "the previous stage's model.keras (or its model_dir), or a converted "
+    "release (`delf convert`): its architecture is trained, with fresh class heads",
     "seed": "seed of initialisation, data order and augmentation",
     "log_every": "steps between logged / TensorBoard scalars",
     "checkpoint_every": "steps between checkpoints",
@@ -61,7 +68,13 @@ HELP = {
     "tfds_data_dir": "TFDS data directory (default TFDS's)",
     "tfds_manual_dir": "manual_dir to prepare an unprepared TFDS dataset from (offline)",
 }
-MODEL_FLAGS = ("weight_decay", "attention_hidden_units", "backbone", "feature_depth")
+MODEL_FLAGS = (
+    "weight_decay",
+    "attention_hidden_units",
+    "backbone",
+    "feature_depth",
+    "architecture",
+)
 REQUIRED = ("train_data", "model_dir")
 _CHOICES = {"stage": TRAINING_STAGES, "lr_schedule": LR_SCHEDULES, "strategy": STRATEGIES}
 
@@ -110,6 +123,15 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "feature_depth",
         model_defaults.feature_depth,
         "channels of the backbone output: 1024 for resnet50, any for tiny",
+        **define,
+    )
+    flags.DEFINE_enum(
+        "architecture",
+        model_defaults.architecture,
+        list(ARCHITECTURES),
+        "delf (the paper's model, staged training), delg_resnet50 (DELG: global ArcFace, "
+        "attention and autoencoder losses jointly; --stage=joint) or resnet_v1_50; taken "
+        "from --init_from when that is a converted release",
         **define,
     )
     flags.mark_flags_as_required(list(REQUIRED), **define)

@@ -304,3 +304,44 @@ def build_reference_model(config: ModelConfig, seed: int | None = None) -> Refer
     if seed is not None:
         keras.utils.set_random_seed(seed)
     return ReferenceModel(**config.to_dict(), name=config.architecture)
+
+
+# The layers after block3, in call order, that the training splits off (stop-gradient on
+# block3, as the reference's `global_and_local_forward_pass`): the autoencoder's, then the
+# attention head's.
+AUTOENCODER_LAYERS = {"delg_resnet50": ("autoenc_conv1", "autoenc_conv2")}
+ATTENTION_LAYERS = {
+    "resnet_v1_50": (
+        "attention_conv1",
+        "attention_conv1_bn",
+        "attention_conv1_relu",
+        "attention_conv2",
+        "attention",
+    ),
+    "delg_resnet50": ("attn_conv1", "attn_bn_conv1", "attn_relu", "attn_conv2", "attention"),
+}
+
+
+def split_at_block3(model: ReferenceModel) -> tuple[keras.Model, keras.Model]:
+    """Two functional views of `model.network` sharing its layers (and weights).
+
+    trunk: preprocessed images [B, H, W, 3] -> [block3 [B, h, w, C], global [B, G]]
+      (global only for delg_resnet50; resnet_v1_50 gives [block3]).
+    head: block3 [B, h, w, C] -> [reduced [B, h, w, R], expanded [B, h, w, C],
+      attention [B, h, w, 1]] (delg_resnet50) or [attention] (resnet_v1_50).
+    Training runs head on stop_gradient(trunk's block3).
+    """
+    network, architecture = model.network, model.config.architecture
+    block3 = network.get_layer(BLOCK3).output
+    trunk_outputs = [block3, network.outputs[2]] if model.has_global else [block3]
+    trunk = keras.Model(network.input, trunk_outputs, name=f"{network.name}_trunk")
+    inputs = keras.Input((None, None, int(block3.shape[-1])), name="block3_input")
+    x, outputs = inputs, []
+    for name in AUTOENCODER_LAYERS.get(architecture, ()):
+        x = network.get_layer(name)(x)
+        outputs.append(x)
+    for name in ATTENTION_LAYERS[architecture]:
+        x = network.get_layer(name)(x)
+    outputs.append(x)
+    head = keras.Model(inputs, outputs, name=f"{network.name}_head")
+    return trunk, head

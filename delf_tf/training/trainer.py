@@ -8,6 +8,11 @@ Stages (which layers train, which loss):
               `attention_scale_range`, so attention learns at several scales.
   joint       everything; descriptor loss + attention_loss_weight * attention loss,
               the attention branch sees the features through stop-gradient.
+The release architectures (ModelConfig.architecture resnet_v1_50 / delg_resnet50, a
+ReferenceModel) train in the joint stage only, with DELG's losses (global ArcFace,
+attention, autoencoder reconstruction; `delf_tf.training.delg`), from --init_from (a
+converted release, or a previous run's model.keras) or from random weights; their class
+heads are fresh.
 All stages add the weight decay of the trained kernels (`sum(model.losses)`).
 SGD with momentum, linear or cosine decay to 0, global-norm clipping of the
 gradient summed over all replicas, optional mixed precision (dynamic loss
@@ -38,8 +43,15 @@ from delf_tf.config import ModelConfig, TrainingConfig
 from delf_tf.errors import InputError
 from delf_tf.model import DelfModel, build_delf_model
 from delf_tf.model.backbone import WeightsError
+from delf_tf.model.reference_nets import ReferenceModel, build_reference_model
 from delf_tf.training import data, distribute
-from delf_tf.training.model_io import MODEL_FILE, load_init_weights, save_float32_model
+from delf_tf.training.delg import ReferenceForward, build_heads
+from delf_tf.training.model_io import (
+    MODEL_FILE,
+    load_init_source,
+    load_init_weights,
+    save_float32_model,
+)
 from delf_tf.training.summaries import attention_images, write_images, write_scalars
 
 CHECKPOINT_DIR = "checkpoints"
@@ -135,6 +147,21 @@ class Trainer:
         )
         num_classes = data.infer_num_classes(self.train_source, config.num_classes)
         self.model_config = (model_config or ModelConfig()).replace(num_classes=num_classes)
+        self.init_source = load_init_source(config.init_from) if config.init_from else None
+        if isinstance(self.init_source, ReferenceModel):
+            self.model_config = _adopt_architecture(self.model_config, self.init_source)
+        self.reference = self.model_config.architecture != "delf"
+        if self.reference and config.stage != "joint":
+            raise InputError(
+                f"architecture {self.model_config.architecture} trains in --stage=joint only "
+                f"(global, attention and reconstruction losses in one step), not {config.stage}"
+            )
+        if self.reference and not config.init_from and config.weights not in ("", "random"):
+            raise InputError(
+                f"--weights={config.weights} is for the delf architecture; "
+                f"{self.model_config.architecture} starts from --init_from (a converted "
+                "release) or --weights=random"
+            )
         self.policy = (
             distribute.mixed_precision_policy(self.strategy)
             if config.mixed_precision
@@ -147,18 +174,30 @@ class Trainer:
     def _build(self) -> None:
         config = self.config
         with self.strategy.scope(), distribute.dtype_policy(self.policy):
-            self.model = build_delf_model(
-                self.model_config, weights=_weights_arg(config.weights), seed=config.seed
+            self.heads, self._reference_forward = None, None
+            if self.reference:
+                self.model = build_reference_model(self.model_config, seed=config.seed)
+                self.heads = build_heads(
+                    self.model, self.model_config.num_classes, config.arcface_scale
+                )
+                self._reference_forward = ReferenceForward(self.model, self.heads)
+            else:
+                self.model = build_delf_model(
+                    self.model_config, weights=_weights_arg(config.weights), seed=config.seed
+                )
+            if self.init_source is not None:
+                load_init_weights(self.model, self.init_source, path=config.init_from)
+            if not self.reference:
+                configure_stage(self.model, config.stage)
+            self._variables = self.model.trainable_variables + (
+                self.heads.trainable_variables if self.heads is not None else []
             )
-            if config.init_from:
-                load_init_weights(self.model, config.init_from)
-            configure_stage(self.model, config.stage)
             optimizer = keras.optimizers.SGD(
                 learning_rate=learning_rate_schedule(config), momentum=config.momentum
             )
             if self.policy == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            optimizer.build(self.model.trainable_variables)
+            optimizer.build(self._variables)
             self.optimizer = optimizer
             self.step = tf.Variable(
                 0,
@@ -167,8 +206,9 @@ class Trainer:
                 name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
+        heads = {"heads": self.heads} if self.heads is not None else {}
         self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, step=self.step
+            model=self.model, optimizer=self.optimizer, step=self.step, **heads
         )
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
@@ -176,7 +216,6 @@ class Trainer:
             # Other workers' copies are scratch: keep one.
             max_to_keep=config.keep_checkpoints if self.is_chief else 1,
         )
-        self._variables = self.model.trainable_variables
         self._train_step = tf.function(self._distributed_train_step)
         self._eval_step = tf.function(self._distributed_eval_step)
         self._preview = tf.function(self._distributed_preview)
@@ -200,7 +239,7 @@ class Trainer:
             images = tf.image.resize(images, tf.stack([size, size]), antialias=True)
         replicas = self.strategy.num_replicas_in_sync
         with tf.GradientTape() as tape:
-            outputs = self.model(images, training=True, attention_stop_gradient=True)
+            outputs = self._forward(images, labels, training=True)
             metrics, total = self._losses(outputs, labels, config.batch_size)
             regularization = (
                 tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -227,26 +266,46 @@ class Trainer:
         metrics["gradient_norm"] = norm / scale / replicas
         return metrics
 
+    def _forward(self, images, labels, training: bool) -> dict:
+        """The model's logits (and, for DELG, per-example reconstruction errors)."""
+        if self._reference_forward is not None:
+            return self._reference_forward(
+                images, labels if training else None, training, self.config.arcface_margin
+            )
+        return self.model(images, training=training, attention_stop_gradient=True)
+
+    def _loss_heads(self) -> tuple[str, ...]:
+        if self.reference:
+            first = "global" if self.model.has_global else "descriptor"
+            return (first, "attention")
+        return stage_losses(self.config.stage)
+
     def _losses(self, outputs, labels, global_batch):
         """Per-replica losses (already divided by the global batch) and accuracies."""
         metrics, total = {}, tf.constant(0.0)
-        for head in stage_losses(self.config.stage):
+        heads = self._loss_heads()
+        for head in heads:
             logits = tf.cast(outputs[f"{head}_logits"], tf.float32)
             per_example = keras.losses.sparse_categorical_crossentropy(
                 labels, logits, from_logits=True
             )
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            plain = tf.cast(outputs.get(f"{head}_plain_logits", logits), tf.float32)
             correct = tf.cast(
-                tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32
+                tf.equal(tf.argmax(plain, -1, output_type=tf.int32), labels), tf.float32
             )
             metrics[f"loss/{head}"] = loss
             metrics[f"accuracy/{head}"] = tf.reduce_sum(correct) / global_batch
             weight = (
-                self.config.attention_loss_weight
-                if head == "attention" and len(stage_losses(self.config.stage)) > 1
-                else 1.0
+                self.config.attention_loss_weight if head == "attention" and len(heads) > 1 else 1.0
             )
             total = total + weight * loss
+        if "reconstruction" in outputs:
+            loss = tf.nn.compute_average_loss(
+                outputs["reconstruction"], global_batch_size=global_batch
+            )
+            metrics["loss/reconstruction"] = loss
+            total = total + self.config.reconstruction_loss_weight * loss
         return metrics, total
 
     def _loss_scale(self):
@@ -265,9 +324,11 @@ class Trainer:
 
     def _distributed_eval_step(self, images, labels):
         def replica(images, labels):
-            outputs = self.model(images, training=False)
+            outputs = self._forward(images, labels, training=False)
             sums = {"count": tf.cast(tf.shape(labels)[0], tf.float32)}
-            for head in stage_losses(self.config.stage):
+            if "reconstruction" in outputs:
+                sums["loss/reconstruction"] = tf.reduce_sum(outputs["reconstruction"])
+            for head in self._loss_heads():
                 logits = tf.cast(outputs[f"{head}_logits"], tf.float32)
                 sums[f"loss/{head}"] = tf.reduce_sum(
                     keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
@@ -447,6 +508,22 @@ def _check_same_stage(model_dir: str, stage: str) -> None:
             f"{model_dir} holds checkpoints of stage {previous!r}, not {stage!r}: use a new "
             f"--model_dir and --init_from={os.path.join(model_dir, MODEL_FILE)}"
         )
+
+
+def _adopt_architecture(config: ModelConfig, source: ReferenceModel) -> ModelConfig:
+    """`config` with the architecture of --init_from's ReferenceModel (refusing another)."""
+    wanted = source.config.architecture
+    if config.architecture not in ("delf", wanted):
+        raise InputError(
+            f"--init_from holds a {wanted} model, not --architecture={config.architecture}"
+        )
+    if config.architecture == "delf":
+        logging.info("--init_from: training the %s architecture of %s", wanted, source.name)
+    return config.replace(
+        architecture=wanted,
+        backbone=source.config.backbone,
+        feature_depth=source.config.feature_depth,
+    )
 
 
 def _weights_arg(weights: str):

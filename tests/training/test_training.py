@@ -323,3 +323,60 @@ def _event_tags(folder: Path) -> set[str]:
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(value.tag for value in event.summary.value)
     return tags
+
+
+TINY_DELG = ModelConfig(architecture="delg_resnet50", backbone="tiny")
+
+
+def test_delg_trains_global_attention_and_reconstruction_jointly(image_folder, tmp_path):
+    from delf_tf.model.reference_nets import ReferenceModel
+    from delf_tf.training.trainer import Trainer
+
+    # Reconstruction weight 3 (default 10, the reference's): in 24 steps of a random tiny
+    # net the autoencoder otherwise serves the reconstruction before the attention.
+    config = tiny_config(
+        image_folder,
+        tmp_path,
+        stage="joint",
+        max_steps=24,
+        initial_lr=0.1,
+        reconstruction_loss_weight=3.0,
+        checkpoint_every=12,
+    )
+    trainer = Trainer(config, TINY_DELG)
+    scale_before = float(trainer.heads.scale.numpy())
+    assert scale_before == pytest.approx(45.25)
+    result = trainer.run()
+    for name in ("loss/global", "loss/attention", "loss/reconstruction"):
+        loss = losses(result.history, name)
+        assert np.all(np.isfinite(loss)) and loss[-3:].mean() < 0.9 * loss[0], (name, loss)
+    assert result.history[-1]["accuracy/global"] == 1.0
+    assert float(trainer.heads.scale.numpy()) != scale_before  # the scale is learnt
+    # The saved model is the plain ReferenceModel (no class heads), the checkpoint has them.
+    import keras
+
+    saved = keras.saving.load_model(result.model_path)
+    assert isinstance(saved, ReferenceModel) and saved.config.architecture == "delg_resnet50"
+    for mine, theirs in zip(trainer.model.weights, saved.weights, strict=True):
+        np.testing.assert_array_equal(np.array(mine), np.array(theirs))
+
+    # A new run in the same model_dir resumes from the last checkpoint, heads included.
+    resumed = Trainer(config.replace(max_steps=26), TINY_DELG)
+    assert resumed.restore() == 24
+    assert float(resumed.heads.scale.numpy()) == float(trainer.heads.scale.numpy())
+    np.testing.assert_array_equal(
+        resumed.heads.cosine_weights.numpy(), trainer.heads.cosine_weights.numpy()
+    )
+    again = resumed.run()
+    assert (again.start_step, again.final_step) == (24, 26)
+    assert losses(again.history, "loss/global")[-1] < 0.5
+
+
+def test_delg_refuses_other_stages_and_imagenet_weights(image_folder, tmp_path):
+    from delf_tf.errors import InputError
+    from delf_tf.training.trainer import Trainer
+
+    with pytest.raises(InputError, match="joint only"):
+        Trainer(tiny_config(image_folder, tmp_path, stage="descriptor"), TINY_DELG)
+    with pytest.raises(InputError, match="--weights=imagenet"):
+        Trainer(tiny_config(image_folder, tmp_path, stage="joint", weights="imagenet"), TINY_DELG)
