@@ -173,6 +173,9 @@ class KerasNetwork(tf.Module):
     def _network(self, resized):
         """[1, h, w, 3] resized pixels -> (features [1, h', w', D], attention [1, h', w', 1],
         global [1, G] (zero-width without a global head))."""
+        # A static channel count: with an unknown one, Keras' TF conv falls back to an
+        # XLA-compiled conv (`_conv_xla`), which TF Serving cannot run.
+        resized = tf.ensure_shape(resized, [None, None, None, 3])
         if isinstance(self.model, ReferenceModel):
             inputs = resized if self.convention.normalize_first else self.model.preprocess(resized)
             outputs = self.network(inputs, training=False)

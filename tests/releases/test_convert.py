@@ -156,3 +156,57 @@ def test_a_release_of_another_structure_is_refused_in_one_line(stand_ins, tmp_pa
     fed = [dataclasses.replace(bn, parents=(("conv", name),)) for name in ("after a", "after b")]
     pairs = match_units(fed[::-1], [(unit, unit.parents) for unit in fed])
     assert all(ours.parents == layer for ours, _, layer in pairs)
+
+
+def test_a_converted_release_fine_tunes_on_new_classes_exports_and_extracts(
+    converted, photo, tmp_path, capsys
+):
+    """convert -> delf train --init_from (new class heads) -> delf export -> extract."""
+    import keras
+
+    from delf_tf.cli import main
+    from delf_tf.extraction import build_extractor
+    from delf_tf.model.reference_nets import ReferenceModel
+    from delf_tf.testing.synthetic_training import write_pattern_dataset
+
+    release_keras, _ = converted["delg"]
+    data = tmp_path / "landmarks"
+    write_pattern_dataset(data, num_classes=2, images_per_class=2, size=64, pattern_size=32)
+    model_dir = tmp_path / "run"
+    argv = [
+        "delf",
+        "train",
+        f"--train_data={data}",
+        f"--model_dir={model_dir}",
+        f"--init_from={release_keras}",
+        "--stage=joint",
+        "--batch_size=4",
+        "--image_size=64",
+        "--max_steps=2",
+        "--log_every=1",
+        "--image_summary_every=0",
+        "--eval_every=0",
+        "--crop_area_range=1.0,1.0",
+        "--shuffle_buffer=4",
+    ]
+    capsys.readouterr()
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["num_classes"], summary["start_step"], summary["final_step"]) == (2, 0, 2)
+    assert {"loss/global", "loss/attention", "loss/reconstruction"} <= set(summary["history"][-1])
+    release = keras.saving.load_model(release_keras)
+    trained = keras.saving.load_model(summary["model_path"])
+    assert isinstance(trained, ReferenceModel)
+    assert trained.config.architecture == release.config.architecture == "delg_resnet50"
+    moved = [
+        not np.array_equal(np.array(a), np.array(b))
+        for a, b in zip(release.weights, trained.weights, strict=True)
+    ]
+    assert any(moved) and not all(moved)  # trained from the release (BN's epsilon etc. stay)
+    argv = ["delf", "export", f"--model={summary['model_path']}", f"--export_base={tmp_path}"]
+    assert main(argv) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert (exported["descriptor_dim"], exported["global_dim"]) == (128, 2048)
+    features = build_extractor(model=exported["export"]).extract(photo)
+    assert len(features.descriptors) > 0 and features.descriptors.shape[1] == 128
+    np.testing.assert_allclose(np.linalg.norm(features.global_descriptor), 1.0, atol=1e-5)
