@@ -119,6 +119,7 @@ class ReferenceForward:
         """
         heads = self.heads
         trunk = self.trunk(self.model.preprocess(images), training=training)
+        trunk = trunk if isinstance(trunk, (list, tuple)) else [trunk]
         block3 = trunk[0]
         stopped = tf.stop_gradient(block3)
         head = self.head(stopped, training=training)

@@ -380,3 +380,15 @@ def test_delg_refuses_other_stages_and_imagenet_weights(image_folder, tmp_path):
         Trainer(tiny_config(image_folder, tmp_path, stage="descriptor"), TINY_DELG)
     with pytest.raises(InputError, match="--weights=imagenet"):
         Trainer(tiny_config(image_folder, tmp_path, stage="joint", weights="imagenet"), TINY_DELG)
+
+
+def test_resnet_v1_50_trains_with_a_descriptor_classifier(image_folder, tmp_path):
+    from delf_tf.training.trainer import train
+
+    model = ModelConfig(architecture="resnet_v1_50", backbone="tiny")
+    config = tiny_config(image_folder, tmp_path, stage="joint", max_steps=8, initial_lr=0.1)
+    result = train(config, model)
+    descriptor = losses(result.history, "loss/descriptor")
+    assert "loss/reconstruction" not in result.history[0]  # no autoencoder
+    assert np.all(np.isfinite(losses(result.history, "loss/attention")))
+    assert descriptor[-2:].mean() < descriptor[0], descriptor
