@@ -103,7 +103,10 @@ def preprocess(images, convention: InputConvention):
 
 @keras.saving.register_keras_serializable(package="delf_tf")
 class GeneralizedMeanPooling(layers.Layer):
-    """GeM: mean(max(x, eps)^p)^(1/p) over the spatial axes. [B, h, w, C] -> [B, C]."""
+    """GeM: mean(max(x, eps)^p)^(1/p) over the spatial axes. [B, h, w, C] -> [B, C].
+
+    Computed in float32 whatever the input's dtype; the output has the input's dtype.
+    """
 
     def __init__(self, power: float = GEM_POWER, epsilon: float = GEM_EPSILON, **kwargs):
         super().__init__(**kwargs)
@@ -111,8 +114,11 @@ class GeneralizedMeanPooling(layers.Layer):
         self.epsilon = epsilon
 
     def call(self, x):
-        pooled = ops.mean(ops.power(ops.maximum(x, self.epsilon), self.power), axis=(1, 2))
-        return ops.power(pooled, 1.0 / self.power)
+        # In float32: in float16, x ** 3 of small activations underflows to 0, whose cube
+        # root has an infinite gradient.
+        x32 = ops.cast(x, "float32")
+        pooled = ops.mean(ops.power(ops.maximum(x32, self.epsilon), self.power), axis=(1, 2))
+        return ops.cast(ops.power(pooled, 1.0 / self.power), x.dtype)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1])

@@ -142,8 +142,11 @@ class ReferenceForward:
             pooled = tf.reduce_mean(block3, axis=(1, 2))
             logits = tf.cast(heads.descriptor_classifier(pooled), tf.float32)
             outputs["descriptor_logits"] = outputs["descriptor_plain_logits"] = logits
-        normalized = tf.math.l2_normalize(attended, axis=-1)
-        attention_pooled = tf.reduce_mean(normalized * attention, axis=(1, 2))
+        # In float32: in float16, l2_normalize's epsilon is 0 and an all-zero (ReLU)
+        # position of the map gives 0 * inf.
+        normalized = tf.math.l2_normalize(tf.cast(attended, tf.float32), axis=-1)
+        weighted = normalized * tf.cast(attention, tf.float32)
+        attention_pooled = tf.reduce_mean(weighted, axis=(1, 2))
         outputs["attention_logits"] = tf.cast(
             heads.attention_classifier(attention_pooled), tf.float32
         )

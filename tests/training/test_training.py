@@ -392,3 +392,21 @@ def test_resnet_v1_50_trains_with_a_descriptor_classifier(image_folder, tmp_path
     assert "loss/reconstruction" not in result.history[0]  # no autoencoder
     assert np.all(np.isfinite(losses(result.history, "loss/attention")))
     assert descriptor[-2:].mean() < descriptor[0], descriptor
+
+
+def test_delg_mixed_precision_trains_and_saves_float32(image_folder, tmp_path):
+    import keras
+
+    from delf_tf.training.trainer import train
+
+    config = tiny_config(
+        image_folder, tmp_path, stage="joint", mixed_precision=True, initial_lr=0.1, max_steps=8
+    )
+    result = train(config, TINY_DELG)
+    # The first steps overflow at the initial loss scale and are skipped; then it learns.
+    loss = losses(result.history, "loss/global")
+    assert np.all(np.isfinite(loss)) and loss[-1] < loss[0] - 0.5, loss
+    assert np.isfinite(result.history[-1]["gradient_norm"])
+    saved = keras.saving.load_model(result.model_path)
+    outputs = saved(np.zeros((1, 64, 64, 3), np.float32))
+    assert {str(value.dtype) for value in outputs.values()} == {"<dtype: 'float32'>"}
