@@ -465,7 +465,7 @@ def save_converted(conversion: Conversion, output_file: str | os.PathLike) -> Pa
     """Writes the converted model as `.keras` (atomically)."""
     import tempfile
 
-    from delf_tf.training.model_io import write_bytes
+    from delf_tf.atomic import atomic_write_bytes
 
     output = Path(output_file)
     if output.suffix != ".keras":
@@ -473,7 +473,7 @@ def save_converted(conversion: Conversion, output_file: str | os.PathLike) -> Pa
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model.keras"
         conversion.model.save(local)
-        write_bytes(str(output), local.read_bytes())
+        atomic_write_bytes(output, local.read_bytes())
     return output
 
 
