@@ -13,7 +13,12 @@ import sys
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
+from delf_tf.commands.common import (
+    define_extractor_flags,
+    define_lock_flag,
+    extractor_from_flags,
+    warn_if_untrained,
+)
 from delf_tf.commands.extract_beam import define_beam_flags, run_beam
 
 
@@ -32,6 +37,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["images", "output_dir"], **define)
     define_extractor_flags(flag_values)
     define_beam_flags(flag_values)
+    define_lock_flag(flag_values)
 
 
 def run(flag_values: flags.FlagValues) -> int:
@@ -53,6 +59,7 @@ def run(flag_values: flags.FlagValues) -> int:
         flag_values.output_dir,
         formats=formats[flag_values.format],
         on_failure=report,
+        wait_for_lock=flag_values.wait_for_lock,
     )
     print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))
     return EXIT_PARTIAL if summary.failed else EXIT_OK

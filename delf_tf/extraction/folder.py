@@ -20,6 +20,7 @@ from delf_tf.errors import DelfError
 from delf_tf.extraction.extractor import Extractor
 from delf_tf.features.store import FAILURES, FeatureStore
 from delf_tf.images import decode_image, scan_images
+from delf_tf.locks import writer_lock
 
 # Errors of the output's file system, not of one image: the run stops (exit 1).
 RUN_WIDE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -95,6 +96,7 @@ def extract_to_store(
     progress: bool = True,
     formats: tuple[str, ...] | None = None,
     on_failure: Callable[[Failure], None] | None = None,
+    wait_for_lock: bool = False,
 ) -> tuple[FeatureStore, ExtractionSummary]:
     """Extracts every image under `images` (a file or a folder, recursive) into `output`.
 
@@ -108,8 +110,14 @@ def extract_to_store(
     quota, read-only file system) stop the run, as does an extractor that fails on
     the first BROKEN_EXTRACTOR_AFTER images in a row with an unexpected error.
     `formats`: the store's file formats (see FeatureStore; None: npz, or what an
-    existing store records).
+    existing store records). The run holds the store's writer lock (`delf_tf.locks`):
+    another writer of `output` raises LockedError, or is waited for (wait_for_lock).
     """
+    with writer_lock(output, wait=wait_for_lock):
+        return _extract_to_store(extractor, images, output, progress, formats, on_failure)
+
+
+def _extract_to_store(extractor, images, output, progress, formats, on_failure):
     report = on_failure or (lambda f: logging.warning("skipped %r: %s", f.path, f.reason))
     root = Path(images)
     paths, skipped = scan_images(root)

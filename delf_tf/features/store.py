@@ -113,8 +113,9 @@ class FeatureStore:
             if _holds_delf_files(root):
                 return cls._reference_files(root)
             raise InputError(f"{root}: not a feature store (no {MANIFEST})") from error
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, ValueError) as error:  # ValueError: JSON, UTF-8, a huge integer
             raise InputError(f"{path}: unreadable manifest ({error})") from error
+        check_manifest(path, manifest)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise InputError(
                 f"{path}: format_version {manifest.get('format_version')!r}, "
@@ -156,14 +157,7 @@ class FeatureStore:
         """
         root = Path(root)
         if (root / MANIFEST).exists():
-            store = cls.open(root, formats)
-            if store.fingerprint != fingerprint:
-                raise StoreMismatchError(
-                    f"{root}: holds features of extractor {store.fingerprint[:12]}, "
-                    f"not of this one ({fingerprint[:12]}); use another --output directory"
-                )
-            clean_stale_tree(root)  # temporaries of a killed earlier writer
-            return store
+            return cls._open_same(root, fingerprint, formats)
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -174,8 +168,39 @@ class FeatureStore:
             manifest["formats"] = list(formats)
         store = cls(root, manifest, formats)  # validates formats before anything is written
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        try:  # exclusive: of two creators starting together, one makes the store
+            atomic_write_text(root / MANIFEST, text, exclusive=True)
+        except FileExistsError:
+            return cls._open_same(root, fingerprint, formats)
         return store
+
+    @classmethod
+    def _open_same(
+        cls, root: Path, fingerprint: str, formats: tuple[str, ...] | None
+    ) -> FeatureStore:
+        """The existing store at `root`; StoreMismatchError unless it has `fingerprint`."""
+        store = cls.open(root, formats)
+        if store.fingerprint != fingerprint:
+            raise StoreMismatchError(
+                f"{root}: holds features of extractor {_short(store.fingerprint)}, "
+                f"not of this one ({_short(fingerprint)}); use another --output directory"
+            )
+        clean_stale_tree(root)  # temporaries of a killed earlier writer
+        return store
+
+    def bounds(self) -> tuple[int | None, int | None, int | None]:
+        """(max features, descriptor dimension, global descriptor dimension) of one
+        image from the manifest's extractor settings; None where it does not say (then
+        `LocalFeatures.load`'s fallbacks apply)."""
+        extractor = self.manifest.get("extractor") or {}
+        config = extractor.get("extraction_config")
+        values = (
+            config.get("max_features") if isinstance(config, dict) else None,
+            extractor.get("descriptor_dim"),
+            extractor.get("global_dim"),
+        )
+        return tuple(value if _positive_int(value) else None for value in values)
 
     def _stem(self, key: str) -> str:
         """The store path of `key` without suffix: the key, its file name shortened
@@ -233,7 +258,7 @@ class FeatureStore:
     def load(self, key: str) -> LocalFeatures:
         """LocalFeatures of `key`; from .delf files with the .delg_global attached if any."""
         if "npz" in self.formats:
-            return LocalFeatures.load(self.path(key))
+            return LocalFeatures.load(self.path(key), *self.bounds())
         features = local_features_from_delf(self._delf_path(key))
         global_path = self.root / (self._stem(key) + GLOBAL_SUFFIX)
         if global_path.is_file():
@@ -243,12 +268,15 @@ class FeatureStore:
 
     def stored_keys(self) -> Iterator[str]:
         """Keys of all stored images, sorted (dot-named images included: temporary files
-        never end in a store suffix, see delf_tf.atomic)."""
+        never end in a store suffix, see delf_tf.atomic). Entries with a store suffix
+        that are not regular files (a fifo, a dangling link, an empty folder) are keys
+        too: `load` refuses them with a one-line FeatureFileError rather than letting
+        them vanish silently."""
         suffixes = (SUFFIX,) if "npz" in self.formats else DELF_SUFFIXES
         keys = set()
         for suffix in suffixes:
             for path in self.root.rglob("*" + suffix):
-                if path.is_file():
+                if path.is_file() or _misplaced(path):
                     keys.add(self._key_of(path.relative_to(self.root).as_posix()[: -len(suffix)]))
         yield from sorted(keys)
 
@@ -258,3 +286,45 @@ def _holds_delf_files(root: Path) -> bool:
     if not root.is_dir():
         return False
     return any(path.suffix in DELF_SUFFIXES and path.is_file() for path in root.rglob("*"))
+
+
+def _short(fingerprint: object) -> str:
+    return str(fingerprint)[:12] if fingerprint else "(none)"
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _misplaced(path: Path) -> bool:
+    """An entry with a store suffix that is no feature file: not a regular file and not
+    a folder of images' features (a folder named *.npz that holds none)."""
+    if not path.is_dir():
+        return True  # a fifo, socket, device or dangling link
+    try:
+        return not any(path.iterdir())
+    except OSError:
+        return True
+
+
+# field -> (allowed JSON types, what the message says)
+_MANIFEST_FIELDS = {
+    "format_version": ((int,), "an integer"),
+    "fingerprint": ((str, type(None)), "a string"),
+    "extractor": ((dict,), "an object"),
+    "store_id": ((str,), "a string"),
+    "formats": ((list,), "a list"),
+}
+
+
+def check_manifest(path: Path | str, manifest: object) -> None:
+    """InputError (one line) unless `manifest` is a JSON object whose known fields have
+    their types: a tampered manifest must not reach code that trusts it."""
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    for name, (types, text) in _MANIFEST_FIELDS.items():
+        if name in manifest and not isinstance(manifest[name], types):
+            raise InputError(f"{path}: {name!r} must be {text}, got {manifest[name]!r:.40}")
+    formats = manifest.get("formats") or []
+    if not all(isinstance(item, str) for item in formats):
+        raise InputError(f"{path}: 'formats' must be a list of strings")
