@@ -99,7 +99,10 @@ def test_two_concurrent_appends_lose_no_update(tmp_path):
                 "-m",
                 "delf_tf.cli",
                 *_index(
-                    f"--features={store.root}", f"--output_dir={index}", "--append", "--wait_for_lock"
+                    f"--features={store.root}",
+                    f"--output_dir={index}",
+                    "--append",
+                    "--wait_for_lock",
                 )[1:],
             ],
             env=environment,
@@ -147,8 +150,8 @@ def test_two_store_creators_one_is_accepted(tmp_path):
 def test_lock_is_per_directory_and_nests(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    assert lock_path(tmp_path / "link") == lock_path(tmp_path / "real") == str(
-        tmp_path / "real.lock"
+    assert (
+        lock_path(tmp_path / "link") == lock_path(tmp_path / "real") == str(tmp_path / "real.lock")
     )
     with writer_lock(tmp_path / "real"), writer_lock(tmp_path / "link"):  # the same lock, nested
         descriptor = os.open(lock_path(tmp_path / "real"), os.O_RDWR)
@@ -157,9 +160,11 @@ def test_lock_is_per_directory_and_nests(tmp_path):
         os.close(descriptor)
     holder = _hold(lock_path(tmp_path / "real"), 30)
     try:
-        with pytest.raises(LockedError, match=f"pid {holder.pid}|another writer"):
-            with writer_lock(tmp_path / "link"):
-                pass
+        with (
+            pytest.raises(LockedError, match=f"pid {holder.pid}|another writer"),
+            writer_lock(tmp_path / "link"),
+        ):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -200,9 +205,8 @@ def _npz_with(path, **arrays):
 def _huge_header(path):
     """An .npz whose descriptors header claims shape (1e11, 128), with no data."""
     header = {"descr": "<f4", "fortran_order": False, "shape": (10**11, 128)}
-    with zipfile.ZipFile(path, "w") as archive:
-        with archive.open("descriptors.npy", "w") as member:
-            np.lib.format.write_array_header_2_0(member, header)
+    with zipfile.ZipFile(path, "w") as archive, archive.open("descriptors.npy", "w") as member:
+        np.lib.format.write_array_header_2_0(member, header)
 
 
 def _tamper(case: str, root) -> None:

@@ -19,7 +19,7 @@ from delf_tf.atomic import atomic_write_text
 from delf_tf.errors import DelfError
 from delf_tf.extraction.extractor import Extractor
 from delf_tf.features.store import FAILURES, FeatureStore
-from delf_tf.images import decode_image, scan_images
+from delf_tf.images import decode_image, read_image_file, scan_images
 from delf_tf.locks import writer_lock
 
 # Errors of the output's file system, not of one image: the run stops (exit 1).
@@ -160,7 +160,7 @@ def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> 
                 summary.skipped_existing += 1
                 continue
             stage = "read"
-            data = path.read_bytes()
+            data = read_image_file(path)
             stage = "decode"
             image = decode_image(data, name=str(path))
             stage = "extract"
@@ -233,9 +233,12 @@ def _extract_encoded(extract_encoded, paths, root, store, summary, fail, progres
             if key in store:
                 summary.skipped_existing += 1
                 continue
-            pending.append((path, key, path.read_bytes()))
+            pending.append((path, key, read_image_file(path)))
         except OSError as error:
             fail(path, error.strerror or str(error), "read")
+            continue
+        except DelfError as error:
+            fail(path, str(error), "read")
             continue
         if len(pending) >= batch_size:
             flush()
