@@ -26,6 +26,7 @@ import json
 import re
 import signal
 import threading
+import urllib.parse
 from concurrent import futures
 
 import grpc
@@ -202,7 +203,7 @@ class RestApi:
         allowed = "POST" if action.startswith(":") else "GET"
         if method != allowed:
             raise ServingError("INVALID_ARGUMENT", f"{method} is not allowed on {target[:200]}")
-        name = match["name"]
+        name = _model_name(match["name"])
         version = None
         if match["version"]:
             version = int(match["version"][:40])
@@ -267,11 +268,21 @@ class RestApi:
             raise ServingError("INVALID_ARGUMENT", str(error)) from error
 
 
+def _model_name(raw: str) -> str:
+    """The model name of a REST path: its bytes (the front end reads the request line as
+    Latin-1, one character per byte) as UTF-8, percent-escapes decoded as UTF-8 too."""
+    try:
+        return urllib.parse.unquote(raw.encode("latin-1").decode("utf-8"), errors="strict")
+    except UnicodeError as error:
+        raise ServingError("INVALID_ARGUMENT", "the model name in the path is not UTF-8") from error
+
+
 def _parse_json(body: bytes):
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {error}") from error
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        message = " ".join(str(error).split())[:200]
+        raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {message}") from error
     except RecursionError as error:
         raise ServingError("INVALID_ARGUMENT", "JSON Parse error: nested too deeply") from error
 
