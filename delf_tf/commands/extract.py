@@ -45,7 +45,7 @@ def run(flag_values: flags.FlagValues) -> int:
     if flag_values.runner:
         return run_beam(flag_values)
     from delf_tf.errors import EXIT_OK, EXIT_PARTIAL
-    from delf_tf.extraction.folder import extract_to_store
+    from delf_tf.extraction.folder import OutputFullError, extract_to_store
 
     def report(failure) -> None:  # repr(): a newline in a file name cannot forge a line
         print(f"skipped: {failure.path!r}: {failure.reason}", file=sys.stderr, flush=True)
@@ -53,13 +53,17 @@ def run(flag_values: flags.FlagValues) -> int:
     extractor = extractor_from_flags(flag_values)
     warn_if_untrained(extractor)
     formats = {None: None, "npz": ("npz",), "delf": ("delf",), "both": ("npz", "delf")}
-    store, summary = extract_to_store(
-        extractor,
-        flag_values.images,
-        flag_values.output_dir,
-        formats=formats[flag_values.format],
-        on_failure=report,
-        wait_for_lock=flag_values.wait_for_lock,
-    )
+    try:
+        store, summary = extract_to_store(
+            extractor,
+            flag_values.images,
+            flag_values.output_dir,
+            formats=formats[flag_values.format],
+            on_failure=report,
+            wait_for_lock=flag_values.wait_for_lock,
+        )
+    except OutputFullError as error:  # disk full: the summary of what was saved, then exit 1
+        print(json.dumps({"output_dir": str(error.store.root), **error.summary.to_dict()}))
+        raise
     print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))
     return EXIT_PARTIAL if summary.failed else EXIT_OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -28,6 +29,27 @@ RUN_WIDE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 # (not DelfError / OSError), before any image succeeded, is a broken extractor or
 # server rather than bad images: the run stops with that error.
 BROKEN_EXTRACTOR_AFTER = 5
+
+
+class OutputFullError(DelfError):
+    """The store's file system refused a write for the whole run (disk full, quota,
+    read-only): the run stops. The message names the file; `summary` (with `store`)
+    says what was saved before, for the command's JSON summary."""
+
+    def __init__(self, message: str, store: FeatureStore, summary: ExtractionSummary):
+        super().__init__(message)
+        self.store = store
+        self.summary = summary
+
+
+def _output_full(error: OSError, store: FeatureStore, key: str, summary) -> OutputFullError:
+    where = error.filename or store.path(key)
+    return OutputFullError(
+        f"{where}: {error.strerror or error}; the run stopped after {summary.extracted} "
+        "image(s) saved (they stay, and a rerun resumes after them)",
+        store,
+        summary,
+    )
 
 
 class Failure(NamedTuple):
@@ -135,10 +157,20 @@ def _extract_to_store(extractor, images, output, progress, formats, on_failure):
     for path, reason in skipped:
         fail(path, reason, "scan")
     extract_encoded = getattr(extractor, "extract_encoded", None)
-    if extract_encoded is not None:
-        _extract_encoded(extract_encoded, paths, root, store, summary, fail, progress)
-    else:
-        _extract_decoded(extractor, paths, root, store, summary, fail, progress)
+    try:
+        if extract_encoded is not None:
+            _extract_encoded(extract_encoded, paths, root, store, summary, fail, progress)
+        else:
+            _extract_decoded(extractor, paths, root, store, summary, fail, progress)
+    except OutputFullError:
+        with contextlib.suppress(OSError):  # the disk is full: it may not fit either
+            _write_failures(store, summary)
+        raise
+    _write_failures(store, summary)
+    return store, summary
+
+
+def _write_failures(store: FeatureStore, summary: ExtractionSummary) -> None:
     failures_path = store.root / FAILURES
     if summary.failed:
         lines = "".join(failure.to_json() + "\n" for failure in summary.failed)
@@ -146,7 +178,6 @@ def _extract_to_store(extractor, images, output, progress, formats, on_failure):
         summary.failures_file = str(failures_path)
     else:
         failures_path.unlink(missing_ok=True)
-    return store, summary
 
 
 def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> None:
@@ -171,7 +202,7 @@ def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> 
             store.save(key, features)
         except OSError as error:
             if stage == "write" and error.errno in RUN_WIDE_ERRNOS:
-                raise
+                raise _output_full(error, store, key, summary) from error
             fail(path, error.strerror or str(error), stage)
             continue
         except DelfError as error:
@@ -220,7 +251,7 @@ def _extract_encoded(extract_encoded, paths, root, store, summary, fail, progres
                 store.save(key, result)
             except OSError as error:
                 if error.errno in RUN_WIDE_ERRNOS:
-                    raise
+                    raise _output_full(error, store, key, summary) from error
                 fail(path, error.strerror or str(error), "write")
                 continue
             summary.extracted += 1
