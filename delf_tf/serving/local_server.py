@@ -49,6 +49,7 @@ from delf_tf.serving.limits import (
     RequestLimits,
     ServerLimits,
 )
+from delf_tf.serving.memory import PixelBudget, configure_allocator
 from delf_tf.serving.repository import (
     DEFAULT_SIGNATURE,
     ModelRepository,
@@ -71,8 +72,11 @@ def predict(
     repository: ModelRepository,
     request: predict_pb2.PredictRequest,
     limits: RequestLimits | None = None,
+    budget: PixelBudget | None = None,
+    wait_seconds: float | None = None,
 ):
-    """PredictRequest -> PredictResponse (raises ServingError)."""
+    """PredictRequest -> PredictResponse (raises ServingError). budget: the server's
+    pixel budget, waited for up to wait_seconds (delf_tf.serving.memory)."""
     limits = limits or RequestLimits()
     spec = request.model_spec
     if spec.version_label:
@@ -87,7 +91,9 @@ def predict(
         inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
     except (TypeError, ValueError) as error:
         raise ServingError("INVALID_ARGUMENT", f"malformed input TensorProto ({error})") from error
-    outputs = servable.predict(signature, inputs, list(request.output_filter), limits)
+    outputs = servable.predict(
+        signature, inputs, list(request.output_filter), limits, budget, wait_seconds
+    )
     response = predict_pb2.PredictResponse()
     response.model_spec.name = spec.name
     response.model_spec.version.value = servable.version
@@ -139,12 +145,17 @@ def model_status(
 
 
 class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, repository: ModelRepository, limits: RequestLimits):
+    def __init__(
+        self, repository: ModelRepository, limits: RequestLimits, budget: PixelBudget | None
+    ):
         self.repository = repository
         self.limits = limits
+        self.budget = budget
 
     def Predict(self, request, context):  # noqa: N802 (gRPC method name)
-        return _answer(context, predict, self.repository, request, self.limits)
+        wait = context.time_remaining()  # the client's deadline, else the budget's own wait
+        arguments = (self.repository, request, self.limits, self.budget, wait)
+        return _answer(context, predict, *arguments)
 
     def GetModelMetadata(self, request, context):  # noqa: N802
         return _answer(context, model_metadata, self.repository, request)
@@ -177,9 +188,15 @@ class RestApi:
     Every malformed request gets a 4xx with `{"error": ...}`; 500 only for bugs.
     """
 
-    def __init__(self, repository: ModelRepository, limits: RequestLimits):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: RequestLimits,
+        budget: PixelBudget | None = None,
+    ):
         self.repository = repository
         self.limits = limits
+        self.budget = budget
 
     def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes):
         try:
@@ -261,7 +278,7 @@ class RestApi:
             raise ServingError("INVALID_ARGUMENT", str(error)) from error
         except RecursionError as error:
             raise ServingError("INVALID_ARGUMENT", "JSON tensor nested too deeply") from error
-        outputs = servable.predict(signature_name, inputs, None, self.limits)
+        outputs = servable.predict(signature_name, inputs, None, self.limits, self.budget)
         try:
             return rest_json.format_response(outputs, row_format)
         except rest_json.JsonTensorError as error:
@@ -365,8 +382,10 @@ class LocalServer:
         return self.limits.max_request_bytes
 
     def start(self) -> LocalServer:
+        configure_allocator()  # large blocks go back to the system when freed
         self.repository.refresh()
         limits = self.limits
+        budget = PixelBudget(limits.max_server_pixels, wait_seconds=limits.rest_timeout)
         if self.grpc_port is not None:
             self._grpc = grpc.server(
                 futures.ThreadPoolExecutor(
@@ -376,7 +395,7 @@ class LocalServer:
                 maximum_concurrent_rpcs=8 * limits.grpc_threads,
             )
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-                _PredictionService(self.repository, limits.request), self._grpc
+                _PredictionService(self.repository, limits.request, budget), self._grpc
             )
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
                 _ModelService(self.repository), self._grpc
@@ -391,7 +410,7 @@ class LocalServer:
             self._rest = HttpFrontEnd(
                 self.host,
                 self.rest_port,
-                RestApi(self.repository, limits.request),
+                RestApi(self.repository, limits.request, budget),
                 max_body_bytes=limits.max_request_bytes,
                 threads=limits.rest_threads,
                 max_connections=limits.rest_max_connections,

@@ -1,0 +1,163 @@
+"""Memory of the dev server: decoded pixels bounded per request and per server, and the
+allocator made to give memory back after a large request.
+
+Extraction memory grows with the pixels an image decodes to (the image, its float
+copies for the resize and the pyramid, the network's activations): per request,
+the images' pixels are summed (serving_default: the sizes their headers declare,
+read by the served graph's own `header_size`, nothing decoded; extract_image: the
+image tensor's height x width) and checked against `RequestLimits`:
+- max_request_pixels: the sum over the request's images (INVALID_ARGUMENT above);
+- max_aspect_ratio: long side / short side of each image (INVALID_ARGUMENT above): a
+  1 x 80 000 000 image is under every pixel bound, but the resize to the size limits
+  cannot make a usable image of it, and its degenerate resample costs ~200 bytes a pixel.
+`PixelBudget` bounds the pixels of all running requests together (max_server_pixels):
+a request that does not fit waits for running ones to finish, up to a timeout, and
+then gets RESOURCE_EXHAUSTED (HTTP 429).
+
+Memory return: TF's CPU tensors come from glibc malloc. glibc serves large blocks
+with mmap only below a threshold that it raises after each large free, after which
+the blocks of a 3 GB request stay in the heap after it ends. `configure_allocator`
+fixes the threshold (M_MMAP_THRESHOLD, which also turns the raising off), so every
+block of MMAP_THRESHOLD_BYTES or more is mapped and unmapped on free, and
+`release_memory` (malloc_trim) hands the heaps' free pages back after a request of
+more than TRIM_AFTER_PIXELS pixels. Both are no-ops where glibc is absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from delf_tf.contract import BATCH_INPUT, IMAGE_SIGNATURE, SERVING_SIGNATURE
+from delf_tf.serving.errors import ServingError
+
+MMAP_THRESHOLD_BYTES = 1 << 20
+TRIM_AFTER_PIXELS = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_libc = None
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        try:
+            library = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc = library if hasattr(library, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+def configure_allocator() -> bool:
+    """Fixes glibc's mmap threshold (see the module docstring); whether it applied."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def release_memory() -> bool:
+    """Returns the free pages of malloc's heaps to the system (glibc malloc_trim)."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
+
+
+class PixelBudget:
+    """The decoded pixels of all running requests together, at most `capacity`."""
+
+    def __init__(self, capacity: int, wait_seconds: float = 30.0):
+        self.capacity = capacity
+        self.wait_seconds = wait_seconds
+        self.in_use = 0
+        self._condition = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, wait_seconds: float | None = None) -> Iterator[None]:
+        """Holds `pixels` of the budget while the block runs; waits for them up to
+        `wait_seconds` (default self.wait_seconds), then RESOURCE_EXHAUSTED."""
+        pixels = min(int(pixels), self.capacity)  # one request alone always fits
+        wait = self.wait_seconds if wait_seconds is None else wait_seconds
+        deadline = time.monotonic() + max(wait, 0.0)
+        with self._condition:
+            while self.in_use + pixels > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServingError(
+                        "RESOURCE_EXHAUSTED",
+                        f"the server decodes {self.in_use} pixels for running requests; "
+                        f"{pixels} more would pass its limit of {self.capacity} "
+                        "(--max_server_pixels): retry later",
+                    )
+                self._condition.wait(left)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._condition:
+                self.in_use -= pixels
+                self._condition.notify_all()
+        if pixels > TRIM_AFTER_PIXELS:
+            release_memory()
+
+
+_header_sizes = None
+
+
+def header_sizes(images: np.ndarray) -> np.ndarray:
+    """int64 [B, 2]: (height, width) that each encoded image's header declares, (0, 0)
+    where the served graph would not decode it: the graph's own `header_size`."""
+    global _header_sizes
+    import tensorflow as tf
+
+    if _header_sizes is None:
+        from delf_tf.extraction.image_bytes import header_size
+
+        _header_sizes = tf.function(
+            lambda batch: tf.map_fn(header_size, batch, fn_output_signature=tf.int64),
+            input_signature=[tf.TensorSpec([None], tf.string)],
+        )
+    flat = np.asarray(images, dtype=object).reshape(-1)
+    if not flat.size:
+        return np.zeros((0, 2), np.int64)
+    return _header_sizes(tf.constant(flat, tf.string)).numpy()
+
+
+def image_sizes(signature_name: str, arrays: dict[str, np.ndarray], max_image_pixels: int):
+    """int64 [N, 2]: (height, width) of the images a request decodes: serving_default's
+    items whose header declares 1..max_image_pixels pixels (the others are not decoded),
+    or extract_image's image. Other signatures: none."""
+    if signature_name == SERVING_SIGNATURE and BATCH_INPUT in arrays:
+        sizes = header_sizes(arrays[BATCH_INPUT])
+        pixels = sizes[:, 0] * sizes[:, 1]
+        return sizes[(pixels > 0) & (pixels <= max_image_pixels)]
+    if signature_name == IMAGE_SIGNATURE and "image" in arrays:
+        shape = np.shape(arrays["image"])
+        return np.array([shape[:2]], np.int64) if len(shape) == 3 else np.zeros((0, 2), np.int64)
+    return np.zeros((0, 2), np.int64)
+
+
+def check_pixels(sizes: np.ndarray, max_request_pixels: int, max_aspect_ratio: float) -> int:
+    """The request's decoded pixels; INVALID_ARGUMENT over max_request_pixels or for an
+    image longer than max_aspect_ratio times its width (or the other way round)."""
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+    total = int(np.sum(sizes[:, 0] * sizes[:, 1]))
+    if total > max_request_pixels:
+        raise ServingError(
+            "INVALID_ARGUMENT",
+            f"the request's images decode to {total} pixels, over the server's limit of "
+            f"{max_request_pixels} per request (--max_request_pixels); send fewer or "
+            "smaller images",
+        )
+    for number, (height, width) in enumerate(sizes.tolist()):
+        short, long = min(height, width), max(height, width)
+        if long > max_aspect_ratio * max(short, 1):
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                f"image {number} is {height} x {width} pixels: its aspect ratio is over the "
+                f"server's limit of {max_aspect_ratio:g} (--max_aspect_ratio)",
+            )
+    return total
