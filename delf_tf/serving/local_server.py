@@ -42,6 +42,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from delf_tf.contract import IMAGE_SIGNATURE
 from delf_tf.serving import rest_json
 from delf_tf.serving.errors import HTTP_STATUS, ServingError
 from delf_tf.serving.http_front import HttpFrontEnd, error_body
@@ -49,7 +50,13 @@ from delf_tf.serving.limits import (
     RequestLimits,
     ServerLimits,
 )
-from delf_tf.serving.memory import PixelBudget, configure_allocator
+from delf_tf.serving.memory import (
+    TRIM_AFTER_BYTES,
+    PixelBudget,
+    check_pixels,
+    configure_allocator,
+    release_memory_soon,
+)
 from delf_tf.serving.repository import (
     DEFAULT_SIGNATURE,
     ModelRepository,
@@ -87,6 +94,10 @@ def predict(
     signature = spec.signature_name or DEFAULT_SIGNATURE
     for key, proto in request.inputs.items():
         check_tensor_proto(key, proto, signature, limits)  # before decoding anything
+    image = request.inputs.get("image") if signature == IMAGE_SIGNATURE else None
+    if image is not None and len(image.tensor_shape.dim) == 3:  # its pixels, before decoding
+        size = [dim.size for dim in image.tensor_shape.dim[:2]]
+        check_pixels(np.array([size]), limits.max_request_pixels, limits.max_aspect_ratio)
     try:
         inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
     except (TypeError, ValueError) as error:
@@ -155,7 +166,11 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):  # noqa: N802 (gRPC method name)
         wait = context.time_remaining()  # the client's deadline, else the budget's own wait
         arguments = (self.repository, request, self.limits, self.budget, wait)
-        return _answer(context, predict, *arguments)
+        try:
+            return _answer(context, predict, *arguments)
+        finally:
+            if request.ByteSize() >= TRIM_AFTER_BYTES:
+                release_memory_soon()
 
     def GetModelMetadata(self, request, context):  # noqa: N802
         return _answer(context, model_metadata, self.repository, request)
@@ -208,6 +223,9 @@ class RestApi:
         except Exception as error:  # keep serving
             logging.exception("internal error")
             status, answer = 500, {"error": f"{type(error).__name__}: {error}"}
+        finally:
+            if len(body) >= TRIM_AFTER_BYTES:
+                release_memory_soon()
         return status, json.dumps(answer, default=_json_default).encode("utf-8")
 
     def _answer(self, method: str, target: str, body: bytes):

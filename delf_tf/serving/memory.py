@@ -14,13 +14,18 @@ image tensor's height x width) and checked against `RequestLimits`:
 a request that does not fit waits for running ones to finish, up to a timeout, and
 then gets RESOURCE_EXHAUSTED (HTTP 429).
 
-Memory return: TF's CPU tensors come from glibc malloc. glibc serves large blocks
-with mmap only below a threshold that it raises after each large free, after which
-the blocks of a 3 GB request stay in the heap after it ends. `configure_allocator`
-fixes the threshold (M_MMAP_THRESHOLD, which also turns the raising off), so every
-block of MMAP_THRESHOLD_BYTES or more is mapped and unmapped on free, and
-`release_memory` (malloc_trim) hands the heaps' free pages back after a request of
-more than TRIM_AFTER_PIXELS pixels. Both are no-ops where glibc is absent.
+Memory return (measured in bench/soak.py): TF builds with oneDNN serve large CPU
+tensors from a BFC allocator (MklCPUAllocator) that keeps every region it ever grew
+to, so the peak of one large request stayed allocated for the life of the server.
+`configure_allocator` (called by `LocalServer.start`, before a model is loaded) sets
+TF_ONEDNN_USE_SYSTEM_ALLOCATOR=true, which sends those tensors to malloc (the oneDNN
+kernels stay), and fixes glibc's mmap threshold (M_MMAP_THRESHOLD, which also stops
+glibc from raising it after each large free), so every block of MMAP_THRESHOLD_BYTES
+or more is mapped and unmapped on free; `release_memory` (malloc_trim) hands the
+heaps' free pages back after a request of more than TRIM_AFTER_PIXELS pixels. The
+environment variable is read once per process, at TF's first large allocation: a
+process that ran TF before (the tests' in-process servers) keeps its allocator.
+The glibc calls are no-ops where glibc is absent.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -37,8 +43,10 @@ import numpy as np
 from delf_tf.contract import BATCH_INPUT, IMAGE_SIGNATURE, SERVING_SIGNATURE
 from delf_tf.serving.errors import ServingError
 
+SYSTEM_ALLOCATOR_ENV = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
 MMAP_THRESHOLD_BYTES = 1 << 20
 TRIM_AFTER_PIXELS = 1 << 20
+TRIM_AFTER_BYTES = 1 << 20  # a request message at least this large: trimmed after it
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _libc = None
 
@@ -55,7 +63,9 @@ def _glibc():
 
 
 def configure_allocator() -> bool:
-    """Fixes glibc's mmap threshold (see the module docstring); whether it applied."""
+    """TF's large CPU tensors from malloc, glibc's mmap threshold fixed (see the module
+    docstring); whether glibc took the setting."""
+    os.environ.setdefault(SYSTEM_ALLOCATOR_ENV, "true")
     libc = _glibc()
     return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
@@ -64,6 +74,23 @@ def release_memory() -> bool:
     """Returns the free pages of malloc's heaps to the system (glibc malloc_trim)."""
     libc = _glibc()
     return bool(libc and libc.malloc_trim(0))
+
+
+_pending_release: threading.Timer | None = None
+_pending_lock = threading.Lock()
+
+
+def release_memory_soon(delay: float = 0.2) -> None:
+    """`release_memory` in `delay` seconds, once however often it is asked for meanwhile:
+    after a large request, once its message (held by gRPC or the REST front end until
+    the handler returns) is freed."""
+    global _pending_release
+    with _pending_lock:
+        if _pending_release is not None and _pending_release.is_alive():
+            return
+        _pending_release = threading.Timer(delay, release_memory)
+        _pending_release.daemon = True
+        _pending_release.start()
 
 
 class PixelBudget:
@@ -102,6 +129,7 @@ class PixelBudget:
                 self._condition.notify_all()
         if pixels > TRIM_AFTER_PIXELS:
             release_memory()
+            release_memory_soon()  # and again once the answer is sent
 
 
 _header_sizes = None
