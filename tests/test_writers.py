@@ -256,3 +256,20 @@ def test_tampered_store_gives_one_line(tmp_path, capsys, case):
     assert error.strip().splitlines()[-1].startswith("delf index: error: "), error
     assert "Traceback" not in error and "delf index: error" in error.strip().splitlines()[-1]
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("case", ["oversized .delf", "NaN in .delf"])
+def test_tampered_delf_store_gives_one_line(tmp_path, capsys, case):
+    store = FeatureStore.open_or_create(tmp_path / "s", "f" * 64, DESCRIPTION, formats=("delf",))
+    store.save("a", _features(6, 0))
+    if case == "oversized .delf":
+        with open(store.root / "a.delf", "r+b") as handle:
+            handle.truncate(1 << 30)  # sparse: no disk space, never read
+    else:
+        bad = _features(6, 1)
+        store.save(
+            "a", LocalFeatures(bad.keypoints, bad.scales, bad.scores, bad.descriptors * np.nan)
+        )
+    assert main(_index(f"--features={store.root}", f"--output_dir={tmp_path / 'i'}")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("delf index: error: ") and "a.delf" in error, error

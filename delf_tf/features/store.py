@@ -31,11 +31,13 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from absl import logging
 
 from delf_tf.atomic import (
@@ -47,7 +49,12 @@ from delf_tf.atomic import (
 )
 from delf_tf.errors import FingerprintMismatchError, InputError
 from delf_tf.features.delf_io import local_features_from_delf, local_features_to_delf
-from delf_tf.features.local_features import LocalFeatures
+from delf_tf.features.local_features import (
+    FALLBACK_MAX_DIM,
+    FALLBACK_MAX_FEATURES,
+    FeatureFileError,
+    LocalFeatures,
+)
 from delf_tf.formats import delf_file
 
 FORMAT_VERSION = 1
@@ -259,11 +266,20 @@ class FeatureStore:
         """LocalFeatures of `key`; from .delf files with the .delg_global attached if any."""
         if "npz" in self.formats:
             return LocalFeatures.load(self.path(key), *self.bounds())
-        features = local_features_from_delf(self._delf_path(key))
+        # .delf files: the file size bounds what parsing it costs; checked before reading.
+        count, dim, global_dim = self.bounds()
+        count, dim = count or FALLBACK_MAX_FEATURES, dim or FALLBACK_MAX_DIM
+        path = self._delf_path(key)
+        _check_feature_file(path, _DELF_SLACK + count * (dim + 8) * 4 * 2)
+        features = local_features_from_delf(path)
         global_path = self.root / (self._stem(key) + GLOBAL_SUFFIX)
         if global_path.is_file():
+            _check_feature_file(global_path, _DELF_SLACK + 8 * (global_dim or FALLBACK_MAX_DIM))
             descriptor = delf_file.read_global_descriptor(global_path)
             features = dataclasses.replace(features, global_descriptor=descriptor)
+        for name, array in features.arrays().items():
+            if not np.all(np.isfinite(array)):
+                raise FeatureFileError(f"{path}: {name} holds NaN or infinite values")
         return features
 
     def stored_keys(self) -> Iterator[str]:
@@ -286,6 +302,24 @@ def _holds_delf_files(root: Path) -> bool:
     if not root.is_dir():
         return False
     return any(path.suffix in DELF_SUFFIXES and path.is_file() for path in root.rglob("*"))
+
+
+_DELF_SLACK = 1 << 16  # protobuf framing and the header fields of a .delf file
+
+
+def _check_feature_file(path: Path, limit: int) -> None:
+    """FeatureFileError unless `path` is a regular file of at most `limit` bytes."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise FeatureFileError(f"{path}: cannot read ({error.strerror})") from error
+    if not stat.S_ISREG(status.st_mode):
+        raise FeatureFileError(f"{path}: not a regular file")
+    if status.st_size > limit:
+        raise FeatureFileError(
+            f"{path}: {status.st_size} bytes, more than the store's max_features x "
+            f"descriptor dimension allow ({limit})"
+        )
 
 
 def _short(fingerprint: object) -> str:
