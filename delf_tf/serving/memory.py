@@ -4,7 +4,7 @@ allocator made to give memory back after a large request.
 Extraction memory grows with the pixels an image decodes to (the image, its float
 copies for the resize and the pyramid, the network's activations): per request,
 the images' pixels are summed (serving_default: the sizes their headers declare,
-read by the served graph's own `header_size`, nothing decoded; extract_image: the
+read from their headers by Pillow, nothing decoded; extract_image: the
 image tensor's height x width) and checked against `RequestLimits`:
 - max_request_pixels: the sum over the request's images (INVALID_ARGUMENT above);
 - max_aspect_ratio: long side / short side of each image (INVALID_ARGUMENT above): a
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
 import threading
 import time
@@ -132,26 +133,40 @@ class PixelBudget:
             release_memory_soon()  # and again once the answer is sent
 
 
-_header_sizes = None
+# The first bytes of the formats the served graph decodes (image_bytes.header_size).
+_SERVED_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")
 
 
-def header_sizes(images: np.ndarray) -> np.ndarray:
-    """int64 [B, 2]: (height, width) that each encoded image's header declares, (0, 0)
-    where the served graph would not decode it: the graph's own `header_size`."""
-    global _header_sizes
-    import tensorflow as tf
+def header_sizes(images: np.ndarray, max_image_pixels: int) -> np.ndarray:
+    """int64 [B, 2]: (height, width) each encoded image's header declares, read by
+    Pillow without decoding (its lazy open reads the header only). (0, 0) for bytes of
+    no served format (the graph does not decode them); an image of a served format
+    whose header Pillow cannot read counts as the largest square the graph would decode
+    (max_image_pixels: conservative for the pixel bounds)."""
+    import io
+    import warnings
 
-    if _header_sizes is None:
-        from delf_tf.extraction.image_bytes import header_size
+    from PIL import Image
 
-        _header_sizes = tf.function(
-            lambda batch: tf.map_fn(header_size, batch, fn_output_signature=tf.int64),
-            input_signature=[tf.TensorSpec([None], tf.string)],
-        )
-    flat = np.asarray(images, dtype=object).reshape(-1)
-    if not flat.size:
-        return np.zeros((0, 2), np.int64)
-    return _header_sizes(tf.constant(flat, tf.string)).numpy()
+    sizes = np.zeros((np.size(images), 2), np.int64)
+    for number, data in enumerate(np.asarray(images, dtype=object).reshape(-1)):
+        data = bytes(data)
+        served = data.startswith(_SERVED_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+        if not served:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height = image.size
+        except Image.DecompressionBombError:  # over twice Pillow's bound
+            if max_image_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+                continue  # over the graph's bound too: not decoded
+            width = height = math.isqrt(max_image_pixels)
+        except Exception:  # noqa: BLE001 - any unreadable header: the conservative bound
+            width = height = math.isqrt(max_image_pixels)
+        sizes[number] = (height, width)
+    return sizes
 
 
 def image_sizes(signature_name: str, arrays: dict[str, np.ndarray], max_image_pixels: int):
@@ -159,7 +174,7 @@ def image_sizes(signature_name: str, arrays: dict[str, np.ndarray], max_image_pi
     items whose header declares 1..max_image_pixels pixels (the others are not decoded),
     or extract_image's image. Other signatures: none."""
     if signature_name == SERVING_SIGNATURE and BATCH_INPUT in arrays:
-        sizes = header_sizes(arrays[BATCH_INPUT])
+        sizes = header_sizes(arrays[BATCH_INPUT], max_image_pixels)
         pixels = sizes[:, 0] * sizes[:, 1]
         return sizes[(pixels > 0) & (pixels <= max_image_pixels)]
     if signature_name == IMAGE_SIGNATURE and "image" in arrays:

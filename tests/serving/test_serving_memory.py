@@ -91,9 +91,11 @@ def test_aspect_ratio_is_bounded_before_the_model(small_server):
     assert "aspect ratio" in caught.value.details()
 
 
-def test_header_sizes_are_the_graphs():
-    sizes = header_sizes(np.array([_png(5, 7), b"garbage", _png(1, 3)], dtype=object))
-    assert sizes.tolist() == [[5, 7], [0, 0], [1, 3]]
+def test_header_sizes_without_decoding():
+    truncated = _png(5, 7)[:20]  # a PNG signature, its IHDR cut: counted as the largest
+    images = np.array([_png(5, 7), b"garbage", _png(1, 3), truncated], dtype=object)
+    sizes = header_sizes(images, max_image_pixels=10_000)
+    assert sizes.tolist() == [[5, 7], [0, 0], [1, 3], [100, 100]]
 
 
 def test_server_budget_waits_then_refuses():
