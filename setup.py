@@ -27,9 +27,10 @@ setup(
         "grpcio",
         "faiss-cpu",
         "apache-beam",
+        "prometheus-client",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "ruff"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "selenium"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

@@ -38,7 +38,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "index_type",
         None,
         "structures to build, any of votes (k-NN structure of the votes ranking), asmk "
-        "(ASMK* codebook + inverted file); default: votes for a new index, the present "
+        "(ASMK* codebook + inverted file); default votes for a new index, the present "
         "ones with --append",
         **define,
     )
@@ -53,7 +53,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "codebook_size",
         None,
-        "ASMK visual words (default: ~descriptors / 64 as a power of two, 16..65536); "
+        "ASMK visual words (default ~descriptors / 64 as a power of two, 16..65536); "
         "another size than the index's retrains the codebook",
         **define,
     )
@@ -78,6 +78,8 @@ def run(flag_values: flags.FlagValues) -> int:
     if unknown:
         raise InputError(f"--index_type {unknown}: known {list(INDEX_TYPES)}")
     store = FeatureStore.open(flag_values.features)
+    if next(store.stored_keys(), None) is None:
+        raise InputError(f"{store.root}: an empty feature store (run `delf extract` into it)")
     # One writer per index: the read of an existing index (--append) and the swap of
     # the new one happen under the lock, so no concurrent writer's update is lost.
     with writer_lock(output, wait=flag_values.wait_for_lock):

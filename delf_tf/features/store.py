@@ -114,6 +114,8 @@ class FeatureStore:
         with fingerprint None (and a warning)."""
         root = Path(root)
         path = root / MANIFEST
+        if not root.is_dir():
+            raise InputError(f"{root}: no such directory (not a feature store)")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
@@ -155,16 +157,26 @@ class FeatureStore:
         fingerprint: str,
         description: dict[str, Any],
         formats: tuple[str, ...] | None = None,
+        overwrite: bool = False,
     ) -> FeatureStore:
-        """Opens the store at `root` if it was made by the same extractor, else creates it.
+        """Opens the store at `root` if it was made by the same extractor with the same
+        extraction settings, else creates it.
 
         `formats` (see __init__) is recorded in a new manifest when not ("npz",);
         None keeps an existing store's formats.
-        Raises StoreMismatchError when `root` holds features of another extractor.
+        overwrite: an existing store's features are deleted (then its manifest is
+          replaced), so every image is extracted again with these settings.
+        Raises StoreMismatchError when `root` holds features of another extractor or
+        of other extraction settings (naming the fields), unless `overwrite`.
         """
         root = Path(root)
         if (root / MANIFEST).exists():
-            return cls._open_same(root, fingerprint, formats)
+            if not overwrite:
+                return cls._open_same(root, fingerprint, description, formats)
+            cls.open(root, formats).delete_features()
+            replace = True
+        else:
+            replace = False
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -177,22 +189,23 @@ class FeatureStore:
         root.mkdir(parents=True, exist_ok=True)
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         try:  # exclusive: of two creators starting together, one makes the store
-            atomic_write_text(root / MANIFEST, text, exclusive=True)
+            atomic_write_text(root / MANIFEST, text, exclusive=not replace)
         except FileExistsError:
-            return cls._open_same(root, fingerprint, formats)
+            return cls._open_same(root, fingerprint, description, formats)
         return store
 
     @classmethod
     def _open_same(
-        cls, root: Path, fingerprint: str, formats: tuple[str, ...] | None
+        cls,
+        root: Path,
+        fingerprint: str,
+        description: dict[str, Any],
+        formats: tuple[str, ...] | None,
     ) -> FeatureStore:
-        """The existing store at `root`; StoreMismatchError unless it has `fingerprint`."""
+        """The existing store at `root`; StoreMismatchError unless it was made by the same
+        extractor with the same settings."""
         store = cls.open(root, formats)
-        if store.fingerprint != fingerprint:
-            raise StoreMismatchError(
-                f"{root}: holds features of extractor {_short(store.fingerprint)}, "
-                f"not of this one ({_short(fingerprint)}); use another --output directory"
-            )
+        check_same_extractor(root, store.manifest, fingerprint, description)
         clean_stale_tree(root)  # temporaries of a killed earlier writer
         return store
 
@@ -282,6 +295,15 @@ class FeatureStore:
                 raise FeatureFileError(f"{path}: {name} holds NaN or infinite values")
         return features
 
+    def delete_features(self) -> None:
+        """Deletes every feature file (and failures.jsonl); the manifest stays until a new
+        one replaces it, so a crash leaves old features under their own manifest."""
+        suffixes = (SUFFIX, *DELF_SUFFIXES, GLOBAL_SUFFIX, KEY_SUFFIX)
+        for path in sorted(self.root.rglob("*"), reverse=True):
+            if path.is_file() and path.name.endswith(suffixes):
+                path.unlink()
+        (self.root / FAILURES).unlink(missing_ok=True)
+
     def stored_keys(self) -> Iterator[str]:
         """Keys of all stored images, sorted (dot-named images included: temporary files
         never end in a store suffix, see delf_tf.atomic). Entries with a store suffix
@@ -295,6 +317,39 @@ class FeatureStore:
                 if path.is_file() or _misplaced(path):
                     keys.add(self._key_of(path.relative_to(self.root).as_posix()[: -len(suffix)]))
         yield from sorted(keys)
+
+
+def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Names of the extraction settings (`extraction_config` fields of two extractor
+    descriptions) that differ, as "field recorded -> wanted"; [] when either has none."""
+    old, new = recorded.get("extraction_config"), wanted.get("extraction_config")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    names = sorted(set(old) | set(new))
+    return [
+        f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+        for name in names
+        if old.get(name) != new.get(name)
+    ]
+
+
+def check_same_extractor(
+    root: str | os.PathLike, manifest: dict[str, Any], fingerprint: str, description: dict
+) -> None:
+    """Raises StoreMismatchError when the store whose manifest this is holds features of
+    another extractor or of other extraction settings (a run must not mix them)."""
+    if manifest.get("fingerprint") != fingerprint:
+        raise StoreMismatchError(
+            f"{root}: holds features of extractor {str(manifest.get('fingerprint'))[:12]}, "
+            f"not of this one ({fingerprint[:12]}); use another --output_dir, or "
+            "--overwrite to replace them"
+        )
+    differences = settings_differences(manifest.get("extractor") or {}, description)
+    if differences:
+        raise StoreMismatchError(
+            f"{root}: holds features extracted with other settings ({'; '.join(differences)}); "
+            "use another --output_dir, or --overwrite to extract every image again"
+        )
 
 
 def _holds_delf_files(root: Path) -> bool:
@@ -320,10 +375,6 @@ def _check_feature_file(path: Path, limit: int) -> None:
             f"{path}: {status.st_size} bytes, more than the store's max_features x "
             f"descriptor dimension allow ({limit})"
         )
-
-
-def _short(fingerprint: object) -> str:
-    return str(fingerprint)[:12] if fingerprint else "(none)"
 
 
 def _positive_int(value: object) -> bool:

@@ -28,6 +28,7 @@ large index is paged in on demand.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -866,3 +867,25 @@ def _read_json(path: Path, missing_message: str) -> Any:
         raise IndexFormatError(missing_message) from error
     except (OSError, json.JSONDecodeError) as error:
         raise IndexFormatError(f"{path}: unreadable ({error})") from error
+
+
+def read_generation(directory: str | os.PathLike) -> int | None:
+    """The generation of the index in `directory`, or None while it is missing (mid-swap).
+
+    Minimal version for the search service's reload (branch `service`): the
+    `indexsplit` branch adds an integer "generation" to index.json, incremented by
+    every save, and replaces this. Until then, an index.json without one is
+    identified by its inode, size and modification time (every save writes a new
+    index.json in a new directory, so these change).
+    """
+    path = Path(directory) / HEADER
+    try:
+        status = path.stat()
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    generation = header.get("generation") if isinstance(header, dict) else None
+    if isinstance(generation, int) and not isinstance(generation, bool):
+        return generation
+    signature = f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}".encode()
+    return int.from_bytes(hashlib.sha256(signature).digest()[:7], "big")
