@@ -3,9 +3,9 @@ allocator made to give memory back after a large request.
 
 Extraction memory grows with the pixels an image decodes to (the image, its float
 copies for the resize and the pyramid, the network's activations): per request,
-the images' pixels are summed (serving_default: the sizes their headers declare,
-read from their headers by Pillow, nothing decoded; extract_image: the
-image tensor's height x width) and checked against `RequestLimits`:
+the images' pixels are summed (serving_default: the sizes their headers declare, read
+by Pillow, else by the graph's own reader, nothing decoded; extract_image: the image
+tensor's height x width) and checked against `RequestLimits`:
 - max_request_pixels: the sum over the request's images (INVALID_ARGUMENT above);
 - max_aspect_ratio: long side / short side of each image (INVALID_ARGUMENT above): a
   1 x 80 000 000 image is under every pixel bound, but the resize to the size limits
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import math
 import os
 import threading
 import time
@@ -137,19 +136,21 @@ class PixelBudget:
 _SERVED_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")
 
 
-def header_sizes(images: np.ndarray, max_image_pixels: int) -> np.ndarray:
-    """int64 [B, 2]: (height, width) each encoded image's header declares, read by
-    Pillow without decoding (its lazy open reads the header only). (0, 0) for bytes of
-    no served format (the graph does not decode them); an image of a served format
-    whose header Pillow cannot read counts as the largest square the graph would decode
-    (max_image_pixels: conservative for the pixel bounds)."""
+def header_sizes(images: np.ndarray) -> np.ndarray:
+    """int64 [B, 2]: (height, width) each encoded image's header declares, (0, 0) where
+    the served graph would not decode it. Read by Pillow's lazy open (the header only,
+    ~0.1 ms an image); an image of a served format whose header Pillow cannot read is
+    read by the served graph's own `header_size`, so that nothing the graph decodes
+    goes uncounted (a tf.function traced at its first use: seconds, once a process)."""
     import io
     import warnings
 
     from PIL import Image
 
-    sizes = np.zeros((np.size(images), 2), np.int64)
-    for number, data in enumerate(np.asarray(images, dtype=object).reshape(-1)):
+    flat = np.asarray(images, dtype=object).reshape(-1)
+    sizes = np.zeros((flat.size, 2), np.int64)
+    unread = []
+    for number, data in enumerate(flat):
         data = bytes(data)
         served = data.startswith(_SERVED_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
         if not served:
@@ -159,14 +160,33 @@ def header_sizes(images: np.ndarray, max_image_pixels: int) -> np.ndarray:
                 warnings.simplefilter("ignore")
                 with Image.open(io.BytesIO(data)) as image:
                     width, height = image.size
-        except Image.DecompressionBombError:  # over twice Pillow's bound
-            if max_image_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
-                continue  # over the graph's bound too: not decoded
-            width = height = math.isqrt(max_image_pixels)
-        except Exception:  # noqa: BLE001 - any unreadable header: the conservative bound
-            width = height = math.isqrt(max_image_pixels)
+        except Exception:  # noqa: BLE001 - unreadable here: the graph's reading decides
+            unread.append(number)
+            continue
         sizes[number] = (height, width)
+    if unread:
+        sizes[unread] = _graph_header_sizes(flat[unread])
     return sizes
+
+
+_graph_function = None
+_graph_lock = threading.Lock()
+
+
+def _graph_header_sizes(images: np.ndarray) -> np.ndarray:
+    """`delf_tf.extraction.image_bytes.header_size` of each item, int64 [B, 2]."""
+    global _graph_function
+    import tensorflow as tf
+
+    with _graph_lock:
+        if _graph_function is None:
+            from delf_tf.extraction.image_bytes import header_size
+
+            _graph_function = tf.function(
+                lambda batch: tf.map_fn(header_size, batch, fn_output_signature=tf.int64),
+                input_signature=[tf.TensorSpec([None], tf.string)],
+            )
+    return _graph_function(tf.constant(list(images), tf.string)).numpy()
 
 
 def image_sizes(signature_name: str, arrays: dict[str, np.ndarray], max_image_pixels: int):
@@ -174,7 +194,7 @@ def image_sizes(signature_name: str, arrays: dict[str, np.ndarray], max_image_pi
     items whose header declares 1..max_image_pixels pixels (the others are not decoded),
     or extract_image's image. Other signatures: none."""
     if signature_name == SERVING_SIGNATURE and BATCH_INPUT in arrays:
-        sizes = header_sizes(arrays[BATCH_INPUT], max_image_pixels)
+        sizes = header_sizes(arrays[BATCH_INPUT])
         pixels = sizes[:, 0] * sizes[:, 1]
         return sizes[(pixels > 0) & (pixels <= max_image_pixels)]
     if signature_name == IMAGE_SIGNATURE and "image" in arrays:

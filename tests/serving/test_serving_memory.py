@@ -18,6 +18,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from delf_tf.contract import IMAGE_SIGNATURE
+from delf_tf.extraction.image_bytes import header_size
 from delf_tf.images import encode_png
 from delf_tf.serving.errors import ServingError
 from delf_tf.serving.limits import RequestLimits, ServerLimits
@@ -92,10 +93,11 @@ def test_aspect_ratio_is_bounded_before_the_model(small_server):
 
 
 def test_header_sizes_without_decoding():
-    truncated = _png(5, 7)[:20]  # a PNG signature, its IHDR cut: counted as the largest
+    truncated = _png(5, 7)[:20]  # a PNG signature, its IHDR cut: the graph's reading
     images = np.array([_png(5, 7), b"garbage", _png(1, 3), truncated], dtype=object)
-    sizes = header_sizes(images, max_image_pixels=10_000)
-    assert sizes.tolist() == [[5, 7], [0, 0], [1, 3], [100, 100]]
+    sizes = header_sizes(images)
+    assert sizes[:3].tolist() == [[5, 7], [0, 0], [1, 3]]
+    assert sizes[3].tolist() == list(header_size(tf.constant(truncated)).numpy())
 
 
 def test_server_budget_waits_then_refuses():
