@@ -26,11 +26,13 @@ setup(
         "tensorflow-serving-api",
         "grpcio",
         "faiss-cpu",
+        "threadpoolctl",
         "apache-beam",
         "prometheus-client",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "ruff", "selenium"],
+        # jax[cpu]: tests/model/test_backends.py builds every architecture on JAX too.
+        "dev": ["pytest", "pytest-xdist", "ruff", "selenium", "jax[cpu]"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

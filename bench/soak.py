@@ -1,5 +1,5 @@
 """Soak `delf serve` on loopback: 8 gRPC + 8 REST clients mixing good, corrupt and oversized
-requests with 100 stalled connections; prints JSON (see delf_tf/serving/soak.py). Then the
+requests with 100 stalled connections; prints JSON (see delf_tf/testing/soak.py). Then the
 memory phase: the memory-heavy requests of issue 20 against a server with its default
 request limits, reporting the server's idle, peak (VmHWM) and after-phase RSS.
 
@@ -38,7 +38,7 @@ flags.DEFINE_integer("big_side", 9400, "side of the square PNG of the memory pha
 
 def main(argv: list[str]) -> int:
     del argv
-    from delf_tf.serving.soak import run_soak
+    from delf_tf.testing.soak import run_soak
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = FLAGS.export
@@ -111,7 +111,7 @@ def memory_phase(model_dir: Path) -> dict:
 
     from delf_tf.contract import IMAGE_SIGNATURE
     from delf_tf.images import encode_png
-    from delf_tf.serving.soak import _Server
+    from delf_tf.testing.soak import _Server
 
     # A 9400 x 9400 PNG takes 10-30 s on 2 busy cores: a REST timeout that lets it answer.
     extra = ["--max_request_bytes=314572800", "--rest_api_timeout_in_ms=180000"]

@@ -311,8 +311,33 @@ def _link_exclusive(temporary: Path, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """A path of a TensorFlow file system other than the local disk (gs://, s3://, ram://)."""
+    return "://" in os.fspath(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
+    """Writes `data` at a local path (`atomic_write`) or a remote one (`is_remote`).
+
+    A remote file is one tf.io.gfile object upload, which becomes visible only when
+    complete (GCS): whole or not at all as well. TensorFlow is imported only then.
+    exclusive (local paths only; a remote store is not locked either, see
+    delf_tf.locks): FileExistsError when `path` exists, see `atomic_write`.
+    """
+    if not is_remote(path):
+        atomic_write(path, lambda handle: handle.write(data), exclusive=exclusive)
+        return
+    import tensorflow as tf
+
+    path = os.fspath(path)
+    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+    with tf.io.gfile.GFile(path, "wb") as handle:
+        handle.write(data)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, exclusive: bool = False) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), exclusive=exclusive)
+    """`atomic_write_bytes` of UTF-8 text (local or remote)."""
+    atomic_write_bytes(path, text.encode("utf-8"), exclusive=exclusive)
 
 
 # --- directories ------------------------------------------------------------------------
@@ -445,3 +470,16 @@ def staged_directory(final: str | os.PathLike, replace: bool = True) -> Iterator
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_staged(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Calls `write(handle)` on a new file `path` inside a `staged_directory` folder.
+
+    No temporary and no rename: the folder is the unit that appears whole (its swap
+    publishes every file at once, after `staged_directory` fsynced them), so a file
+    inside it needs neither. O_EXCL: never over an existing file or a link.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    descriptor = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(descriptor, "wb") as handle:
+        write(handle)

@@ -17,6 +17,9 @@ T = TypeVar("T", bound="JsonConfig")
 
 # Backbones of ModelConfig.backbone; ResNet50's conv4 output has 1024 channels.
 BACKBONES: tuple[str, ...] = ("resnet50", "tiny")
+# Network architectures (ModelConfig.architecture): the paper's DelfModel, and the two
+# released reference networks as Keras models (delf_tf.model.reference_nets).
+ARCHITECTURES: tuple[str, ...] = ("delf", "resnet_v1_50", "delg_resnet50")
 RESNET50_FEATURE_DEPTH = 1024
 
 # Image pyramid of the paper: 7 scales, a factor sqrt(2) apart, 0.25 .. 2.0.
@@ -97,7 +100,14 @@ class ModelConfig(JsonConfig):
         experiments; no pretrained weights). Both have stride 16 and take
         caffe-preprocessed input.
       feature_depth: channels of the backbone output (the raw descriptor size):
-        fixed at 1024 for resnet50, any value >= 1 for tiny (e.g. 64).
+        fixed at 1024 for resnet50, any value >= 1 for tiny (e.g. 64). The paper's
+        architecture only.
+      architecture: "delf" (the paper's DelfModel), "resnet_v1_50" (tf-slim
+        resnet_v1_50 + attention, as the release delf_gld_20190411) or "delg_resnet50"
+        (the reference TF2 ResNet50 with attention, autoencoder and GeM global head, as
+        the DELG releases); `backbone` then picks the size ("resnet50": the releases',
+        "tiny": a small copy of the same structure for tests). Each carries its input
+        convention (delf_tf.model.reference_nets.INPUT_CONVENTIONS).
     """
 
     num_classes: int = 0
@@ -105,8 +115,10 @@ class ModelConfig(JsonConfig):
     weight_decay: float = 1e-4
     backbone: str = "resnet50"
     feature_depth: int = RESNET50_FEATURE_DEPTH
+    architecture: str = "delf"
 
     def __post_init__(self) -> None:
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "resnet50" and self.feature_depth != RESNET50_FEATURE_DEPTH:
@@ -178,6 +190,8 @@ class ExtractionConfig(JsonConfig):
             raise ConfigError(f"max_image_size must be positive or -1, got {self.max_image_size}")
         if self.max_features < 1:
             raise ConfigError(f"max_features must be >= 1, got {self.max_features}")
+        if self.score_threshold != self.score_threshold:  # NaN keeps nothing
+            raise ConfigError("score_threshold must be a number, got nan")
         if not 0.0 < self.iou_threshold <= 1.0:
             raise ConfigError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if self.pca_dim < 1:
@@ -185,6 +199,10 @@ class ExtractionConfig(JsonConfig):
 
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# ExtractionConfig fields chosen per host, not per collection: a query or a resumed
+# extraction may differ from the store's or index's record in these (same descriptor
+# space within the measured fidelity; the fingerprint leaves them out).
+PER_HOST_FIELDS: tuple[str, ...] = ("precision",)
 TRAINING_STAGES: tuple[str, ...] = ("descriptor", "attention", "joint")
 LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 STRATEGIES: tuple[str, ...] = ("default", "mirrored", "multi_worker", "tpu")
@@ -283,6 +301,10 @@ class TrainingConfig(JsonConfig):
             )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.attention_loss_weight < 0:
+            raise ConfigError(
+                f"attention_loss_weight must be >= 0, got {self.attention_loss_weight}"
+            )
         _check_range("attention_scale_range", self.attention_scale_range, upper=1.0)
         _check_range("crop_area_range", self.crop_area_range, upper=1.0)
         _check_range("crop_aspect_range", self.crop_aspect_range, upper=None)

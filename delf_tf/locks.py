@@ -32,6 +32,7 @@ import os
 import threading
 from collections.abc import Iterator
 
+from delf_tf.atomic import is_remote
 from delf_tf.errors import DelfError
 
 LOCK_SUFFIX = ".lock"
@@ -41,11 +42,6 @@ _guard = threading.Lock()
 
 class LockedError(DelfError):
     """Another process writes the same index or store (its lock is held)."""
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """Whether `path` is a URL of a remote file system (gs://...), which flock cannot lock."""
-    return "://" in os.fspath(path)
 
 
 def lock_path(directory: str | os.PathLike) -> str:

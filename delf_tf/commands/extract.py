@@ -17,6 +17,7 @@ from absl import flags
 from delf_tf.commands.common import (
     define_extractor_flags,
     define_lock_flag,
+    extraction_precision,
     extractor_from_flags,
     warn_if_untrained,
 )
@@ -80,5 +81,6 @@ def run(flag_values: flags.FlagValues) -> int:
             f"{summary.zero_features[0].reason} (listed in {summary.failures_file})",
             file=sys.stderr,
         )
-    print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))
+    precision = extraction_precision(extractor)
+    print(json.dumps({"output_dir": str(store.root), **summary.to_dict(), "precision": precision}))
     return EXIT_PARTIAL if summary.failed or summary.all_zero else EXIT_OK

@@ -10,7 +10,7 @@ The graph has three stages; only the middle one depends on the model:
    min_image_size), with the resize factors kept;
 2. the network (a `FeatureNetwork`): the image pyramid, attention, threshold and
    top-K. Back ends: the project's Keras DelfModel (`keras_network.KerasNetwork`)
-   or a released reference model's own TF1 graph (`delf_tf.releases.ReleaseNetwork`);
+   or a released reference model's own TF1 graph (`delf_tf.releases.network.ReleaseNetwork`);
 3. the reference post-processing (OFFICIAL_DELF.md, "Post-processing"): locations
    divided by the resize factors (original-image pixels), descriptors L2-normalised,
    then PCA `(d - mean) @ P[:pca_dim].T` (whitening: / sqrt(variances)) and L2
@@ -93,15 +93,16 @@ class ExtractionModule(tf.Module):
         super().__init__(name="delf_extraction")
         from delf_tf.extraction.keras_network import KerasNetwork
         from delf_tf.model.delf import DelfModel
+        from delf_tf.model.reference_nets import ReferenceModel
 
-        if isinstance(network, DelfModel):
+        if isinstance(network, (DelfModel, ReferenceModel)):
             network = KerasNetwork(
                 network, iou_threshold=config.iou_threshold, precision=config.precision
             )
         elif config.precision != "float32" and not isinstance(network, KerasNetwork):
             raise ConfigError(
-                f"precision {config.precision!r} applies to DelfModels; a released TF1 graph "
-                "runs in float32"
+                f"precision {config.precision!r} applies to Keras models; a released TF1 graph "
+                "runs in float32 (convert it to a Keras model first: delf convert)"
             )
         self.network = network
         self.config = config
@@ -223,8 +224,9 @@ def extractor_fingerprint(network, config: ExtractionConfig, pca: PcaParams | No
     """
     from delf_tf.extraction.keras_network import KerasNetwork
     from delf_tf.model.delf import DelfModel
+    from delf_tf.model.reference_nets import ReferenceModel
 
-    if isinstance(network, DelfModel):
+    if isinstance(network, (DelfModel, ReferenceModel)):
         network = KerasNetwork(network)
     digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
     network.update_fingerprint(digest)

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from delf_tf.errors import InputError
 from delf_tf.matching.neighbors import kmeans
 
 FILES = ("centroids", "offsets", "entry_images", "entry_bits", "image_words")
@@ -88,7 +89,7 @@ KMEANS_ITERATIONS = 12
 _CHUNK = 1 << 20
 
 
-class AsmkError(ValueError):
+class AsmkError(InputError):
     """An ASMK structure is missing, inconsistent or cannot be built; the message names it."""
 
 
@@ -177,6 +178,10 @@ class AsmkIndex:
         problems = []
         if self.offsets.shape != (words + 1,) or (words and int(self.offsets[-1]) != len(self)):
             problems.append(f"offsets {self.offsets.shape} for {words} words, {len(self)} entries")
+        elif words and (int(self.offsets[0]) != 0 or np.any(np.diff(self.offsets) < 0)):
+            problems.append("offsets do not rise from 0")  # O(words)
+        if self.entry_images.shape != (len(self),):
+            problems.append(f"entry_images {self.entry_images.shape} for {len(self)} entries")
         if self.entry_bits.shape != (len(self), bytes_per_word):
             problems.append(f"entry_bits {self.entry_bits.shape} for {len(self)} entries")
         if int(self.words.ntotal) != words:
@@ -336,19 +341,23 @@ class AsmkIndex:
         differing = np.bitwise_count(np.bitwise_xor(self.entry_bits[entries], bits[owner]))
         similarity = 1.0 - 2.0 * differing.sum(axis=1, dtype=np.float64) / self.dim
         kernel = selective_kernel(similarity, alpha, threshold)
-        scores = np.bincount(
-            self.entry_images[entries], weights=kernel, minlength=self.num_images
-        ).astype(np.float64)
+        images = np.asarray(self.entry_images[entries])
+        if images.size and (int(images.min()) < 0 or int(images.max()) >= self.num_images):
+            # Checked where read (O(entries of the query's words)), not on every load.
+            raise AsmkError(
+                f"entry_images holds image {int(images.min()) if images.min() < 0 else int(images.max())}"
+                f" outside 0..{self.num_images - 1}: the ASMK structure is damaged"
+            )
+        scores = np.bincount(images, weights=kernel, minlength=self.num_images).astype(np.float64)
         image_words = np.asarray(self.image_words, np.float64)
         norm = np.where(image_words > 0, 1.0 / np.sqrt(np.maximum(image_words, 1.0)), 0.0)
         return scores * norm / math.sqrt(len(words))
 
     # --- disk ----------------------------------------------------------------------
 
-    def save(self, folder: str | os.PathLike, write_array) -> dict[str, Any]:
-        """Writes the files into `folder` (with `write_array(path, array)`); returns the header."""
-        import faiss
-
+    def save(self, folder: str | os.PathLike, write_array, write_faiss) -> dict[str, Any]:
+        """Writes the files into `folder` (with `write_array(path, array)` and
+        `write_faiss(path, index)`); returns the header."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         shapes = {}
@@ -356,7 +365,7 @@ class AsmkIndex:
             array = np.asarray(getattr(self, name), DTYPES[name])
             write_array(folder / f"{name}.npy", array)
             shapes[name] = list(array.shape)
-        faiss.write_index(self.words, str(folder / WORDS_FILE))
+        write_faiss(folder / WORDS_FILE, self.words)
         return {
             "parameters": self.parameters.to_dict(),
             "shapes": shapes,
@@ -366,24 +375,19 @@ class AsmkIndex:
         }
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, header: dict[str, Any], mmap: bool = True):
-        """Reads the files of `save` (arrays memory-mapped unless mmap=False)."""
+    def load(cls, folder: str | os.PathLike, header: dict[str, Any], read_array, mmap: bool = True):
+        """Reads the files of `save`: arrays by `read_array(path, dtype, shape, mmap)`
+        (which checks them against the header's shapes), memory-mapped unless mmap=False."""
         import faiss
 
         folder = Path(folder)
         arrays = {}
         for name in FILES:
             path = folder / f"{name}.npy"
-            try:
-                array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise AsmkError(f"{path}: unreadable ASMK array ({error})") from error
             expected = header.get("shapes", {}).get(name)
-            if array.dtype != DTYPES[name] or list(array.shape) != expected:
-                raise AsmkError(
-                    f"{path}: {array.dtype} {list(array.shape)}, index.json says {expected}"
-                )
-            arrays[name] = array
+            if expected is None:
+                raise AsmkError(f"{path}: index.json gives no shape for it")
+            arrays[name] = read_array(path, DTYPES[name], expected, mmap)
         try:
             words = faiss.read_index(str(folder / WORDS_FILE))
         except RuntimeError as error:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,28 +121,3 @@ class GlobalRanker:
         scores, ids = self.structure.search(query, k)
         keep = ids[0] >= 0
         return ids[0][keep].astype(np.int64), scores[0][keep]
-
-    # --- disk ----------------------------------------------------------------------
-
-    def save(self, folder: str | os.PathLike) -> dict[str, Any]:
-        """Writes `global.faiss` when there is an IVF structure; returns the header."""
-        header: dict[str, Any] = {"kind": self.kind, "dim": self.dim}
-        if self.structure is not None:
-            import faiss
-
-            faiss.write_index(self.structure, str(Path(folder) / IVF_FILE))
-            header["file"] = IVF_FILE
-            header["parameters"] = self.parameters.to_dict()
-        return header
-
-    @classmethod
-    def load(
-        cls, folder: str | os.PathLike, descriptors: np.ndarray, header: dict, mmap: bool = True
-    ) -> GlobalRanker:
-        if header.get("kind", "flat") == "flat":
-            return cls(descriptors)
-        import faiss
-
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        structure = faiss.read_index(str(Path(folder) / IVF_FILE), flags)
-        return cls(descriptors, structure, GlobalIvfParameters(**header["parameters"]), mmap)

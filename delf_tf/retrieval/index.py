@@ -3,13 +3,16 @@
 All database descriptors are concatenated into one array (with each row's image
 id and keypoint), so a query needs one nearest-neighbour search, not one per
 database image. The search structures of the rankings (`delf_tf.retrieval.search`)
-are built once by `build_structures` and saved with the arrays.
+are built once by `build_structures` and saved with the arrays; each is one module
+of `delf_tf.retrieval.structures` (votes k-NN, ASMK*, global) behind one interface,
+so `Index` keeps only the collection's arrays and the directory.
 
 Layout on disk (a directory, replaced atomically on every save):
-  <index>/index.json        format version, extractor fingerprint and description,
-                            array shapes and dtypes, and under "structures" the
-                            saved search structures (kind, parameters, fingerprint,
-                            coverage, measured recall)
+  <index>/index.json        format version, generation (one more on every save),
+                            extractor fingerprint and description, array shapes and
+                            dtypes, and under "structures" the saved search
+                            structures (kind, parameters, fingerprint, coverage,
+                            measured recall, the files they own)
   <index>/images.json       per image: key, path, width, height, num_features
   <index>/descriptors.npy   float32 [M, D] unit-norm descriptors
   <index>/keypoints.npy     float32 [M, 2] (x, y) in the database image's pixels
@@ -23,15 +26,20 @@ Layout on disk (a directory, replaced atomically on every save):
   <index>/global.faiss      IVF structure over the global descriptors (large indexes)
 The `.npy` files load with `mmap_mode="r"` and FAISS files with IO_FLAG_MMAP, so a
 large index is paged in on demand.
+
+Readers never mix generations: `Index.load` reads index.json, the arrays and
+images.json, then checks that the directory still holds the generation it started
+with (and reads again when a writer swapped it meanwhile); a structure read later
+checks it too (IndexChangedError). `read_generation` tells a poller (hot reload)
+which generation the directory holds. index.json is validated field by field
+(`index_files.check_header`, and each structure's `check_header`), and every file
+it names must stay inside the directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -42,59 +50,50 @@ from PIL import Image
 from tqdm import tqdm
 
 from delf_tf.atomic import recover_staged_directory, staged_directory
-from delf_tf.errors import FingerprintMismatchError, InputError
+from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.store import FeatureStore
 from delf_tf.images import TRANSPOSED_ORIENTATIONS, exif_orientation
-from delf_tf.matching.neighbors import (
-    PERSISTED_BACKENDS,
-    FlatNeighbors,
-    IvfPqNeighbors,
-    IvfPqParameters,
-    NeighborIndex,
-    build_neighbors,
-    choose_backend,
-    ivfpq_parameters,
-    sampled_recall,
-)
+from delf_tf.matching.neighbors import NeighborIndex
 from delf_tf.retrieval.asmk import AsmkIndex
 from delf_tf.retrieval.global_ranking import IVF_MIN_IMAGES, GlobalRanker
+from delf_tf.retrieval.index_files import (
+    ARRAYS,
+    FORMAT_VERSION,
+    GLOBAL_ARRAY,
+    HEADER,
+    IMAGES,
+    check_header,
+    check_image_ids,
+    read_generation,
+    read_json,
+    read_records,
+)
+from delf_tf.retrieval.structures import STRUCTURES, base
+from delf_tf.retrieval.structures.base import (
+    BuildOptions,
+    IndexChangedError,
+    IndexFormatError,
+    SearchStructure,
+)
+from delf_tf.retrieval.structures.global_descriptors import GlobalStructure
 
-FORMAT_VERSION = 1
-HEADER = "index.json"
-IMAGES = "images.json"
-ARRAYS = {
-    "descriptors": np.float32,
-    "keypoints": np.float32,
-    "image_ids": np.int32,
-    "offsets": np.int64,
-}
-GLOBAL_ARRAY = "global_descriptors"
-NEIGHBORS_FILE = "neighbors.faiss"
-ASMK_FOLDER = "asmk"
-# An IVF-PQ structure is grown without retraining until the index holds this many
-# times the descriptors it was trained on; then its cells are too coarse (the
-# derived nlist would have doubled twice) and `build_structures` retrains it.
-RETRAIN_GROWTH = 4.0
-# Recall of an approximate structure is measured for this k (RetrievalConfig.neighbors).
-RECALL_K = 10
-RECALL_DISTANCE = 0.8
-
-
-class IndexFormatError(InputError):
-    """An index directory is missing, unreadable or inconsistent; the message names it."""
-
-
-@dataclasses.dataclass
-class _Structure:
-    """A search structure of the index: its index.json header and, once loaded, the object.
-
-    fresh: the object was built or changed in this process (saved by writing it);
-    otherwise its files are copied from `Index.path` on save.
-    """
-
-    header: dict[str, Any]
-    value: Any = None
-    fresh: bool = False
+__all__ = [
+    "ARRAYS",
+    "FORMAT_VERSION",
+    "GLOBAL_ARRAY",
+    "HEADER",
+    "IMAGES",
+    "ImageRecord",
+    "Index",
+    "IndexChangedError",
+    "IndexFormatError",
+    "read_generation",
+]
+# Reads of a directory that a writer keeps replacing, before giving up (IndexChangedError).
+LOAD_ATTEMPTS = 20
+# Reads of a directory that is absent (a swap between its two renames is waited for by
+# `recover_staged_directory`; a second absence means there is no index).
+ABSENT_ATTEMPTS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +155,11 @@ class Index:
         self.extractor = extractor or {}
         self.path = path
         self.global_descriptors = global_descriptors
-        self._structures = {
-            name: _Structure(dict(header)) for name, header in (structures or {}).items()
+        self._structures: dict[str, SearchStructure] = {
+            name: STRUCTURES[name](dict(header)) for name, header in (structures or {}).items()
         }
+        # The generation of index.json this was read from or saved as (None: in memory).
+        self.generation: int | None = None
         self._validate(str(path or "index"))
 
     # --- shape ---------------------------------------------------------------------
@@ -199,6 +200,10 @@ class Index:
             problems.append(f"offsets {self.offsets.shape} for {n} images")
         elif not np.array_equal(np.diff(self.offsets), counts) or int(self.offsets[-1]) != m:
             problems.append("offsets disagree with the images' num_features")
+        elif n and np.any(np.diff(self.offsets) < 0):
+            problems.append("offsets fall")
+        elif m > 0 and self.image_ids.shape == (m,):
+            problems += check_image_ids(self.image_ids, self.offsets)
         if self.global_descriptors is not None and (
             self.global_descriptors.ndim != 2 or self.global_descriptors.shape[0] != n
         ):
@@ -248,12 +253,15 @@ class Index:
         Raises FingerprintMismatchError when the store's extractor differs, and
         IndexFormatError when the store lacks the global descriptors the index has.
         """
-        if store.fingerprint != self.fingerprint:
-            raise FingerprintMismatchError(
-                f"{store.root}: features of extractor {_short(store.fingerprint)}, but the "
-                f"index holds features of extractor {_short(self.fingerprint)}; "
+        fingerprints.require_same(
+            store.fingerprint,
+            self.fingerprint,
+            lambda found, expected: (
+                f"{store.root}: features of extractor {found}, but the "
+                f"index holds features of extractor {expected}; "
                 "an index can only combine features of one model"
-            )
+            ),
+        )
         root = Path(images_root).resolve() if images_root is not None else None
         known = set().union(*(record.identities() for record in self.images))
         records, arrays = [], {"descriptors": [], "keypoints": [], "globals": []}
@@ -303,9 +311,8 @@ class Index:
             self.path,
             global_descriptors,
         )
-        index._structures = {
-            name: dataclasses.replace(structure) for name, structure in self._structures.items()
-        }
+        index._structures = {name: structure.copy() for name, structure in self._structures.items()}
+        index.generation = self.generation
         return index, len(records)
 
     def _combined_globals(
@@ -359,6 +366,7 @@ class Index:
         recall: bool = True,
         progress: bool = True,
         global_ivf_min_images: int = IVF_MIN_IMAGES,
+        others: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Builds, or extends without retraining, the search structures; returns a report.
 
@@ -374,163 +382,38 @@ class Index:
           against exact search (stored in index.json and returned).
         global_ivf_min_images: global descriptors get an IVF structure from this
           many images on (exact ranking below).
+        others: names of further registered structures (`structures.STRUCTURES`,
+          e.g. an external back end) to build; those the index has are extended.
 
         Returns {"neighbors": {...}, "asmk": {...}, "global": {...}, "notes": [...]}:
         per structure what was done ("built", "extended", "retrained", "kept") and
-        its header; notes are sentences for the user.
+        its header; notes are sentences for the user. What each structure does is
+        its module's (`delf_tf.retrieval.structures`).
         """
+        options = BuildOptions(backend, codebook_size, recall, progress, global_ivf_min_images)
         notes: list[str] = []
         report: dict[str, Any] = {"notes": notes}
         if votes is None:
             votes = "neighbors" in self._structures or not self._structures
-        if votes:
-            report["neighbors"] = self._build_neighbors(backend, recall, notes)
-        else:
-            self._structures.pop("neighbors", None)
-        if asmk is False:
-            self._structures.pop("asmk", None)
-        elif asmk or "asmk" in self._structures:
-            report["asmk"] = self._build_asmk(codebook_size, progress, notes)
-        if self.global_descriptors is not None:
-            report["global"] = self._build_global(global_ivf_min_images, notes)
-        else:
-            self._structures.pop("global", None)
-        return report
-
-    def _build_neighbors(self, backend: str | None, recall: bool, notes: list[str]) -> dict:
-        current = self._structures.get("neighbors")
-        requested = backend or (current.header.get("requested") if current else None) or "auto"
-        count = self.num_descriptors
-        kind = choose_backend(count) if requested == "auto" else requested
-        header: dict[str, Any] = {
-            "backend": kind,
-            "requested": requested,
-            "fingerprint": self.fingerprint,
-            "num_descriptors": count,
+        wanted = {
+            "neighbors": votes,
+            "asmk": asmk is not False and (bool(asmk) or "asmk" in self._structures),
+            "global": self.global_descriptors is not None,
         }
-        if kind not in PERSISTED_BACKENDS:
-            # Exact back ends: flat scans descriptors.npy; kdtree/brute are built on load.
-            self._structures["neighbors"] = _Structure(header, None, fresh=True)
-            return {"action": "built" if current is None else "kept", **header}
-        action, structure = None, None
-        if current is not None and current.header.get("backend") == kind:
-            trained_on = int(current.header.get("trained_on_descriptors", 0))
-            if count == current.header.get("num_descriptors"):
-                action = "kept"
-            elif count <= RETRAIN_GROWTH * trained_on:
-                structure = self._writable_neighbors(current)
-                added = structure.add(self.descriptors)
-                action = "extended"
-                notes.append(
-                    f"added {added} descriptors to the trained {kind} structure (no retraining)"
-                )
+        for name in (*others, *self._structures):
+            wanted.setdefault(name, True)
+        for name, want in wanted.items():
+            if not want:
+                self._structures.pop(name, None)
+                continue
+            current = self._structures.get(name)
+            if current is None:
+                structure, action = STRUCTURES[name].build(self, options, notes), "built"
             else:
-                notes.append(
-                    f"retraining the {kind} structure: the index grew from {trained_on} to "
-                    f"{count} descriptors (more than {RETRAIN_GROWTH:g}x)"
-                )
-        elif current is not None and current.header.get("backend") in PERSISTED_BACKENDS:
-            notes.append(
-                f"retraining: the k-NN structure changes from {current.header.get('backend')} "
-                f"to {kind}"
-            )
-        if action == "kept":
-            return {"action": "kept", **current.header}
-        if structure is None:
-            start = time.perf_counter()
-            quantizer = "hnsw" if kind == "ivfpq-hnsw" else "flat"
-            parameters = ivfpq_parameters(count, self.dim, quantizer)
-            structure = IvfPqNeighbors.train(self.descriptors, parameters)
-            header["trained_on_descriptors"] = count
-            header["train_seconds"] = round(time.perf_counter() - start, 1)
-            action = "retrained" if current is not None else "built"
-            notes.append(
-                f"trained {kind} (nlist {parameters.nlist}, {parameters.subquantizers}-byte "
-                f"codes, nprobe {parameters.nprobe}) on {parameters.train_size} of {count} "
-                f"descriptors in {header['train_seconds']} s"
-            )
-        else:
-            header["trained_on_descriptors"] = current.header["trained_on_descriptors"]
-        header["file"] = NEIGHBORS_FILE
-        header["parameters"] = structure.parameters.to_dict()
-        header["bytes_per_descriptor"] = round(structure.memory_bytes() / max(count, 1), 1)
-        if recall:
-            measured = sampled_recall(structure, self.descriptors, RECALL_K, RECALL_DISTANCE)
-            header["recall"] = measured
-            notes.append(
-                f"{kind}: sampled recall@{RECALL_K} against exact search "
-                f"{measured['recall_at_k']:.3f} ({measured['samples']} database descriptors "
-                f"as queries, neighbours within L2 {RECALL_DISTANCE})"
-            )
-        self._structures["neighbors"] = _Structure(header, structure, fresh=True)
-        return {"action": action, **header}
-
-    def _writable_neighbors(self, current: _Structure) -> IvfPqNeighbors:
-        if current.fresh and current.value is not None:
-            return current.value
-        parameters = IvfPqParameters.from_dict(current.header["parameters"])
-        file = self._source(current.header["file"])
-        index = _read_faiss(file, writable=True)
-        return IvfPqNeighbors(index, self.descriptors, parameters)
-
-    def _build_asmk(self, codebook_size: int | None, progress: bool, notes: list[str]) -> dict:
-        current = self._structures.get("asmk")
-        existing = current.header.get("parameters", {}).get("codebook_size") if current else None
-        header: dict[str, Any] = {"fingerprint": self.fingerprint, "folder": ASMK_FOLDER}
-        if current is not None and codebook_size in (None, existing):
-            if current.header.get("num_images") == self.num_images:
-                return {"action": "kept", **current.header}
-            structure = current.value if current.fresh else self._read_asmk(current, mmap=False)
-            before = structure.num_images
-            structure = structure.extended(self.descriptors, self.offsets, progress=progress)
-            action = "extended"
-            notes.append(
-                f"ASMK: indexed {self.num_images - before} more images with the existing "
-                f"{existing}-word codebook (no retraining)"
-            )
-        else:
-            if current is not None:
-                notes.append(f"ASMK: retraining the codebook ({existing} -> {codebook_size} words)")
-            start = time.perf_counter()
-            structure = AsmkIndex.build(
-                self.descriptors, np.asarray(self.offsets), codebook_size, progress=progress
-            )
-            header["build_seconds"] = round(time.perf_counter() - start, 1)
-            action = "retrained" if current is not None else "built"
-            notes.append(
-                f"ASMK: {structure.codebook_size}-word codebook, "
-                f"{structure.num_entries / max(self.num_images, 1):.0f} words per image, "
-                f"{structure.memory_bytes() / max(self.num_images, 1):.0f} bytes per image "
-                f"(built in {header['build_seconds']} s)"
-            )
-        header["parameters"] = structure.parameters.to_dict()
-        header["num_images"] = structure.num_images
-        header["bytes_per_image"] = round(structure.memory_bytes() / max(self.num_images, 1), 1)
-        self._structures["asmk"] = _Structure(header, structure, fresh=True)
-        return {"action": action, **header}
-
-    def _build_global(self, min_ivf_images: int, notes: list[str]) -> dict:
-        current = self._structures.get("global")
-        header: dict[str, Any] = {
-            "fingerprint": self.fingerprint,
-            "num_images": self.num_images,
-            "dim": int(self.global_descriptors.shape[1]),
-        }
-        if self.num_images < min_ivf_images:
-            ranker, action = GlobalRanker(self.global_descriptors), "built"
-        elif current is not None and current.header.get("kind") == "ivf":
-            ranker = self.global_ranker(mmap=False)
-            added = ranker.add(self.global_descriptors)
-            action = "extended"
-            notes.append(f"global IVF: added {added} images (no retraining)")
-        else:
-            ranker, action = GlobalRanker.build(self.global_descriptors, min_ivf_images), "built"
-            notes.append(f"global IVF: trained {ranker.parameters.nlist} cells")
-        header["kind"] = ranker.kind
-        if ranker.parameters is not None:
-            header["parameters"] = ranker.parameters.to_dict()
-        self._structures["global"] = _Structure(header, ranker, fresh=True)
-        return {"action": action, **header}
+                structure, action = current.append(self, options, notes)
+            self._structures[name] = structure
+            report[name] = {"action": action, **structure.header}
+        return report
 
     # --- loaded structures ---------------------------------------------------------------
 
@@ -541,81 +424,55 @@ class Index:
         (memory-mapped) descriptors; "kdtree"/"brute" are built here (they cannot
         be saved without pickle).
         """
-        structure = self._structures.get("neighbors")
-        if structure is None:
-            return None
-        if structure.value is None:
-            header = structure.header
-            kind = header["backend"]
-            if header.get("num_descriptors") != self.num_descriptors:
-                raise IndexFormatError(
-                    f"{self.path or 'index'}: the {kind} structure covers "
-                    f"{header.get('num_descriptors')} descriptors, the index has "
-                    f"{self.num_descriptors}"
-                )
-            if kind in PERSISTED_BACKENDS:
-                file = self._source(header["file"])
-                index = _read_faiss(file, writable=not mmap)
-                parameters = IvfPqParameters.from_dict(header["parameters"])
-                if int(index.ntotal) != self.num_descriptors:
-                    raise IndexFormatError(
-                        f"{file}: holds {index.ntotal} descriptors, the index has "
-                        f"{self.num_descriptors}"
-                    )
-                structure.value = IvfPqNeighbors(index, self.descriptors, parameters, mmap)
-            elif kind == "flat":
-                structure.value = FlatNeighbors(self.descriptors)
-            else:
-                structure.value = build_neighbors(self.descriptors, kind)
-        return structure.value
+        return self._loaded("neighbors", mmap)
 
     def asmk(self, mmap: bool = True) -> AsmkIndex | None:
         """The saved ASMK* structure (loaded once, arrays memory-mapped), or None."""
-        structure = self._structures.get("asmk")
-        if structure is None:
-            return None
-        if structure.value is None:
-            value = self._read_asmk(structure, mmap)
-            if value.num_images != self.num_images:
-                raise IndexFormatError(
-                    f"{self._source(ASMK_FOLDER)}: ASMK covers {value.num_images} images, "
-                    f"the index has {self.num_images}"
-                )
-            structure.value = value
-        return structure.value
-
-    def _read_asmk(self, structure: _Structure, mmap: bool) -> AsmkIndex:
-        folder = self._source(structure.header.get("folder", ASMK_FOLDER))
-        try:
-            return AsmkIndex.load(folder, structure.header, mmap=mmap)
-        except (ValueError, KeyError, TypeError) as error:
-            raise IndexFormatError(f"{folder}: {error}") from error
+        return self._loaded("asmk", mmap)
 
     def global_ranker(self, mmap: bool = True) -> GlobalRanker | None:
         """Ranking by global descriptors (None when the index has none)."""
         if self.global_descriptors is None:
             return None
-        structure = self._structures.get("global")
-        if structure is None:
-            structure = self._structures["global"] = _Structure(
+        if "global" not in self._structures:  # an index saved before global structures
+            self._structures["global"] = GlobalStructure(
                 {"kind": "flat"}, GlobalRanker(self.global_descriptors)
             )
+        return self._loaded("global", mmap)
+
+    def structure(self, name: str, mmap: bool = True) -> SearchStructure | None:
+        """The search structure `name` with its object loaded, or None if the index has none."""
+        if self._loaded(name, mmap) is None:
+            return None
+        return self._structures[name]
+
+    def _loaded(self, name: str, mmap: bool) -> Any:
+        """The object of structure `name`, read once; the directory must not have been
+        replaced since the arrays were read (IndexChangedError)."""
+        structure = self._structures.get(name)
+        if structure is None:
+            return None
         if structure.value is None:
-            source = self._source(".")
             try:
-                structure.value = GlobalRanker.load(
-                    source, self.global_descriptors, structure.header, mmap
-                )
-            except RuntimeError as error:
-                raise IndexFormatError(
-                    f"{source}: unreadable global structure ({error})"
-                ) from error
+                value = structure.load(self, mmap)
+            except IndexFormatError:
+                self.check_unchanged()  # a file of the next generation: IndexChangedError
+                raise
+            self.check_unchanged()
+            structure.value = value
         return structure.value
 
-    def _source(self, name: str) -> Path:
-        if self.path is None:
-            raise IndexFormatError(f"index has a {name} structure but no directory to read it from")
-        return Path(self.path) / name
+    def check_unchanged(self) -> None:
+        """Raises IndexChangedError when the directory holds another generation than the
+        one this object was read from (a writer replaced it since)."""
+        if self.path is None or self.generation is None:
+            return
+        now = read_generation(self.path)
+        if now != self.generation:
+            raise IndexChangedError(
+                f"{self.path}: replaced while in use (generation {self.generation}, now "
+                f"{'being replaced' if now is None else now}); load it again"
+            )
 
     # --- disk ------------------------------------------------------------------------
 
@@ -628,6 +485,7 @@ class Index:
     def header(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
+            "generation": self.generation or 0,
             "fingerprint": self.fingerprint,
             "extractor": self.extractor,
             "descriptor_dim": self.dim,
@@ -649,110 +507,97 @@ class Index:
         Search structures are written with it (or copied from the index's own
         directory when unchanged). A structure that covers fewer images than the
         index (after `add_store`) must be extended first by `build_structures`.
+        The generation in index.json becomes one more than that of the index it
+        replaces at `path` (1 where there is none).
         """
         path = Path(path)
         self._check_structures_cover()
         recover_staged_directory(path)
+        generation = (read_generation(path) or 0) + 1
         with staged_directory(path) as staging:
             for name, array in self._arrays().items():
                 dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
-                _write_array(staging / f"{name}.npy", np.asarray(array, dtype))
+                base.write_array(staging / f"{name}.npy", np.asarray(array, dtype))
             images = [dataclasses.asdict(record) for record in self.images]
-            _write_text(staging / IMAGES, json.dumps(images, indent=1) + "\n")
-            self._save_structures(staging)
-            _write_text(staging / HEADER, json.dumps(self.header(), indent=2) + "\n")
+            base.write_json(staging / IMAGES, images)
+            for structure in self._structures.values():
+                structure.save(staging, self.path)
+            header = {**self.header(), "generation": generation}
+            base.write_json(staging / HEADER, header)
         self.path = path
+        self.generation = generation
         for structure in self._structures.values():
             structure.fresh = False
-            structure.value = None if _is_mapped(structure.value) else structure.value
+            structure.value = None if structure.loaded() else structure.value
 
     def _check_structures_cover(self) -> None:
-        expected = {
-            "neighbors": ("num_descriptors", self.num_descriptors),
-            "asmk": ("num_images", self.num_images),
-            "global": ("num_images", self.num_images),
-        }
         for name, structure in self._structures.items():
-            field, value = expected[name]
+            field = structure.covers
+            value = getattr(self, field)
             if structure.header.get(field, value) != value:
                 raise ValueError(
                     f"the {name} structure covers {structure.header.get(field)} {field[4:]}, "
                     f"the index has {value}: call build_structures() before save()"
                 )
 
-    def _save_structures(self, staging: Path) -> None:
-        for name, structure in self._structures.items():
-            header = structure.header
-            if name == "neighbors" and "file" in header:
-                target = staging / header["file"]
-                if structure.fresh:
-                    structure.value.save(target)
-                else:
-                    shutil.copyfile(self._source(header["file"]), target)
-                _fsync(target)
-            elif name == "asmk":
-                folder = staging / header.get("folder", ASMK_FOLDER)
-                if structure.fresh:
-                    header.update(structure.value.save(folder, _write_array))
-                else:
-                    shutil.copytree(self._source(header.get("folder", ASMK_FOLDER)), folder)
-            elif name == "global" and header.get("kind") == "ivf":
-                if structure.fresh:
-                    header.update(structure.value.save(staging))
-                else:
-                    shutil.copyfile(self._source(header["file"]), staging / header["file"])
-                _fsync(staging / header["file"])
-
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> Index:
         """Reads an index directory; arrays are memory-mapped unless mmap=False.
 
         Search structures are read on first use (`neighbors`, `asmk`, `global_ranker`).
+        The arrays returned are all of one generation: when a writer replaces the
+        directory while it is read (its generation changes, or it is briefly absent
+        between the two renames of the swap), the read starts again.
+        Raises IndexFormatError (one line) for anything missing or malformed.
         """
         path = Path(path)
-        recover_staged_directory(path)
-        header = _read_json(path / HEADER, f"{path}: not an index (no {HEADER})")
-        if not isinstance(header, dict):
-            raise IndexFormatError(f"{path / HEADER}: expected a JSON object")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{path / HEADER}: format_version {header.get('format_version')!r}, "
-                f"this version of delf-tf reads {FORMAT_VERSION}"
-            )
-        if not isinstance(header.get("fingerprint"), str) and header.get("fingerprint") is not None:
-            raise IndexFormatError(f"{path / HEADER}: malformed extractor fingerprint")
-        names = dict(ARRAYS)
-        if GLOBAL_ARRAY in header.get("arrays", {}):
-            names[GLOBAL_ARRAY] = np.float32
-        arrays = {}
-        for name, dtype in names.items():
-            file = path / f"{name}.npy"
+        absent = 0
+        for _ in range(LOAD_ATTEMPTS):
+            recover_staged_directory(path)
+            seen: dict[str, int] = {}
             try:
-                array = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise IndexFormatError(f"{file}: unreadable index array ({error})") from error
-            expected = header.get("arrays", {}).get(name, {})
-            if array.dtype != dtype or list(array.shape) != expected.get("shape"):
-                raise IndexFormatError(
-                    f"{file}: {array.dtype} {list(array.shape)}, {HEADER} says "
-                    f"{expected.get('dtype')} {expected.get('shape')}"
-                )
-            arrays[name] = array
-        records = _read_json(path / IMAGES, f"{path}: incomplete index (no {IMAGES})")
-        try:
-            images = [ImageRecord(**record) for record in records]
-        except TypeError as error:
-            raise IndexFormatError(f"{path / IMAGES}: malformed image record ({error})") from error
-        structures = header.get("structures") or {}
+                index = cls._read(path, mmap, seen)
+            except IndexFormatError:
+                now = read_generation(path)
+                if "generation" in seen and now == seen["generation"]:
+                    raise  # the directory did not change: the error is its own
+                if now is None:  # absent (mid-swap, or no index) or unreadable
+                    absent += 1
+                    if absent >= ABSENT_ATTEMPTS:
+                        raise
+                time.sleep(0.001)
+                continue
+            if read_generation(path) == index.generation:
+                return index
+        raise IndexChangedError(
+            f"{path}: replaced {LOAD_ATTEMPTS} times while being read; try again"
+        )
+
+    @classmethod
+    def _read(cls, path: Path, mmap: bool, seen: dict[str, int]) -> Index:
+        """One read of the directory; seen["generation"]: that of the index.json read."""
+        header = read_json(path / HEADER, f"{path}: not an index (no {HEADER})")
+        if isinstance(header, dict) and isinstance(header.get("generation", 0), int):
+            seen["generation"] = header.get("generation", 0)
+        structures = check_header(header, path / HEADER)
+        arrays = {}
+        for name, entry in header["arrays"].items():
+            dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
+            arrays[name] = base.read_array(path / f"{name}.npy", dtype, entry["shape"], mmap)
+        images = [ImageRecord(**record) for record in read_records(path / IMAGES)]
         for name, entry in structures.items():
-            if entry.get("fingerprint", header["fingerprint"]) != header["fingerprint"]:
-                raise IndexFormatError(
-                    f"{path / HEADER}: the {name} structure was built from features of "
-                    f"extractor {_short(entry.get('fingerprint'))}, the index holds "
-                    f"{_short(header['fingerprint'])}; rebuild it with `delf index`"
-                )
+            fingerprints.require_same(
+                entry.get("fingerprint", header["fingerprint"]),
+                header["fingerprint"],
+                lambda found, expected, name=name: (
+                    f"{path / HEADER}: the {name} structure "
+                    f"was built from features of extractor {found}, the index holds "
+                    f"{expected}; rebuild it with `delf index`"
+                ),
+                IndexFormatError,
+            )
         global_descriptors = arrays.pop(GLOBAL_ARRAY, None)
-        return cls(
+        index = cls(
             **arrays,
             images=images,
             fingerprint=header["fingerprint"],
@@ -761,6 +606,8 @@ class Index:
             global_descriptors=global_descriptors,
             structures=structures,
         )
+        index.generation = seen["generation"]
+        return index
 
     def check_fingerprint(self, fingerprint: str | None, source: str = "query extractor") -> bool:
         """Raises FingerprintMismatchError if `fingerprint` is not the index's.
@@ -782,23 +629,20 @@ class Index:
                 "%s reports no fingerprint: cannot check that its descriptors match "
                 "the index's (extractor %s)",
                 source,
-                self.fingerprint[:12],
+                fingerprints.short(self.fingerprint),
             )
             return False
-        if fingerprint != self.fingerprint:
-            model = self.extractor.get("model", "unknown model")
-            raise FingerprintMismatchError(
+        model = self.extractor.get("model", "unknown model")
+        fingerprints.require_same(
+            self.fingerprint,
+            fingerprint,
+            lambda found, expected: (
                 f"{self.path or 'index'}: built from features of extractor "
-                f"{self.fingerprint[:12]} ({model}), but the {source} is "
-                f"{fingerprint[:12]}; pass the --model/--weights/--seed/--pca "
-                "that `delf extract` used for the index"
-            )
+                f"{found} ({model}), but the {source} is {expected}; pass the "
+                "--model/--weights/--seed/--pca that `delf extract` used for the index"
+            ),
+        )
         return True
-
-
-def _short(fingerprint: str | None) -> str:
-    """The first 12 characters of a fingerprint, or "(none)" for files that carry none."""
-    return fingerprint[:12] if fingerprint else "(none)"
 
 
 def _store_dim(store: FeatureStore) -> int:
@@ -823,69 +667,3 @@ def _image_size(path: str) -> tuple[int | None, int | None]:
     except (OSError, ValueError) as error:
         logging.warning("%s: size unknown (%s)", path, error)
         return None, None
-
-
-def _write_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _read_faiss(path: Path, writable: bool) -> Any:
-    """A FAISS index file: memory-mapped read-only, or fully read (writable)."""
-    import faiss
-
-    flags = 0 if writable else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-    try:
-        return faiss.read_index(str(path), flags)
-    except RuntimeError as error:
-        raise IndexFormatError(f"{path}: unreadable FAISS structure ({error})") from error
-
-
-def _is_mapped(value: Any) -> bool:
-    """Whether a structure object reads its own files (must be reloaded after a save moved them)."""
-    return bool(getattr(value, "read_only", False))
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _read_json(path: Path, missing_message: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise IndexFormatError(missing_message) from error
-    except (OSError, json.JSONDecodeError) as error:
-        raise IndexFormatError(f"{path}: unreadable ({error})") from error
-
-
-def read_generation(directory: str | os.PathLike) -> int | None:
-    """The generation of the index in `directory`, or None while it is missing (mid-swap).
-
-    Minimal version for the search service's reload (branch `service`): the
-    `indexsplit` branch adds an integer "generation" to index.json, incremented by
-    every save, and replaces this. Until then, an index.json without one is
-    identified by its inode, size and modification time (every save writes a new
-    index.json in a new directory, so these change).
-    """
-    path = Path(directory) / HEADER
-    try:
-        status = path.stat()
-        header = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    generation = header.get("generation") if isinstance(header, dict) else None
-    if isinstance(generation, int) and not isinstance(generation, bool):
-        return generation
-    signature = f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}".encode()
-    return int.from_bytes(hashlib.sha256(signature).digest()[:7], "big")

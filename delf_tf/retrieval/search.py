@@ -21,7 +21,12 @@ Structures are loaded from the index (memory-mapped), never trained here.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import os
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,7 @@ from delf_tf.matching.neighbors import (
     MISSING,
     FlatNeighbors,
     NeighborIndex,
+    bounded_knn,
     build_neighbors,
 )
 from delf_tf.matching.pairwise import Matches, verify
@@ -43,6 +49,15 @@ from delf_tf.matching.ransac import RansacResult
 from delf_tf.retrieval.asmk import AsmkIndex
 from delf_tf.retrieval.global_ranking import GlobalRanker
 from delf_tf.retrieval.index import Index, IndexFormatError
+from delf_tf.retrieval.structures import (
+    AsmkStructure,
+    GlobalStructure,
+    IndexChangedError,
+    Ranking,
+    SearchStructure,
+    VotesStructure,
+)
+from delf_tf.retrieval.structures.votes import vote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,19 +100,8 @@ class SearchResult:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class InitialRanking:
-    """A query's ranking before verification.
-
-    Attributes:
-      ids: int64 [R] image ids, best first.
-      scores: float64 [R] their scores (votes, ASMK* similarity, inner product).
-      voted: the votes ranking's (votes, query_rows, database_rows), see `Searcher.vote`.
-    """
-
-    ids: np.ndarray
-    scores: np.ndarray
-    voted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+# A query's ranking before verification (ids, scores, and the votes ranking's voted).
+InitialRanking = Ranking
 
 
 def resolve_ranking(ranking: str, index: Index) -> str:
@@ -121,20 +125,30 @@ class Searcher:
         neighbors: NeighborIndex | None = None,
         asmk: AsmkIndex | None = None,
         global_ranker: GlobalRanker | None = None,
+        threads: int | None = None,
     ):
         """`neighbors`, `asmk`, `global_ranker`: structures to use instead of the
-        index's saved ones (benchmarks compare several over one index)."""
+        index's saved ones (benchmarks compare several over one index).
+
+        `threads`: RANSAC verifications run at once, in a pool the Searcher owns and
+        every query (and thread) using it shares; default `default_threads()`; 1
+        verifies in the calling thread.
+        """
         self.index = index
+        self.threads = default_threads() if threads is None else max(1, int(threads))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.config = config or RetrievalConfig()
         self.method = resolve_ranking(self.config.ranking, index)
         self._image_ids = np.asarray(index.image_ids)
         self.neighbors: NeighborIndex | None = None
         self.asmk: AsmkIndex | None = None
         self.global_ranker: GlobalRanker | None = None
+        self.structure: SearchStructure
         if self.method == "votes":
             self.neighbors = neighbors or self._votes_structure()
             if self.config.nprobe and hasattr(self.neighbors, "set_nprobe"):
                 self.neighbors.set_nprobe(self.config.nprobe)
+            self.structure = VotesStructure.wrap(self.neighbors)
         elif self.method == "asmk":
             self.asmk = asmk or index.asmk()
             if self.asmk is None:
@@ -142,6 +156,7 @@ class Searcher:
                     f"{index.path or 'index'}: no ASMK structure; build it with "
                     "`delf index --index_type=asmk` (or rank with --ranking=votes)"
                 )
+            self.structure = AsmkStructure.wrap(self.asmk)
         else:
             self.global_ranker = global_ranker or index.global_ranker()
             if self.global_ranker is None:
@@ -149,6 +164,7 @@ class Searcher:
                     f"{index.path or 'index'}: no global descriptors (its features come "
                     "from a model without a global head); use --ranking=votes or asmk"
                 )
+            self.structure = GlobalStructure.wrap(self.global_ranker)
 
     def _votes_structure(self) -> NeighborIndex:
         """The saved k-NN structure, or an exact one that needs no training."""
@@ -187,18 +203,7 @@ class Searcher:
         self._check_dim(query)
         if self.neighbors is None:
             raise ValueError(f"this Searcher ranks by {self.method}, not votes")
-        _, neighbors = self.neighbors.search(
-            query.descriptors, self.config.neighbors, self.config.distance_bound
-        )
-        # Row-major order keeps each query's neighbours nearest first, so the first
-        # (query, image) occurrence is that image's nearest descriptor.
-        query_rows, column = np.nonzero(neighbors != MISSING)
-        database_rows = neighbors[query_rows, column]
-        images = self._image_ids[database_rows].astype(np.int64)
-        _, first = np.unique(query_rows * self.index.num_images + images, return_index=True)
-        query_rows, database_rows, images = query_rows[first], database_rows[first], images[first]
-        votes = np.bincount(images, minlength=self.index.num_images)
-        return votes, query_rows, database_rows
+        return vote(self.neighbors, self.index, query.descriptors, self.config)
 
     def _verify_votes(
         self,
@@ -215,21 +220,21 @@ class Searcher:
         order = np.argsort(images, kind="stable")
         starts = np.searchsorted(images[order], candidates, side="left")
         ends = np.searchsorted(images[order], candidates, side="right")
-        results: list[SearchResult] = []
-        for image_id, start, end in zip(candidates, starts, ends, strict=True):
-            # Inliers <= votes: an image with fewer votes than the k-th best inlier
-            # count so far cannot enter the top k (candidates come by falling votes).
-            if len(results) >= top_k and votes[image_id] < _kth_inliers(results, top_k):
-                break
-            rows = order[start:end]
-            offset = int(self.index.offsets[image_id])
-            matches = Matches(
-                query.keypoints[query_rows[rows]],
-                np.asarray(self.index.keypoints[database_rows[rows]]),
-                query_rows[rows],
-                database_rows[rows] - offset,
-            )
-            results.append(self._result(int(image_id), matches, float(votes[image_id])))
+        offsets = self.index.offsets
+
+        def jobs():
+            # Inliers <= votes: candidates come by falling votes (see `_verify_in_order`).
+            for image_id, start, end in zip(candidates, starts, ends, strict=True):
+                rows = order[start:end]
+                matches = Matches(
+                    query.keypoints[query_rows[rows]],
+                    np.asarray(self.index.keypoints[database_rows[rows]]),
+                    query_rows[rows],
+                    database_rows[rows] - int(offsets[image_id]),
+                )
+                yield int(votes[image_id]), int(image_id), matches, float(votes[image_id])
+
+        results = self._verify_in_order(jobs(), top_k)
         results.sort(key=lambda r: (-r.inliers, -r.votes, r.image_id))
         return results[:top_k]
 
@@ -242,29 +247,7 @@ class Searcher:
         similarity; global: every image (or the IVF structure's best).
         """
         self._check_dim(query)
-        if self.method == "votes":
-            voted = self.vote(query)
-            votes = voted[0]
-            ids = np.argsort(-votes, kind="stable")
-            ids = ids[votes[ids] > 0]
-            return InitialRanking(ids.astype(np.int64), votes[ids].astype(np.float64), voted)
-        if self.method == "asmk":
-            scores = self.asmk.scores(
-                query.descriptors,
-                self.config.asmk_alpha,
-                self.config.asmk_threshold,
-                self.config.asmk_query_assignments,
-            )
-            ids = np.argsort(-scores, kind="stable")
-            ids = ids[scores[ids] > 0]
-            return InitialRanking(ids.astype(np.int64), scores[ids])
-        if query.global_descriptor is None:
-            raise InputError(
-                "the query has no global descriptor: ranking=global needs a model with a "
-                "global head (DELG); use --ranking=votes or asmk"
-            )
-        ids, scores = self.global_ranker.rank(query.global_descriptor)
-        return InitialRanking(ids, scores.astype(np.float64))
+        return self.structure.search(self.index, query, self.config)
 
     def initial_ranking(self, query: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
         """(image ids int64 [R], scores float64 [R]) of `initial`, best first."""
@@ -289,8 +272,8 @@ class Searcher:
         """Putative matches of the votes rule, restricted to `image_ids` (one per image).
 
         The `neighbors` nearest descriptors of every query descriptor among the
-        images' descriptors (exact FAISS search), within `distance_bound`; each
-        image keeps, per query descriptor, its nearest one.
+        images' descriptors (exact search, `bounded_knn`), within `distance_bound`;
+        each image keeps, per query descriptor, its nearest one.
         """
         ids = np.asarray(image_ids, np.int64)
         offsets = np.asarray(self.index.offsets)
@@ -298,9 +281,12 @@ class Searcher:
         if len(query) == 0 or not sizes.sum():
             return [_no_matches() for _ in ids]
         rows = np.repeat(offsets[ids] - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
-        database = np.asarray(self.index.descriptors[rows], np.float32)
-        _, found = FlatNeighbors(database).search(
-            query.descriptors, self.config.neighbors, self.config.distance_bound
+        # Each image's rows are contiguous: slices copy them sequentially.
+        database = np.concatenate(
+            [self.index.descriptors[offsets[i] : offsets[i + 1]] for i in ids]
+        ).astype(np.float32, copy=False)
+        _, found = bounded_knn(
+            query.descriptors, database, self.config.neighbors, self.config.distance_bound
         )
         query_rows, column = np.nonzero(found != MISSING)
         local = found[query_rows, column]
@@ -401,11 +387,8 @@ class Searcher:
             )
         ]
         candidates.sort(key=lambda c: (-len(c[2]), -c[1], c[0]))
-        results: list[SearchResult] = []
-        for image_id, score, matches in candidates:
-            if len(results) >= top_k and len(matches) < _kth_inliers(results, top_k):
-                break
-            results.append(self._result(image_id, matches, score))
+        jobs = ((len(found), image_id, found, score) for image_id, score, found in candidates)
+        results = self._verify_in_order(jobs, top_k)
         results.sort(key=lambda r: (-r.inliers, -r.score, r.image_id))
         return results[:top_k]
 
@@ -442,16 +425,57 @@ class Searcher:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _result(self, image_id: int, matches: Matches, score: float) -> SearchResult:
+    def _verify_in_order(self, jobs: Iterable[tuple], top_k: int) -> list[SearchResult]:
+        """RANSAC on `jobs` (bound, image_id, matches, score) that come by falling bound.
+
+        `bound` >= the inliers RANSAC can find (votes or putative matches), so once
+        the top_k results so far all have more inliers than a job's bound, no later
+        job can enter the top k and verification stops. With `threads` > 1 the next
+        jobs are verified ahead in the Searcher's thread pool (numpy releases the
+        GIL in RANSAC's array work); results and the stopping point are those of
+        the one-by-one loop, whatever the thread count.
+        """
+        results: list[SearchResult] = []
+        pool = self._thread_pool()
+        pending: collections.deque = collections.deque()
+        jobs = iter(jobs)
+
+        def submit() -> None:
+            job = next(jobs, None)
+            if job is not None:
+                work = pool.submit(verify, job[2], self.config) if pool else None
+                pending.append((job, work))
+
+        for _ in range(2 * self.threads if pool else 1):
+            submit()
+        while pending:
+            (bound, image_id, matches, score), work = pending.popleft()
+            if len(results) >= top_k and bound < _kth_inliers(results, top_k):
+                for _, rest in pending:
+                    rest.cancel()
+                break
+            submit()
+            verification = work.result() if work else verify(matches, self.config)
+            results.append(self._result(image_id, matches, score, verification))
+        return results
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """The pool that verifies candidates ahead (None with one thread), made on first use."""
+        if self.threads <= 1:
+            return None
+        with _POOL_LOCK:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.threads, thread_name_prefix="delf-verify"
+                )
+        return self._pool
+
+    def _result(
+        self, image_id: int, matches: Matches, score: float, verification: RansacResult
+    ) -> SearchResult:
         record = self.index.images[image_id]
         return SearchResult(
-            image_id,
-            record.key,
-            record.path,
-            len(matches),
-            matches,
-            verify(matches, self.config),
-            score,
+            image_id, record.key, record.path, len(matches), matches, verification, score
         )
 
     def _check_dim(self, query: LocalFeatures) -> None:
@@ -459,6 +483,16 @@ class Searcher:
             raise InputError(
                 f"query descriptors are {query.dim}-D, the index holds {self.index.dim}-D"
             )
+
+
+# Most verification threads a Searcher starts by default.
+MAX_DEFAULT_THREADS = 4
+_POOL_LOCK = threading.Lock()
+
+
+def default_threads() -> int:
+    """Verification threads by default: the CPUs this process may use, at most 4."""
+    return max(1, min(MAX_DEFAULT_THREADS, len(os.sched_getaffinity(0))))
 
 
 # Database rows compared with a query in one matrix product when re-ranking.
@@ -489,3 +523,16 @@ def search(
 ) -> list[SearchResult]:
     """One-off search (loads the index's structures; reuse a Searcher for many queries)."""
     return Searcher(index, config).search(query)
+
+
+def load_searcher(path, config: RetrievalConfig | None = None, attempts: int = 3) -> Searcher:
+    """`Index.load(path)` and a Searcher over it with its structure loaded, all of one
+    generation: read again when a writer replaced the index in between."""
+    for attempt in range(attempts):
+        index = Index.load(path)
+        try:
+            return Searcher(index, config)
+        except IndexChangedError:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from delf_tf.errors import ConfigError, InputError
+
 # Pillow's decompression-bomb bound (delf_tf.images.DEFAULT_MAX_PIXELS): one largest image.
 DEFAULT_MAX_REQUEST_PIXELS = 89_478_485
 
@@ -41,7 +43,7 @@ class RequestLimits:
             min(self.max_batch_size, self.max_scales, self.max_features) < 1
             or min(self.max_request_pixels, self.max_aspect_ratio) < 1
         ):
-            raise ValueError(f"request limits must be >= 1: {self}")
+            raise ConfigError(f"request limits must be >= 1: {self}")
 
 
 DEFAULT_MAX_REQUEST_BYTES = 256 << 20
@@ -88,7 +90,7 @@ def parse_channel_arguments(text: str) -> dict[str, int | str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, equals, value = item.partition("=")
         if not equals or not name.strip():
-            raise ValueError(f"--grpc_channel_arguments: expected name=value, got {item!r}")
+            raise InputError(f"--grpc_channel_arguments: expected name=value, got {item!r}")
         value = value.strip()
         arguments[name.strip()] = int(value) if value.lstrip("-").isdigit() else value
     return arguments
@@ -117,4 +119,4 @@ class SearchLimits:
 
     def __post_init__(self):
         if self.max_concurrent < 1 or self.max_queued < 0 or self.max_top_k < 1:
-            raise ValueError(f"search limits out of range: {self}")
+            raise ConfigError(f"search limits out of range: {self}")

@@ -11,6 +11,7 @@ from delf_tf.features import FeatureStore, LocalFeatures
 from delf_tf.matching.ransac import apply_transform
 from delf_tf.retrieval import FingerprintMismatchError, Index, IndexFormatError, Searcher
 from delf_tf.retrieval import index as index_module
+from delf_tf.retrieval.structures import base as structures_base
 
 DIM = 16
 AFFINE = np.array([[0.7, -0.3, 30.0], [0.25, 0.75, 10.0], [0.0, 0.0, 1.0]])
@@ -88,7 +89,7 @@ def test_save_killed_midway_leaves_previous_index_loadable(tmp_path, monkeypatch
     old = Index.from_store(make_store(tmp_path / "s1", ["a", "b"], seed=0), progress=False)
     old.save(path)
     new, _ = Index.load(path).add_store(make_store(tmp_path / "s2", ["c"], seed=1), progress=False)
-    write = index_module._write_array
+    write = structures_base.write_array
     calls = []
 
     def dies_on_third_array(target, array):
@@ -97,7 +98,7 @@ def test_save_killed_midway_leaves_previous_index_loadable(tmp_path, monkeypatch
             raise KeyboardInterrupt("killed")
         write(target, array)
 
-    monkeypatch.setattr(index_module, "_write_array", dies_on_third_array)
+    monkeypatch.setattr(structures_base, "write_array", dies_on_third_array)
     with pytest.raises(KeyboardInterrupt):
         new.save(path)
     assert len(calls) == 3
@@ -114,7 +115,7 @@ def test_save_killed_midway_leaves_previous_index_loadable(tmp_path, monkeypatch
     backup = f".index.{atomic._HOST}-{int(dead.stdout)}-0123abcd{atomic.BACKUP_SUFFIX}"
     path.rename(tmp_path / backup)
     assert_same(old, Index.load(path))
-    monkeypatch.setattr(index_module, "_write_array", write)
+    monkeypatch.setattr(structures_base, "write_array", write)
     new.save(path)
     assert Index.load(path).num_images == 3
 

@@ -21,10 +21,10 @@ from delf_tf.matching.neighbors import (
 from delf_tf.matching.ransac import apply_transform
 from delf_tf.retrieval import Index, IndexFormatError, Searcher
 from delf_tf.retrieval import asmk as asmk_module
-from delf_tf.retrieval import index as index_module
 from delf_tf.retrieval.asmk import AsmkIndex, default_codebook_size
 from delf_tf.retrieval.batch import QueryRunner, read_queries, search_to_jsonl
 from delf_tf.retrieval.global_ranking import GlobalRanker
+from delf_tf.retrieval.structures import votes as votes_module
 
 DIM = 16
 GLOBAL_DIM = 24
@@ -117,10 +117,10 @@ def test_auto_backend_choice_and_derived_parameters():
     assert choose_backend(AUTO_EXACT_MAX_DESCRIPTORS + 1) == "ivfpq"
     assert choose_backend(100_000_000) == "ivfpq-hnsw"
     small, large = ivfpq_parameters(1_000_000, 40), ivfpq_parameters(100_000_000, 40)
-    assert (small.nlist, small.subquantizers, small.quantizer) == (4096, 20, "flat")
+    assert (small.nlist, small.subquantizers, small.quantizer) == (4096, 40, "flat")
+    assert (small.bits, small.refine) == (4, 5)  # fast-scan: 40 4-bit codes, 20 bytes
     assert (large.nlist, large.quantizer) == (32768, "hnsw")
-    assert 20 + 8 <= 64  # bytes per descriptor: 20-byte PQ code + 8-byte id
-    assert ivfpq_parameters(1000, 128).subquantizers == 32
+    assert ivfpq_parameters(1000, 128).subquantizers == 64
 
 
 def test_auto_builds_exact_for_small_and_ivfpq_beyond_the_threshold(tmp_path, monkeypatch):
@@ -225,7 +225,7 @@ def test_append_extends_trained_structures_without_retraining(planted, tmp_path,
 
 def test_append_retrains_when_the_index_outgrows_the_structure(planted, tmp_path, monkeypatch):
     data, _, path = planted
-    monkeypatch.setattr(index_module, "RETRAIN_GROWTH", 1.1)
+    monkeypatch.setattr(votes_module, "RETRAIN_GROWTH", 1.1)
     more = make_store(tmp_path / "more", [f"new{i}" for i in range(6)], data)
     index, _ = Index.load(path).add_store(more, progress=False)
     report = index.build_structures(progress=False)

@@ -392,6 +392,9 @@ def test_failing_new_index_keeps_the_old_one_serving(server, collection):
         for item in directory.iterdir():
             shutil.copy2(item, staging / item.name)
         (staging / "descriptors.npy").write_bytes(b"\x93NUMPY broken")
+        header = json.loads((staging / "index.json").read_text())
+        header["generation"] += 1  # what Index.save does
+        (staging / "index.json").write_text(json.dumps(header))
     generation = read_generation(directory)
     assert generation != before
     wait_for(lambda: server.search.status()["failed_reload"] is not None)

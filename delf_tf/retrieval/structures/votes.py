@@ -1,0 +1,287 @@
+"""The votes ranking's k-NN structure: header "neighbors", file `neighbors.faiss`.
+
+Exact back ends need no file: "flat" scans the (memory-mapped) descriptors.npy,
+"kdtree"/"brute" are built on load (they cannot be saved without pickle). IVF-PQ
+("ivfpq", "ivfpq-hnsw") is trained once, saved, read with FAISS IO_FLAG_MMAP |
+IO_FLAG_READ_ONLY, and grown without retraining until the index holds
+RETRAIN_GROWTH times the descriptors it was trained on.
+
+A query's descriptors vote: each database image gets at most one vote per query
+descriptor (its nearest descriptor within the bound), images ranked by votes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from delf_tf.config import NEIGHBOR_BACKENDS
+from delf_tf.errors import InputError
+from delf_tf.matching.neighbors import (
+    MISSING,
+    PERSISTED_BACKENDS,
+    FlatNeighbors,
+    IvfPqNeighbors,
+    IvfPqParameters,
+    NeighborIndex,
+    build_neighbors,
+    choose_backend,
+    ivfpq_parameters,
+    sampled_recall,
+)
+from delf_tf.retrieval.structures import base
+from delf_tf.retrieval.structures.base import (
+    BuildOptions,
+    Collection,
+    IndexFormatError,
+    Ranking,
+    SearchStructure,
+)
+
+if TYPE_CHECKING:
+    from delf_tf.config import RetrievalConfig
+    from delf_tf.features.local_features import LocalFeatures
+
+NEIGHBORS_FILE = "neighbors.faiss"
+# An IVF-PQ structure is grown without retraining until the index holds this many
+# times the descriptors it was trained on; then its cells are too coarse (the
+# derived nlist would have doubled twice) and it is retrained.
+RETRAIN_GROWTH = 4.0
+# Recall of an approximate structure is measured for this k (RetrievalConfig.neighbors).
+RECALL_K = 10
+RECALL_DISTANCE = 0.8
+# Back-end names an index.json may record ("auto" only as "requested").
+# IVF-PQ codes are 8 bits: each sub-quantizer learns 256 centroids from as many points.
+PQ_CENTROIDS = 256
+KINDS = tuple(name for name in NEIGHBOR_BACKENDS if name != "auto")
+
+
+class VotesStructure(SearchStructure):
+    """k-NN structure over every database descriptor (value: a `NeighborIndex`)."""
+
+    name = "neighbors"
+    covers = "num_descriptors"
+
+    @classmethod
+    def check_header(cls, header: Any, where: str) -> None:
+        super().check_header(header, where)
+        backend = header.get("backend")
+        if backend not in KINDS:
+            raise IndexFormatError(f"{where}.backend: unknown back end {backend!r}; known {KINDS}")
+        if header.get("requested", "auto") not in NEIGHBOR_BACKENDS:
+            raise IndexFormatError(f"{where}.requested: unknown back end {header['requested']!r}")
+        base.count(header, "num_descriptors", where)
+        if backend in PERSISTED_BACKENDS:
+            base.count(header, "trained_on_descriptors", where)
+            base.relative_name(header.get("file"), f"{where}.file")
+            base.parameters(IvfPqParameters, header, where)
+
+    def files(self) -> list[str]:
+        return [self.header["file"]] if "file" in self.header else []
+
+    # --- building ---------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, collection: Collection, options: BuildOptions, notes: list[str]
+    ) -> VotesStructure:
+        return cls._built(collection, options.backend or "auto", options, notes, None)[0]
+
+    def append(
+        self, collection: Collection, options: BuildOptions, notes: list[str]
+    ) -> tuple[VotesStructure, str]:
+        requested = options.backend or self.header.get("requested") or "auto"
+        return self._built(collection, requested, options, notes, self)
+
+    @classmethod
+    def _built(
+        cls,
+        collection: Collection,
+        requested: str,
+        options: BuildOptions,
+        notes: list[str],
+        current: VotesStructure | None,
+    ) -> tuple[VotesStructure, str]:
+        count = collection.num_descriptors
+        kind = choose_backend(count) if requested == "auto" else requested
+        header: dict[str, Any] = {
+            "backend": kind,
+            "requested": requested,
+            "fingerprint": collection.fingerprint,
+            "num_descriptors": count,
+        }
+        if kind not in PERSISTED_BACKENDS:
+            # Exact back ends: flat scans descriptors.npy; kdtree/brute are built on load.
+            return cls(header, None, fresh=True), "built" if current is None else "kept"
+        action, structure = None, None
+        if current is not None and current.header.get("backend") == kind:
+            trained_on = int(current.header.get("trained_on_descriptors", 0))
+            if count == current.header.get("num_descriptors"):
+                return current, "kept"
+            if count <= RETRAIN_GROWTH * trained_on:
+                structure = current._writable(collection)
+                added = structure.add(collection.descriptors)
+                action = "extended"
+                notes.append(
+                    f"added {added} descriptors to the trained {kind} structure (no retraining)"
+                )
+            else:
+                notes.append(
+                    f"retraining the {kind} structure: the index grew from {trained_on} to "
+                    f"{count} descriptors (more than {RETRAIN_GROWTH:g}x)"
+                )
+        elif current is not None and current.header.get("backend") in PERSISTED_BACKENDS:
+            notes.append(
+                f"retraining: the k-NN structure changes from {current.header.get('backend')} "
+                f"to {kind}"
+            )
+        if structure is None:
+            if count < PQ_CENTROIDS:
+                raise InputError(
+                    f"--backend={kind}: {count} descriptors, its 8-bit codes are trained on at "
+                    f"least {PQ_CENTROIDS}; use --backend=flat (exact) for so few"
+                )
+            start = time.perf_counter()
+            quantizer = "hnsw" if kind == "ivfpq-hnsw" else "flat"
+            parameters = ivfpq_parameters(count, collection.dim, quantizer)
+            structure = IvfPqNeighbors.train(collection.descriptors, parameters)
+            header["trained_on_descriptors"] = count
+            header["train_seconds"] = round(time.perf_counter() - start, 1)
+            action = "retrained" if current is not None else "built"
+            notes.append(
+                f"trained {kind} (nlist {parameters.nlist}, {parameters.subquantizers}-byte "
+                f"codes, nprobe {parameters.nprobe}) on {parameters.train_size} of {count} "
+                f"descriptors in {header['train_seconds']} s"
+            )
+        else:
+            header["trained_on_descriptors"] = current.header["trained_on_descriptors"]
+        header["file"] = NEIGHBORS_FILE
+        header["parameters"] = structure.parameters.to_dict()
+        header["bytes_per_descriptor"] = round(structure.memory_bytes() / max(count, 1), 1)
+        if options.recall:
+            measured = sampled_recall(structure, collection.descriptors, RECALL_K, RECALL_DISTANCE)
+            header["recall"] = measured
+            notes.append(
+                f"{kind}: sampled recall@{RECALL_K} against exact search "
+                f"{measured['recall_at_k']:.3f} ({measured['samples']} database descriptors "
+                f"as queries, neighbours within L2 {RECALL_DISTANCE})"
+            )
+        return cls(header, structure, fresh=True), action
+
+    def _writable(self, collection: Collection) -> IvfPqNeighbors:
+        if self.fresh and self.value is not None:
+            return self.value
+        parameters = IvfPqParameters.from_dict(self.header["parameters"])
+        file = _source(collection, self.header["file"], self.name)
+        return IvfPqNeighbors(
+            base.read_faiss(file, writable=True), collection.descriptors, parameters
+        )
+
+    # --- disk -------------------------------------------------------------------------
+
+    def save(self, staging, source) -> None:
+        if self.fresh and "file" in self.header:
+            base.write_faiss(staging / self.header["file"], self.value._index)
+        elif not self.fresh:
+            super().save(staging, source)
+
+    def load(self, collection: Collection, mmap: bool = True) -> NeighborIndex:
+        """IVF-PQ read with IO_FLAG_MMAP | IO_FLAG_READ_ONLY (fully when mmap=False);
+        "flat" scans the descriptors; "kdtree"/"brute" are built here."""
+        header = self.header
+        kind = header["backend"]
+        if header.get("num_descriptors") != collection.num_descriptors:
+            raise IndexFormatError(
+                f"{collection.path or 'index'}: the {kind} structure covers "
+                f"{header.get('num_descriptors')} descriptors, the index has "
+                f"{collection.num_descriptors}"
+            )
+        if kind in PERSISTED_BACKENDS:
+            file = _source(collection, header["file"], self.name)
+            index = base.read_faiss(file, writable=not mmap)
+            parameters = IvfPqParameters.from_dict(header["parameters"])
+            if int(index.ntotal) != collection.num_descriptors:
+                raise IndexFormatError(
+                    f"{file}: holds {index.ntotal} descriptors, the index has "
+                    f"{collection.num_descriptors}"
+                )
+            return IvfPqNeighbors(index, collection.descriptors, parameters, mmap)
+        if kind == "flat":
+            return FlatNeighbors(collection.descriptors)
+        return build_neighbors(collection.descriptors, kind)
+
+    # --- search -----------------------------------------------------------------------
+
+    def search(
+        self, collection: Collection, query: LocalFeatures, config: RetrievalConfig
+    ) -> Ranking:
+        voted = vote(self.value, collection, query.descriptors, config)
+        votes = voted[0]
+        ids = np.argsort(-votes, kind="stable")
+        ids = ids[votes[ids] > 0]
+        return Ranking(ids.astype(np.int64), votes[ids].astype(np.float64), voted)
+
+
+def vote(
+    neighbors: NeighborIndex, collection: Collection, descriptors: np.ndarray, config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-NN votes of one query's float32 [Q, D] descriptors.
+
+    Returns:
+      votes: int64 [num_images] votes per database image.
+      query_rows: int64 [V] query descriptor of each vote.
+      database_rows: int64 [V] nearest descriptor (index row) of each vote in its image.
+    Rows or image ids out of the collection (a damaged file) are an IndexFormatError.
+    """
+    try:
+        _, nearest = neighbors.search(descriptors, config.neighbors, config.distance_bound)
+    except IndexError as error:  # a damaged file's ids, out of the descriptors' rows
+        raise _damaged(collection, error) from error
+    # Row-major order keeps each query's neighbours nearest first, so the first
+    # (query, image) occurrence is that image's nearest descriptor.
+    query_rows, column = np.nonzero(nearest != MISSING)
+    database_rows = nearest[query_rows, column]
+    num_images = collection.num_images
+    images = _images_of(collection, database_rows, num_images)
+    _, first = np.unique(query_rows * num_images + images, return_index=True)
+    query_rows, database_rows, images = query_rows[first], database_rows[first], images[first]
+    votes = np.bincount(images, minlength=num_images)
+    return votes, query_rows, database_rows
+
+
+def _images_of(collection: Collection, rows: np.ndarray, num_images: int) -> np.ndarray:
+    """int64 image ids of descriptor `rows`, checked against the offsets (O(rows))."""
+    where = collection.path or "index"
+    if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= collection.num_descriptors):
+        raise _damaged(collection, f"row {int(rows.max())}")
+    images = np.asarray(collection.image_ids)[rows].astype(np.int64)
+    if images.size:
+        offsets = np.asarray(collection.offsets)
+        inside = (images >= 0) & (images < num_images)
+        safe = np.where(inside, images, 0)
+        inside &= (offsets[safe] <= rows) & (rows < offsets[safe + 1])
+        if not inside.all():
+            bad = int(images[~inside][0])
+            raise IndexFormatError(
+                f"{where}: image_ids.npy holds {bad} for a descriptor of another image "
+                f"(the index has {num_images} images); the file is damaged"
+            )
+    return images
+
+
+def _damaged(collection: Collection, detail: Any) -> IndexFormatError:
+    return IndexFormatError(
+        f"{collection.path or 'index'}: the k-NN structure returned descriptor rows outside "
+        f"the index ({detail}; it has {collection.num_descriptors}): {NEIGHBORS_FILE} is "
+        "damaged; rebuild it with `delf index`"
+    )
+
+
+def _source(collection: Collection, name: str, structure: str):
+    if collection.path is None:
+        raise IndexFormatError(
+            f"index has a {structure} structure but no directory to read it from"
+        )
+    return base.confined(collection.path, name, f"{collection.path}: structures.{structure}.file")
