@@ -4,7 +4,7 @@ allocator made to give memory back after a large request.
 Extraction memory grows with the pixels an image decodes to (the image, its float
 copies for the resize and the pyramid, the network's activations): per request,
 the images' pixels are summed (serving_default: the sizes their headers declare, read
-by Pillow, else by the graph's own reader, nothing decoded; extract_image: the image
+by Pillow, nothing decoded; extract_image: the image
 tensor's height x width) and checked against `RequestLimits`:
 - max_request_pixels: the sum over the request's images (INVALID_ARGUMENT above);
 - max_aspect_ratio: long side / short side of each image (INVALID_ARGUMENT above): a
@@ -137,11 +137,13 @@ _SERVED_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")
 
 
 def header_sizes(images: np.ndarray) -> np.ndarray:
-    """int64 [B, 2]: (height, width) each encoded image's header declares, (0, 0) where
-    the served graph would not decode it. Read by Pillow's lazy open (the header only,
-    ~0.1 ms an image); an image of a served format whose header Pillow cannot read is
-    read by the served graph's own `header_size`, so that nothing the graph decodes
-    goes uncounted (a tf.function traced at its first use: seconds, once a process)."""
+    """int64 [B, 2]: (height, width) each encoded image's header declares, read by
+    Pillow's lazy open (the header only, ~0.1 ms an image); (0, 0) for bytes of no
+    served format or a header Pillow cannot read (the served graph's own reader,
+    `delf_tf.extraction.image_bytes.header_size`, refuses those it cannot size too; a
+    header that one reads and Pillow does not, if any, goes uncounted here and stays
+    bounded by the export's per-image max_pixels). (serving does not import extraction:
+    the packages import each other in one direction.)"""
     import io
     import warnings
 
@@ -149,7 +151,6 @@ def header_sizes(images: np.ndarray) -> np.ndarray:
 
     flat = np.asarray(images, dtype=object).reshape(-1)
     sizes = np.zeros((flat.size, 2), np.int64)
-    unread = []
     for number, data in enumerate(flat):
         data = bytes(data)
         served = data.startswith(_SERVED_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
@@ -160,33 +161,10 @@ def header_sizes(images: np.ndarray) -> np.ndarray:
                 warnings.simplefilter("ignore")
                 with Image.open(io.BytesIO(data)) as image:
                     width, height = image.size
-        except Exception:  # noqa: BLE001 - unreadable here: the graph's reading decides
-            unread.append(number)
+        except Exception:  # noqa: BLE001 - an unreadable header: not decoded by the graph
             continue
         sizes[number] = (height, width)
-    if unread:
-        sizes[unread] = _graph_header_sizes(flat[unread])
     return sizes
-
-
-_graph_function = None
-_graph_lock = threading.Lock()
-
-
-def _graph_header_sizes(images: np.ndarray) -> np.ndarray:
-    """`delf_tf.extraction.image_bytes.header_size` of each item, int64 [B, 2]."""
-    global _graph_function
-    import tensorflow as tf
-
-    with _graph_lock:
-        if _graph_function is None:
-            from delf_tf.extraction.image_bytes import header_size
-
-            _graph_function = tf.function(
-                lambda batch: tf.map_fn(header_size, batch, fn_output_signature=tf.int64),
-                input_signature=[tf.TensorSpec([None], tf.string)],
-            )
-    return _graph_function(tf.constant(list(images), tf.string)).numpy()
 
 
 def image_sizes(signature_name: str, arrays: dict[str, np.ndarray], max_image_pixels: int):
