@@ -44,6 +44,8 @@ STATE_SYSCALLS = (
     "rename",
     "renameat",
     "renameat2",
+    "link",
+    "linkat",
     "unlink",
     "unlinkat",
     "mkdir",

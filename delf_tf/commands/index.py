@@ -9,6 +9,7 @@ from pathlib import Path
 
 from absl import flags
 
+from delf_tf.commands.common import define_lock_flag
 from delf_tf.config import NEIGHBOR_BACKENDS
 
 INDEX_TYPES = ("votes", "asmk")
@@ -62,15 +63,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "measure the sampled recall@10 of an approximate k-NN structure against exact search",
         **define,
     )
+    define_lock_flag(flag_values)
     flags.mark_flags_as_required(["features", "output_dir"], **define)
 
 
 def run(flag_values: flags.FlagValues) -> int:
-    from delf_tf.atomic import recover_staged_directory
     from delf_tf.errors import InputError
-    from delf_tf.features import fingerprint as fingerprints
     from delf_tf.features.store import FeatureStore
-    from delf_tf.retrieval.index import HEADER, Index
+    from delf_tf.locks import writer_lock
 
     output = Path(flag_values.output_dir)
     index_types = flag_values.index_type
@@ -82,6 +82,18 @@ def run(flag_values: flags.FlagValues) -> int:
     store = FeatureStore.open(flag_values.features)
     if next(store.stored_keys(), None) is None:
         raise InputError(f"{store.root}: an empty feature store (run `delf extract` into it)")
+    # One writer per index: the read of an existing index (--append) and the swap of
+    # the new one happen under the lock, so no concurrent writer's update is lost.
+    with writer_lock(output, wait=flag_values.wait_for_lock):
+        return _write(flag_values, store, output, index_types)
+
+
+def _write(flag_values, store, output: Path, index_types) -> int:
+    from delf_tf.atomic import recover_staged_directory
+    from delf_tf.errors import InputError
+    from delf_tf.features import fingerprint as fingerprints
+    from delf_tf.retrieval.index import HEADER, Index
+
     # First of all: a run killed while swapping the index folder may have left the
     # previous index under its backup name; nothing may be decided before it is back.
     recover_staged_directory(output)

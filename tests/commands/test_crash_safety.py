@@ -92,11 +92,12 @@ SAMPLES = {
 }
 # Commands with TensorFlow take several seconds per run: one fixed point each, the
 # rename that publishes the result, with no traced clean run (the hit is checked).
-# extract (one image): rename 1 publishes manifest.json, rename 2 the .npz.
+# extract (one image): a link() publishes manifest.json (created exclusively), rename 1
+# the .npz.
 # export: renames 1-5 are TensorFlow's own inside the staging folder (variables,
 # saved_model.pb, fingerprint.pb), rename 6 publishes the version folder.
 FIXED = {
-    "extract": (("rename", 2), ".npz"),
+    "extract": (("rename", 1), ".npz"),
     "export": (("rename", 6), "/models/delf/1"),
 }
 
