@@ -87,10 +87,12 @@ class LocalFeatures:
             np.savez(handle, **self.arrays())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> LocalFeatures:
-        path = Path(path)
+    def load(cls, path: str | os.PathLike | BinaryIO, where: str | None = None) -> LocalFeatures:
+        """Reads an `.npz` from a path or a binary file (`where` names it in errors)."""
+        source = path if hasattr(path, "read") else Path(path)
+        path = where or source
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(source, allow_pickle=False) as data:
                 missing = [name for name in FIELDS if name not in data.files]
                 if missing:
                     raise FeatureFileError(f"{path}: missing array(s) {missing}")

@@ -178,10 +178,7 @@ class FeatureStore:
         return store
 
     def _stem(self, key: str) -> str:
-        """The store path of `key` without suffix: the key, its file name shortened
-        when too long (see the module docstring)."""
-        folder, slash, name = key.rpartition("/")
-        return folder + slash + fitted_name(name, _NAME_LIMIT)
+        return stem(key)
 
     def _key_of(self, stem: str) -> str:
         """The key of a store path without suffix (the inverse of `_stem`)."""
@@ -251,6 +248,13 @@ class FeatureStore:
                 if path.is_file():
                     keys.add(self._key_of(path.relative_to(self.root).as_posix()[: -len(suffix)]))
         yield from sorted(keys)
+
+
+def stem(key: str) -> str:
+    """The store path of `key` without suffix: the key, its file name shortened when
+    too long (see the module docstring)."""
+    folder, slash, name = key.rpartition("/")
+    return folder + slash + fitted_name(name, _NAME_LIMIT)
 
 
 def _holds_delf_files(root: Path) -> bool:
