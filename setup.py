@@ -29,7 +29,9 @@ setup(
         "apache-beam",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "ruff"],
+        # The Milvus back end of first-stage retrieval (Milvus Lite: embedded, no server).
+        "milvus": ["pymilvus", "milvus-lite"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "pymilvus", "milvus-lite"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

@@ -19,6 +19,12 @@ by RANSAC inliers exactly as `delf search` does (`Searcher.search`, top 10):
   votes-ivfpq-hnsw k-NN votes, IVF-PQ, HNSW coarse quantizer
   asmk             ASMK* (default codebook size for the data)
   global           inner product of global descriptors
+  votes-milvus     k-NN votes, the k-NN search in a Milvus Lite collection (FLAT)
+  global-milvus    the global ranking in a Milvus Lite collection (FLAT)
+Milvus Lite runs inside this process (a gRPC server on threads), so the row's RSS
+growth is Lite's memory for the collection. Its rows re-rank from the index arrays
+(the synthetic index has no feature store; retrieval.py measures the store path);
+build_seconds is the insert + flush time.
 Measured: build seconds, bytes per image and per descriptor of the structure,
 query latency p50/p95 (initial ranking and total with re-ranking), recall@1 of
 the planted image, for votes-* the sampled k-NN recall@10 against exact search,
@@ -189,6 +195,19 @@ def build(name: str, index: Index, folder: Path):
         size = structure.memory_bytes()
         extra["codebook_size"] = structure.codebook_size
         extra["words_per_image"] = round(structure.num_entries / index.num_images, 1)
+    elif name.endswith("-milvus"):
+        from delf_tf.retrieval.structures import MILVUS_STRUCTURES, BuildOptions
+
+        kind = "neighbors" if name.startswith("votes") else "global"
+        options = BuildOptions(
+            backend="milvus", milvus_uri=str(folder / "milvus.db"), milvus_prefix="bench"
+        )
+        structure = MILVUS_STRUCTURES[kind].build(index, options, []).value
+        structure.reads_store = False  # no store here: re-rank from the index arrays
+        kwargs = {"neighbors" if kind == "neighbors" else "global_ranker": structure}
+        ranking = "votes" if kind == "neighbors" else "global"
+        size = sum(f.stat().st_size for f in (folder / "milvus.db").rglob("*") if f.is_file())
+        extra["disk_bytes"] = size
     elif name == "global":
         structure = GlobalRanker.build(index.global_descriptors)
         kwargs, ranking = {"global_ranker": structure}, "global"

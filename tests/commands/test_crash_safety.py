@@ -88,6 +88,9 @@ def choose(*kinds: str, every: tuple[str, ...] = ("rename",)):
 SAMPLES = {
     "index-append": choose("rename", "write", "fsync", "unlinkat", "rmdir"),
     "index": choose("rename", "write", "unlinkat"),
+    # Milvus Lite: before the swap (collections made), at the swap, after it (the old
+    # collections not dropped yet).
+    "index-append-milvus": choose("rename", "unlinkat"),
     "fit-pca": choose("rename", "write", "fsync"),
 }
 # Commands with TensorFlow take several seconds per run: one fixed point each, the
@@ -110,7 +113,7 @@ def test_killed_at_sampled_crash_points_then_rerun(name, tmp_path):
     scenario = SCENARIOS[name]()
     result = sweep(scenario, tmp_path, choose=SAMPLES[name], rerun=in_process(scenario))
     assert result["run"] >= 3 and result["killed"] == result["run"], result
-    assert result["moved"] == 0, result["results"]
+    assert name in MAY_MOVE or result["moved"] == 0, result["results"]
 
 
 @pytest.mark.parametrize("name", list(FIXED))
