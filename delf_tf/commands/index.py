@@ -59,6 +59,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "index's",
         **define,
     )
+    flags.DEFINE_string(
+        "features_uri",
+        None,
+        "with --backend=milvus: where search workers read --features' store (a copy at "
+        "gs://BUCKET/features, read through tf.io.gfile); default: --features",
+        **define,
+    )
     flags.DEFINE_integer(
         "codebook_size",
         None,
@@ -107,7 +114,9 @@ def run(flag_values: flags.FlagValues) -> int:
         backend=flag_values.backend,
         milvus_uri=flag_values.milvus_uri,
         milvus_prefix=milvus_prefix(output) if milvus else None,
-        stores={store.identity: str(Path(store.root).resolve())} if milvus else None,
+        stores={store.identity: flag_values.features_uri or str(Path(store.root).resolve())}
+        if milvus
+        else None,
         votes=None if index_types is None else "votes" in index_types,
         asmk=None if index_types is None else "asmk" in index_types,
         codebook_size=flag_values.codebook_size,

@@ -102,7 +102,15 @@ def client(uri: str) -> Any:
         try:
             found = MilvusClient(uri)
         except Exception as error:  # pymilvus raises its own family, and OSError
-            raise IndexFormatError(f"{uri}: cannot open Milvus ({_one_line(error)})") from error
+            hint = (
+                "; Milvus Lite serves one process at a time: is another delf command or a "
+                "search service using this file? (a Milvus server takes many)"
+                if _is_lite(uri)
+                else ""
+            )
+            raise IndexFormatError(
+                f"{uri}: cannot open Milvus ({_one_line(error)}){hint}"
+            ) from error
         _clients[uri] = found
         return found
 
@@ -113,10 +121,14 @@ def release(uri: str) -> None:
         found = _clients.pop(uri, None)
     if found is not None:
         found.close()
-    if uri.endswith(".db") and "://" not in uri:
+    if _is_lite(uri):
         from milvus_lite import server_manager_instance
 
         server_manager_instance.release_server(uri)
+
+
+def _is_lite(uri: str) -> bool:
+    return uri.endswith(".db") and "://" not in uri
 
 
 def _one_line(error: Exception) -> str:
