@@ -95,6 +95,7 @@ def main(argv: list[str]) -> int:
         )
         return EXIT_USAGE
     logging.use_absl_handler()
+    flags.FLAGS.mark_as_parsed()  # our flags live on the command's FlagValues: no absl warning
     logging.set_verbosity(logging.INFO)
     quiet_library_loggers()
     try:

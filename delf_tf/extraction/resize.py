@@ -7,7 +7,7 @@ the resize factors. `resize_to_limits` does the same with standard TF ops, so
 that the served graph needs no Python: `pil_bilinear_resize` is Pillow's
 two-pass resampling (ImagingResample: horizontal pass, rounding to uint8,
 vertical pass) with its fixed-point coefficients (22 fractional bits), computed
-exactly (integers in float64), and gives exactly Pillow's pixels (tested against Pillow).
+exactly (in int32, as Pillow), and gives exactly Pillow's pixels (tested against Pillow).
 TF's own `tf.image.resize(..., antialias=True)` uses the same triangle filter but
 rounds differently, which moves some pixels by one grey level.
 """
@@ -49,31 +49,33 @@ def _coefficients(in_size: tf.Tensor, out_size: tf.Tensor) -> tuple[tf.Tensor, t
 def _resample_axis(image: tf.Tensor, out_size: tf.Tensor, axis: int) -> tf.Tensor:
     """One Pillow pass along `axis` (0: rows, 1: columns) of uint8 [H, W, C] -> uint8.
 
-    The pass is a sparse [out, in] matrix of fixed-point weights times the pixels,
-    in float64: every product and sum is an integer below 2**31, so exact.
+    Each output pixel is the sum over the K taps of a fixed-point weight times a
+    source pixel: a loop over the taps gathers one source pixel per output pixel
+    along `axis` and accumulates in int32, as Pillow does (the weights are
+    non-negative and sum to 2**22, so every partial sum is below 255 * 2**22 < 2**31).
+    Memory: one int32 copy of the output. No
+    transpose: with a uint8 transpose in the graph (grappler moves casts behind
+    transposes), oneDNN builds log an error line on every run.
     """
-    in_size = tf.shape(image)[axis]
-    indices, weights = _coefficients(in_size, out_size)
-    taps = tf.shape(indices)[1]
-    positions = tf.stack([tf.repeat(tf.range(out_size), taps), tf.reshape(indices, [-1])], 1)
-    matrix = tf.sparse.reorder(
-        tf.sparse.SparseTensor(
-            tf.cast(positions, tf.int64),
-            tf.cast(tf.reshape(weights, [-1]), tf.float64),
-            tf.cast(tf.stack([out_size, in_size]), tf.int64),
+    indices, weights = _coefficients(tf.shape(image)[axis], out_size)
+    # Weights broadcast over the other axes: [out, 1, 1] for rows, [1, out, 1] for columns.
+    weight_shape = [-1, 1, 1] if axis == 0 else [1, -1, 1]
+    out_shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [out_size])
+
+    def add_tap(tap: tf.Tensor, total: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        pixels = tf.gather(image, indices[:, tap], axis=axis)
+        return tap + 1, total + tf.cast(pixels, tf.int32) * tf.reshape(
+            weights[:, tap], weight_shape
         )
+
+    _, total = tf.while_loop(
+        lambda tap, _: tap < tf.shape(indices)[1],
+        add_tap,
+        (tf.constant(0), tf.zeros(out_shape, tf.int32)),
     )
-    pixels = tf.cast(image, tf.float64)
-    if axis == 1:
-        pixels = tf.transpose(pixels, [1, 0, 2])
-    shape = tf.shape(pixels)
-    total = tf.sparse.sparse_dense_matmul(matrix, tf.reshape(pixels, [shape[0], -1]))
     # Pillow: (sum + 2**21) >> 22, clipped to 0..255.
-    total = tf.floor((total + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS))
-    total = tf.reshape(tf.clip_by_value(total, 0.0, 255.0), tf.concat([[out_size], shape[1:]], 0))
-    if axis == 1:
-        total = tf.transpose(total, [1, 0, 2])
-    return tf.cast(total, tf.uint8)
+    total = tf.bitwise.right_shift(total + (1 << (PRECISION_BITS - 1)), PRECISION_BITS)
+    return tf.cast(tf.clip_by_value(total, 0, 255), tf.uint8)
 
 
 def pil_bilinear_resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:

@@ -365,6 +365,7 @@ class Index:
         recall: bool = True,
         progress: bool = True,
         global_ivf_min_images: int = IVF_MIN_IMAGES,
+        others: tuple[str, ...] = (),
         milvus_uri: str | None = None,
         milvus_prefix: str | None = None,
         stores: dict[str, str] | None = None,
@@ -383,6 +384,8 @@ class Index:
           against exact search (stored in index.json and returned).
         global_ivf_min_images: global descriptors get an IVF structure from this
           many images on (exact ranking below).
+        others: names of further registered structures (`structures.STRUCTURES`,
+          e.g. an external back end) to build; those the index has are extended.
         milvus_uri, milvus_prefix, stores: backend "milvus" puts the votes and the
           global rankings into Milvus collections (`structures/milvus.py`).
 
@@ -410,6 +413,8 @@ class Index:
             "asmk": asmk is not False and (bool(asmk) or "asmk" in self._structures),
             "global": self.global_descriptors is not None,
         }
+        for name in (*others, *self._structures):
+            wanted.setdefault(name, True)
         for name, want in wanted.items():
             if not want:
                 self._structures.pop(name, None)
@@ -450,6 +455,12 @@ class Index:
                 {"kind": "flat"}, GlobalRanker(self.global_descriptors)
             )
         return self._loaded("global", mmap)
+
+    def structure(self, name: str, mmap: bool = True) -> SearchStructure | None:
+        """The search structure `name` with its object loaded, or None if the index has none."""
+        if self._loaded(name, mmap) is None:
+            return None
+        return self._structures[name]
 
     def _loaded(self, name: str, mmap: bool) -> Any:
         """The object of structure `name`, read once; the directory must not have been

@@ -29,15 +29,16 @@ ARRAYS = {
     "offsets": np.int64,
 }
 GLOBAL_ARRAY = "global_descriptors"
-# image records: field -> accepted JSON types
+# image records: field -> its exact JSON types ("store" may be absent: older indexes)
 RECORD_FIELDS = {
-    "key": (str,),
-    "path": (str,),
-    "width": (int, type(None)),
-    "height": (int, type(None)),
-    "num_features": (int,),
-    "store": (str, type(None)),
+    "key": {str},
+    "path": {str},
+    "width": {int, type(None)},
+    "height": {int, type(None)},
+    "num_features": {int},
+    "store": {str, type(None)},
 }
+_ABSENT = object()
 
 
 def read_json(path: Path, missing_message: str) -> Any:
@@ -50,26 +51,33 @@ def read_json(path: Path, missing_message: str) -> Any:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """images.json: a list of records (JSON objects) with typed fields, num_features >= 0."""
+    """images.json: a list of records (JSON objects) with typed fields, sizes >= 0.
+
+    Checked field by field over all records (exact JSON types: a bool is no int).
+    """
     records = read_json(path, f"{path.parent}: incomplete index (no {IMAGES})")
     if not isinstance(records, list):
         raise IndexFormatError(f"{path}: expected a JSON list of image records")
-    images = []
+    allowed = RECORD_FIELDS.keys()
     for number, record in enumerate(records):
-        if not isinstance(record, dict) or set(record) - set(RECORD_FIELDS):
+        if type(record) is not dict or not record.keys() <= allowed:
             raise IndexFormatError(f"{path}: record {number} is not an image record")
-        for field, types in RECORD_FIELDS.items():
-            value = record.get(field)
-            if field not in record and field != "store":
-                raise IndexFormatError(f"{path}: record {number} has no {field}")
-            if (
-                not isinstance(value, types)
-                or isinstance(value, bool)
-                or (isinstance(value, int) and value < 0)
-            ):
-                raise IndexFormatError(f"{path}: record {number}: malformed {field} {value!r}")
-        images.append(record)
-    return images
+    for field, types in RECORD_FIELDS.items():
+        values = [record.get(field, _ABSENT) for record in records]
+        for number, value in enumerate(values):
+            if type(value) not in types and not (field == "store" and value is _ABSENT):
+                shown = "nothing" if value is _ABSENT else repr(value)
+                raise IndexFormatError(f"{path}: record {number}: malformed {field} {shown}")
+        if int in types:
+            negative = [
+                number for number, value in enumerate(values) if type(value) is int and value < 0
+            ]
+            if negative:
+                number = negative[0]
+                raise IndexFormatError(
+                    f"{path}: record {number}: malformed {field} {values[number]!r}"
+                )
+    return records
 
 
 def check_image_ids(image_ids: np.ndarray, offsets: np.ndarray) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,45 +149,72 @@ def test_serving_contract_has_one_home():
 
 
 STARTUP_CHATTER = ("cuda", "cpu_feature_guard", "onednn", "absl::initializelog", "loading faiss")
+# A line in the format of absl's C++ or Python logging: "E0000 00:00:1796399679.190528 2826
+# util.cc:131] ..." (native) or "I1204 16:20:42.672392 1400... signature_serialization.py:156] ...".
+LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]", re.MULTILINE)
+
+
+def assert_quiet(stderr: str) -> None:
+    """No library start-up chatter and no log-formatted line on stderr."""
+    lowered = stderr.lower()
+    assert not [marker for marker in STARTUP_CHATTER if marker in lowered], stderr
+    assert "logging before flag parsing" not in lowered, stderr
+    assert not LOG_LINE.findall(stderr), stderr
 
 
 def test_commands_start_without_library_chatter(tmp_path, model_config_file, astronaut_small):
-    """`delf extract` and `delf search` (TensorFlow, FAISS) write only their own lines to
-    stderr, also without TF_CPP_MIN_LOG_LEVEL; DELF_TF_LOGS=1 lets FAISS's loader speak."""
+    """`delf extract`, `search` (also when it refuses) and `export`, and `import delf_tf.<pkg>`
+    in Python, write only their own lines to stderr, also without TF_CPP_MIN_LOG_LEVEL, on
+    this CPU and with oneDNN limited to AVX2 (the other kind of machine); DELF_TF_LOGS=1
+    lets FAISS's loader speak."""
     from PIL import Image
 
     Image.fromarray(astronaut_small).save(tmp_path / "a.png")
     environment = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("TF_CPP_MIN_LOG_LEVEL", "DELF_TF_LOGS")
+        if key not in ("TF_CPP_MIN_LOG_LEVEL", "DELF_TF_LOGS", "ONEDNN_MAX_CPU_ISA")
     }
 
-    def delf(*argv, **extra):
+    def run(argv, returncode=0, **extra):
         done = subprocess.run(
-            [sys.executable, "-m", "delf_tf.cli", *argv],
+            [sys.executable, *argv],
             capture_output=True,
             text=True,
             cwd=tmp_path,
             timeout=240,
             env={**environment, **extra},
         )
-        assert done.returncode == 0, done.stderr
-        json.loads(done.stdout)  # one JSON summary on stdout
-        return done.stderr.lower()
+        assert done.returncode == returncode, done.stderr
+        return done
 
-    extract = delf(
-        "extract",
-        f"--images={tmp_path / 'a.png'}",
-        f"--output_dir={tmp_path / 'features'}",
-        f"--model_config={model_config_file}",
-        "--score_threshold=0",
-        "--max_image_size=64",
-    )
-    delf("index", f"--features={tmp_path / 'features'}", f"--output_dir={tmp_path / 'i'}")
-    search = [f"--index={tmp_path / 'i'}", f"--image={tmp_path / 'a.png'}"]
-    search.append(f"--model_config={model_config_file}")
-    quiet = delf("search", *search)
-    for stderr in (extract, quiet):
-        assert not [marker for marker in STARTUP_CHATTER if marker in stderr], stderr
-    assert "loading faiss" in delf("search", *search, DELF_TF_LOGS="1")
+    def delf(*argv, returncode=0, **extra):
+        done = run(["-m", "delf_tf.cli", *argv], returncode=returncode, **extra)
+        if returncode == 0:
+            json.loads(done.stdout)  # one JSON summary on stdout
+        return done.stderr
+
+    model = f"--model_config={model_config_file}"
+    for isa in ("", "AVX2"):
+        extract = delf(
+            "extract",
+            f"--images={tmp_path / 'a.png'}",
+            f"--output_dir={tmp_path / ('features' + isa)}",
+            model,
+            "--score_threshold=0",
+            "--max_image_size=64",
+            ONEDNN_MAX_CPU_ISA=isa,
+        )
+        assert_quiet(extract)
+    index = ["index", f"--features={tmp_path / 'features'}"]
+    assert_quiet(delf(*index, f"--output_dir={tmp_path / 'i'}"))
+    search = [f"--index={tmp_path / 'i'}", f"--image={tmp_path / 'a.png'}", model]
+    assert_quiet(delf("search", *search, "--score_threshold=0"))
+    refused = delf("search", *search, "--seed=5", returncode=1)
+    assert_quiet(refused)
+    assert refused.count("\n") == 1 and refused.startswith("delf search: error:"), refused
+    assert_quiet(delf("export", model, f"--export_base={tmp_path / 'models'}"))
+    imported = run(["-c", "import delf_tf.extraction.graph, delf_tf.model, keras"])
+    assert_quiet(imported.stderr)
+    assert imported.stderr == ""
+    assert "loading faiss" in delf("search", *search, DELF_TF_LOGS="1").lower()

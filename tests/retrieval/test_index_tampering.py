@@ -17,7 +17,7 @@ from delf_tf.features import FeatureStore, LocalFeatures
 from delf_tf.retrieval import Index, IndexFormatError
 from delf_tf.retrieval.index import read_generation
 from delf_tf.retrieval.search import load_searcher
-from delf_tf.retrieval.structures import STRUCTURES, SearchStructure
+from delf_tf.retrieval.structures import STRUCTURES, Ranking, SearchStructure
 
 
 def make_store(path, names, seed, count=60, dim=16):
@@ -219,6 +219,9 @@ def test_generation_counts_saves(tmp_path):
     assert read_generation(path) == 2
     Index.from_store(make_store(tmp_path / "u", ["d"], seed=2), progress=False).save(path)
     assert read_generation(path) == 3  # a rebuild over it continues the count
+    path.rename(tmp_path / "moment-between-the-two-renames")
+    assert read_generation(path) is None
+    (tmp_path / "moment-between-the-two-renames").rename(path)
     _header(path, lambda header: header.pop("generation"))  # an index of before
     assert read_generation(path) == 0 and Index.load(path).num_images == 1
     _header(path, lambda header: header.update(generation="7"))
@@ -226,49 +229,53 @@ def test_generation_counts_saves(tmp_path):
         read_generation(path)
 
 
-def test_a_structure_read_after_the_swap_is_refused(tmp_path):
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Two saved indexes with ASMK (5 and 8 images of 60 descriptors): (folder, descriptors
+    by count)."""
+    root = tmp_path_factory.mktemp("sources")
+    found = {}
+    for size in (5, 8):
+        names = [f"{size}-{n}" for n in range(size)]
+        index = Index.from_store(make_store(root / f"s{size}", names, seed=size), progress=False)
+        index.build_structures(backend="flat", asmk=True, codebook_size=16, progress=False)
+        index.save(root / f"source{size}")
+        found[index.num_descriptors] = np.asarray(index.descriptors).copy()
+    return root, found
+
+
+def test_a_structure_read_after_the_swap_is_refused(sources, tmp_path):
     path = tmp_path / "index"
-    store = make_store(tmp_path / "s", [f"i{n}" for n in range(5)], seed=0)
-    index = Index.from_store(store, progress=False)
-    index.build_structures(backend="ivfpq", recall=False, progress=False)
-    index.save(path)
+    Index.load(sources[0] / "source5").save(path)
     old = Index.load(path)
     Index.load(path).save(path)  # another writer replaces it: generation 2
     with pytest.raises(IndexFormatError, match="replaced while in use"):
-        old.neighbors()
+        old.asmk()
     assert load_searcher(path).index.generation == 2
 
 
-def test_readers_racing_a_writer_never_see_a_mixed_state(tmp_path):
+def test_readers_racing_a_writer_never_see_a_mixed_state(sources, tmp_path):
     """A writer swaps two indexes of different sizes over one path; readers load it (and
-    its IVF-PQ structure) all the while: never an error, never arrays of two of them."""
-    sources = {}
-    for size in (5, 8):
-        names = [f"{size}-{n}" for n in range(size)]
-        index = Index.from_store(
-            make_store(tmp_path / f"s{size}", names, seed=size), progress=False
-        )
-        index.build_structures(backend="ivfpq", recall=False, progress=False)
-        index.save(tmp_path / f"source{size}")
-        sources[index.num_descriptors] = np.asarray(index.descriptors).copy()
+    its ASMK structure) all the while: never an error, never arrays of two of them."""
+    root, by_count = sources
     target = tmp_path / "index"
-    Index.load(tmp_path / "source5").save(target)
+    Index.load(root / "source5").save(target)
     done, problems, seen = threading.Event(), [], []
 
     def write():
         try:
             for turn in range(40):
-                Index.load(tmp_path / f"source{(5, 8)[turn % 2]}").save(target)
+                Index.load(root / f"source{(5, 8)[turn % 2]}").save(target)
         finally:
             done.set()
 
     def read():
         while not done.is_set():
             try:
-                searcher = load_searcher(target, RetrievalConfig(ranking="votes"))
+                searcher = load_searcher(target, RetrievalConfig(ranking="asmk"))
                 index = searcher.index
-                descriptors = sources[index.num_descriptors]
-                assert len(searcher.neighbors) == index.num_descriptors
+                descriptors = by_count[index.num_descriptors]
+                assert searcher.asmk.num_images == index.num_images
                 assert index.offsets[-1] == index.num_descriptors == len(index.keypoints)
                 assert sum(record.num_features for record in index.images) == len(descriptors)
                 np.testing.assert_array_equal(np.asarray(index.descriptors), descriptors)
@@ -306,3 +313,63 @@ def test_staged_files_are_new_files_only(tmp_path):
         with pytest.raises(FileExistsError):
             write_staged(tmp_path / name, lambda handle: handle.write(b"x"))
     assert (tmp_path / "target").read_bytes() == b"keep"
+
+
+class _OutsideStructure(SearchStructure):
+    """An external structure (the shape of a Milvus back end): the vectors live in a
+    "server" (a dict here), one location per save, named by "uri" in index.json."""
+
+    name = "outside"
+    covers = "num_images"
+    external = True
+    server: dict = {}
+
+    @classmethod
+    def build(cls, collection, options, notes):
+        uri = f"memory://collection-{len(cls.server)}"
+        means = np.stack([collection.descriptors[a:b].mean(0) for a, b in _pairs(collection)])
+        cls.server[uri] = means
+        return cls({"uri": uri, "num_images": collection.num_images}, means, fresh=True)
+
+    def append(self, collection, options, notes):
+        return self.build(collection, options, notes), "retrained"
+
+    def load(self, collection, mmap=True):
+        if self.header["uri"] not in self.server:
+            raise IndexFormatError(f"{self.header['uri']}: no such collection")
+        return self.server[self.header["uri"]]
+
+    def search(self, collection, query, config):
+        scores = self.value @ query.descriptors.mean(0)
+        ids = np.argsort(-scores, kind="stable")
+        return Ranking(ids.astype(np.int64), scores[ids].astype(np.float64))
+
+
+def _pairs(collection):
+    offsets = np.asarray(collection.offsets)
+    return zip(offsets[:-1], offsets[1:], strict=True)
+
+
+def test_a_structure_outside_the_directory_is_one_more_module(tmp_path, monkeypatch):
+    monkeypatch.setitem(STRUCTURES, _OutsideStructure.name, _OutsideStructure)
+    monkeypatch.setattr(_OutsideStructure, "server", {})
+    store = make_store(tmp_path / "s", [f"i{n}" for n in range(4)], seed=3)
+    index = Index.from_store(store, progress=False)
+    report = index.build_structures(backend="flat", others=("outside",), progress=False)
+    assert report["outside"]["action"] == "built"
+    index.save(tmp_path / "index")
+    header = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert header["structures"]["outside"]["uri"] == "memory://collection-0"
+    assert not (tmp_path / "index" / "outside").exists()  # owns no file in the folder
+    loaded = Index.load(tmp_path / "index")
+    structure = loaded.structure("outside")
+    query = store.load("i2")
+    assert structure.search(loaded, query, RetrievalConfig()).ids[0] == 2
+    appended, _ = loaded.add_store(make_store(tmp_path / "t", ["j"], seed=4), progress=False)
+    appended.build_structures(progress=False)  # extends the structures it has
+    appended.save(tmp_path / "index")
+    header = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert header["structures"]["outside"] == {"uri": "memory://collection-1", "num_images": 5}
+    _header(tmp_path / "index", lambda h: h["structures"]["outside"].pop("uri"))
+    with pytest.raises(IndexFormatError, match="outside.uri: expected"):
+        Index.load(tmp_path / "index")

@@ -134,6 +134,8 @@ class AsmkStructure(SearchStructure):
         folder = base.confined(collection.path, name, f"{collection.path}: structures.asmk.folder")
         try:
             value = AsmkIndex.load(folder, self.header, base.read_array, mmap=mmap)
+        except IndexFormatError:
+            raise  # names its file already
         except (ValueError, KeyError, TypeError) as error:
             raise IndexFormatError(f"{folder}: {error}") from error
         return value
