@@ -65,8 +65,103 @@ def command_flags(name: str) -> tuple[object, flags.FlagValues]:
     return command, flag_values
 
 
+# Shared flags by purpose, in the order help lists them (after the command's own flags).
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "weights", "seed", "model_config", "delf_config", "pca"),
+    "extraction settings": (
+        "preset",
+        "extraction_config",
+        "score_threshold",
+        "max_features",
+        "max_image_size",
+        "precision",
+    ),
+    "extraction in TF Serving": ("server", "protocol", "model_name"),
+    "ranking": ("ranking", "nprobe", "rerank_matches"),
+    "matching and RANSAC": (
+        "retrieval_config",
+        "distance_bound",
+        "transform",
+        "residual_threshold",
+        "max_trials",
+        "ransac",
+        "ransac_seed",
+        "backend",
+    ),
+    "distributed extraction (Apache Beam)": ("runner", "beam_options", "batch_size"),
+}
+GENERAL_HELP = (
+    "general:\n"
+    "  --flagfile=FILE: read flags from FILE, one --name=value a line\n"
+    "  --undefok=NAMES: flag names (comma-separated) that may be given without being defined"
+)
+
+
 def command_help(name: str, flag_values: flags.FlagValues) -> str:
-    return f"delf {name}: {COMMANDS[name][1]}\n\n{flag_values.get_help()}"
+    """The command's help: its own flags first, then the shared ones grouped by purpose,
+    deprecated names last; one default style, `(default X)`."""
+    module = f"delf_tf.commands.{COMMANDS[name][0]}"
+    by_module = flag_values.flags_by_module_dict()
+    own = [flag for flag in by_module.get(module, []) if not _deprecated(flag)]
+    shared = {
+        flag.name: flag
+        for flags_of in by_module.values()
+        for flag in flags_of
+        if flag not in own and not _deprecated(flag)
+    }
+    sections = [(f"{name} flags", own)]
+    for title, names in FLAG_GROUPS.items():
+        sections.append((title, [shared.pop(n) for n in names if n in shared]))
+    sections.append(("other", list(shared.values())))
+    old = [f for flags_of in by_module.values() for f in flags_of if _deprecated(f)]
+    sections.append(("deprecated names (work until the next release)", old))
+    text = [f"delf {name}: {COMMANDS[name][1]}"]
+    for title, members in sections:
+        if members:
+            text.append(f"{title}:\n" + "\n".join(_flag_help(flag) for flag in members))
+    text.append(GENERAL_HELP)
+    return "\n\n".join(text) + "\n"
+
+
+def _deprecated(flag: flags.Flag) -> bool:
+    return (flag.help or "").startswith("deprecated")
+
+
+def _flag_help(flag: flags.Flag) -> str:
+    import textwrap
+
+    values = getattr(flag.parser, "enum_values", None)
+    text = flag.help or ""
+    if values and text.startswith("<"):  # absl's own "<a|b>: " prefix of enum flags
+        text = text.split(">: ", 1)[-1]
+    if flag.boolean:
+        usage = f"--[no]{flag.name}"
+    elif values and len(values) <= 4:
+        usage = f"--{flag.name}={'|'.join(values)}"
+    elif values:
+        usage = f"--{flag.name}=<name>"
+        text += f" (one of {', '.join(values)})"
+    else:
+        usage = f"--{flag.name}=<{flag.flag_type().split()[-1]}>"
+    if "(default" not in text and flag.default not in (None, "", []):
+        default = flag.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, list):
+            default = ",".join(map(str, default))
+        text += f" (default {default})"
+    if any(
+        "must have a value other than None" in getattr(v, "message", "") for v in flag.validators
+    ):
+        text += " [required]"
+    return textwrap.fill(
+        f"{usage}: {text}",
+        width=100,
+        initial_indent="  ",
+        subsequent_indent="      ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -99,6 +194,7 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.INFO)
     quiet_library_loggers()
     try:
+        check_input_paths(flag_values)  # before TensorFlow loads: answered at once
         if COMMANDS[name][2]:
             import_tensorflow_quietly()
         return int(command.run(flag_values) or EXIT_OK)
@@ -108,6 +204,43 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"delf {name}: interrupted", file=sys.stderr)
         return 130
+
+
+# Flags that name an existing input file or folder (in every command that has them).
+INPUT_PATH_FLAGS = (
+    "images",
+    "image",
+    "queries",
+    "image1",
+    "image2",
+    "features",
+    "index",
+    "model",
+    "pca",
+    "model_config",
+    "extraction_config",
+    "retrieval_config",
+    "delf_config",
+    "dataset_dir",
+    "groundtruth",
+)
+
+
+def check_input_paths(flag_values: flags.FlagValues) -> None:
+    """InputError for an input flag whose file or folder does not exist (remote paths
+    and glob patterns, which Beam reads, are left to the command)."""
+    from pathlib import Path
+
+    from delf_tf.errors import InputError
+
+    for name in INPUT_PATH_FLAGS:
+        if name not in flag_values or not flag_values[name].value:
+            continue
+        value = str(flag_values[name].value)
+        if "://" in value or any(char in value for char in "*?["):
+            continue
+        if not Path(value).exists():
+            raise InputError(f"--{name}={value}: no such file or directory")
 
 
 def one_line(error: BaseException) -> str:

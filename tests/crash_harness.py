@@ -504,7 +504,9 @@ class MilvusIndexScenario(IndexScenario):
                 prefix = index.structures["neighbors"]["prefix"]
                 named = {header["collection"] for header in index.structures.values()}
                 found = {
-                    name for name in milvus.client(uri).list_collections() if name.startswith(prefix)
+                    name
+                    for name in milvus.client(uri).list_collections()
+                    if name.startswith(prefix)
                 }
                 assert found == named, f"collections {sorted(found)}, index.json names {named}"
             return top

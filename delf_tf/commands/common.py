@@ -10,6 +10,7 @@ config dataclasses. This module imports no TensorFlow, so `--help` is instant.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from absl import flags
@@ -61,7 +62,7 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         "model_config",
         None,
         "ModelConfig JSON: the architecture of a checkpoint given by --model, or of the fresh "
-        'model built from --weights (default: ResNet50; e.g. {"backbone": "tiny", '
+        'model built from --weights (default ResNet50; e.g. {"backbone": "tiny", '
         '"feature_depth": 64} for quick tests)',
         **define,
     )
@@ -70,7 +71,7 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         None,
         sorted(EXTRACTION_PRESETS),
         "named extraction settings: paper (the reference values), fast (4 scales, 500 "
-        "features, long side 512) or a released model's reference config; default: paper, "
+        "features, long side 512) or a released model's reference config; default paper, "
         "or the release's own for a release folder",
         **define,
     )
@@ -119,6 +120,13 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         "measured fidelity",
         **define,
     )
+    checks = {
+        "max_image_size": (lambda v: v is None or v == -1 or v > 0, "-1 (keep) or > 0"),
+        "max_features": (lambda v: v is None or v > 0, "> 0"),
+        "score_threshold": (lambda v: v is None or v >= 0, ">= 0"),
+    }
+    for name, (check, wanted) in checks.items():
+        flags.register_validator(name, check, message=f"--{name} must be {wanted}", **define)
     if not remote:
         return
     flags.DEFINE_string(
@@ -155,11 +163,18 @@ def extraction_config_from_flags(
     return config, overrides
 
 
-def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) -> Extractor:
+def extractor_from_flags(
+    flag_values: flags.FlagValues,
+    cached: bool = False,
+    recorded: dict[str, object] | None = None,
+) -> Extractor:
     """The extractor the flags describe: TF Serving with --server, else in process.
 
     cached: reuse the traced graph of an earlier run with the same flags (see
     delf_tf.extraction.cache): for commands that extract only an image or two.
+    recorded: extraction settings (ExtractionConfig as a dict) that replace the
+    preset's when no --preset, --extraction_config or --delf_config is given (see
+    `extractor_for_index`); single-field flags still override them.
     """
     if "server" in flag_values and flag_values.server:
         given = [f"--{name}" for name in _LOCAL_ONLY_FLAGS if flag_values[name].present]
@@ -174,6 +189,12 @@ def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) ->
 
     model_config = ModelConfig.load(flag_values.model_config) if flag_values.model_config else None
     config, overrides = extraction_config_from_flags(flag_values)
+    chosen = config is not None or flag_values.preset or flag_values.delf_config
+    if recorded and not chosen:
+        if _is_saved_model(flag_values.model):  # its config is fixed but for run-time fields
+            overrides = {**_runtime_fields(recorded), **overrides}
+        else:
+            config = ExtractionConfig.from_dict(recorded, source="the index's extraction_config")
     arguments = {
         "model": flag_values.model,
         "weights": flag_values.weights,
@@ -197,10 +218,101 @@ def extractor_from_flags(flag_values: flags.FlagValues, cached: bool = False) ->
     return cached_extractor(described, lambda: build_extractor(**arguments))
 
 
+def extractor_for_index(flag_values: flags.FlagValues, index, *, cached: bool) -> Extractor:
+    """The query extractor of `index` (a `delf_tf.retrieval.index.Index`).
+
+    A query is extracted exactly as the collection was: the extraction settings the
+    index records (`index.extractor["extraction_config"]`: score threshold, image
+    size limits, scales, top-K, ...) replace the defaults; a flag given explicitly
+    (--score_threshold, --extraction_config, --preset, ...) overrides them. The
+    model, weights and PCA come from the flags, and an extractor of another
+    descriptor space than the index's is refused by the index's fingerprint check
+    (FingerprintMismatchError, one line saying what differs when it can tell).
+    With --server the served export's settings apply; a difference from the
+    recorded ones that can be seen is a note on stderr.
+
+    cached: as in `extractor_from_flags` (one-query commands).
+    """
+    from delf_tf.errors import FingerprintMismatchError
+
+    recorded = (index.extractor or {}).get("extraction_config")
+    if "server" in flag_values and flag_values.server:
+        extractor = extractor_from_flags(flag_values)
+        _note_served_settings(extractor, recorded)
+    else:
+        extractor = extractor_from_flags(flag_values, cached=cached, recorded=recorded)
+    try:
+        index.check_fingerprint(extractor.fingerprint)
+    except FingerprintMismatchError as error:
+        hint = _pca_hint(index.extractor or {}, extractor.describe())
+        if hint is None:
+            raise
+        raise FingerprintMismatchError(f"{index.path or 'index'}: {hint}") from error
+    return extractor
+
+
+def _pca_hint(built: dict, query: dict) -> str | None:
+    """What to pass when the index and the query differ only in their PCA, else None."""
+    same_model = all(built.get(name) == query.get(name) for name in ("model", "model_config"))
+    if not same_model or "model" not in built:
+        return None
+    index_pca, query_pca = built.get("pca_file"), query.get("pca_file")
+    if index_pca == query_pca and built.get("pca") == query.get("pca"):
+        return None
+    if index_pca:
+        return f"the index was built with PCA {index_pca}; pass --pca={index_pca}"
+    if built.get("pca"):
+        return "the index was built with a PCA (file not recorded); pass the --pca it used"
+    return "the index was built without PCA; drop --pca"
+
+
+def _note_served_settings(extractor: Extractor, recorded: dict | None) -> None:
+    """A note when the served model's extraction settings differ from the index's."""
+    served = extractor.describe().get("extraction_config")
+    if not recorded:
+        return
+    if served is None:
+        note(
+            "--server applies the served export's extraction settings; the index was built "
+            f"with score_threshold={recorded.get('score_threshold')}, max_image_size="
+            f"{recorded.get('max_image_size')}: queries match it only if the export does"
+        )
+        return
+    differ = sorted(name for name in recorded if served.get(name) != recorded[name])
+    if differ:
+        note(f"the served export's extraction settings differ from the index's: {differ}")
+
+
+def _is_saved_model(model: str | None) -> bool:
+    """`--model` names an export of this project (whose settings are fixed in its graph)."""
+    from delf_tf.contract import EXPORT_INFO_ASSET
+
+    if not model or not Path(model).is_dir():
+        return False
+    info = f"assets/{EXPORT_INFO_ASSET}"
+    return any(Path(model).glob(info)) or any(Path(model).glob(f"*/{info}"))
+
+
+def _runtime_fields(recorded: dict[str, object]) -> dict[str, object]:
+    from delf_tf.contract import RUNTIME_OVERRIDES
+
+    return {name: recorded[name] for name in RUNTIME_OVERRIDES if name in recorded}
+
+
+def is_untrained(extractor: Extractor) -> bool:
+    """Whether the features come from a randomly initialised model."""
+    return "weights=random" in str(extractor.describe().get("model", ""))
+
+
 def warn_if_untrained(extractor: Extractor) -> None:
     """A note on stderr when the features come from a randomly initialised model."""
-    if "weights=random" in extractor.describe().get("model", ""):
+    if is_untrained(extractor):
         note("untrained (random) weights: features show the pipeline, not retrieval quality")
+
+
+def deprecated(old: str, new: str) -> None:
+    """The note of a flag renamed in this release (the old name works until the next)."""
+    note(f"--{old} is deprecated and will be removed in the next release: use --{new}")
 
 
 def note(message: str) -> None:

@@ -6,7 +6,7 @@ import json
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
+from delf_tf.commands.common import define_extractor_flags, extractor_for_index, is_untrained
 from delf_tf.commands.retrieval_flags import (
     define_ranking_flags,
     define_retrieval_flags,
@@ -20,12 +20,22 @@ from delf_tf.evaluation.metrics import TIE_POLICIES
 def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     flags.DEFINE_enum("dataset", None, list(DATASET_KINDS), "benchmark protocol", **define)
-    flags.DEFINE_string("dataset_dir", None, "dataset folder (images + ground truth)", **define)
     flags.DEFINE_string(
-        "images", None, "image folder (default: found under --dataset_dir)", **define
+        "dataset_dir",
+        None,
+        "dataset folder (images + ground truth); not needed for --dataset=json with "
+        "--groundtruth and --images",
+        **define,
     )
     flags.DEFINE_string(
-        "groundtruth", None, "ground-truth file or folder (default: found)", **define
+        "images", None, "image folder (default found under --dataset_dir)", **define
+    )
+    flags.DEFINE_string(
+        "groundtruth",
+        None,
+        "ground-truth file or folder (default found under --dataset_dir); for "
+        '--dataset=json a file {"labels": {image: landmark or null}, "queries": [image, ...]}',
+        **define,
     )
     flags.DEFINE_string("index", None, "index of the database images (`delf index`)", **define)
     flags.DEFINE_integer(
@@ -34,7 +44,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         f"images verified by RANSAC (default {RetrievalConfig().shortlist})",
         **define,
     )
-    flags.DEFINE_list("setups", None, "setups to report (default: all of the dataset)", **define)
+    flags.DEFINE_list("setups", None, "setups to report (default all of the dataset)", **define)
     flags.DEFINE_enum(
         "ties", "pessimistic", list(TIE_POLICIES), "order within equal scores", **define
     )
@@ -44,7 +54,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "report folder: metrics.json, per_query.csv, pr_curves.png, report.html",
         **define,
     )
-    flags.mark_flags_as_required(["dataset", "dataset_dir", "index", "output_dir"], **define)
+    flags.mark_flags_as_required(["dataset", "index", "output_dir"], **define)
+    flags.register_multi_flags_validator(
+        ["dataset", "dataset_dir", "groundtruth"],
+        lambda v: bool(v["dataset_dir"]) or (v["dataset"] == "json" and bool(v["groundtruth"])),
+        message="give --dataset_dir (or, with --dataset=json, --groundtruth)",
+        **define,
+    )
     define_extractor_flags(flag_values)
     define_retrieval_flags(flag_values)
     define_ranking_flags(flag_values)
@@ -60,18 +76,19 @@ def run(flag_values: flags.FlagValues) -> int:
     config = retrieval_config_from_flags(flag_values, shortlist=flag_values.shortlist)
     dataset = load_dataset(
         flag_values.dataset,
-        flag_values.dataset_dir,
+        flag_values.dataset_dir or "",
         flag_values.images,
         flag_values.groundtruth,
     )
     searcher = load_searcher(flag_values.index, config)
     index = searcher.index
-    extractor = extractor_from_flags(flag_values)
-    index.check_fingerprint(extractor.fingerprint)
+    extractor = extractor_for_index(flag_values, index, cached=False)
     rank_fn = engine_rank_fn(extractor, searcher)
     result = evaluate(dataset, rank_fn, setups=flag_values.setups, ties=flag_values.ties)
     paths = write_report(result, flag_values.output_dir)
-    paths["report"] = write_evaluation_report(result, dataset, flag_values.output_dir)
+    paths["report"] = write_evaluation_report(
+        result, dataset, flag_values.output_dir, untrained=is_untrained(extractor)
+    )
     report = result.to_dict()
     report["ranking"] = searcher.method
     report["files"] = {name: str(path) for name, path in paths.items()}

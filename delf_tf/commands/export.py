@@ -22,7 +22,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
     flags.DEFINE_string("model_name", "delf", "model name (TF Serving's --model_name)", **define)
     flags.DEFINE_integer(
-        "version", None, "version number (default: one above the highest existing)", **define
+        "version", None, "version number (default one above the highest existing)", **define
     )
     flags.mark_flag_as_required("export_base", **define)
 

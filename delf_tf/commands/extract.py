@@ -3,7 +3,8 @@
 Every image that fails (or path that is skipped: not a regular file, a dangling or
 looping link, an unreadable folder) is one line `skipped: <repr(path)>: <reason>`
 on stderr and one JSON line in `<output_dir>/failures.jsonl`; the others are
-extracted, and the exit status is then 3 (EXIT_PARTIAL).
+extracted, and the exit status is then 3 (EXIT_PARTIAL). Images with 0 features are
+listed there too (with a hint), and a run where every image has 0 features exits 3.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         ["npz", "delf", "both"],
         "feature files: npz (one .npz per image), delf (the reference's .delf, with a "
         ".delg_global for a DELG model) or both; default npz, or what the store records",
+        **define,
+    )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "delete the features already in --output_dir and extract every image again; "
+        "without it a store of other extraction settings is refused",
         **define,
     )
     flags.mark_flags_as_required(["images", "output_dir"], **define)
@@ -53,6 +61,13 @@ def run(flag_values: flags.FlagValues) -> int:
         flag_values.output_dir,
         formats=formats[flag_values.format],
         on_failure=report,
+        overwrite=flag_values.overwrite,
     )
+    if summary.zero_features:
+        print(
+            f"note: {len(summary.zero_features)} of {summary.extracted} images have "
+            f"{summary.zero_features[0].reason} (listed in {summary.failures_file})",
+            file=sys.stderr,
+        )
     print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))
-    return EXIT_PARTIAL if summary.failed else EXIT_OK
+    return EXIT_PARTIAL if summary.failed or summary.all_zero else EXIT_OK

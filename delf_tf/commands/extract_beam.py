@@ -86,6 +86,8 @@ def run_beam(flag_values: flags.FlagValues) -> int:
 
     if "server" in flag_values and flag_values.server:
         raise InputError("--runner runs the exported model on the Beam workers; drop --server")
+    if "overwrite" in flag_values and flag_values.overwrite:
+        raise InputError("--overwrite applies without --runner; give Beam a new --output_dir")
     try:
         beam_args = shlex.split(flag_values.beam_options or "")
     except ValueError as error:
@@ -160,4 +162,12 @@ def _run(flag_values, beam_pipeline, export_dir, runner, beam_args, batch_size) 
     )
     if summary.images and not summary.extracted + summary.skipped_existing:
         return EXIT_ERROR
-    return EXIT_PARTIAL if summary.failed else EXIT_OK
+    all_zero = summary.extracted and not summary.features
+    if all_zero:
+        print(
+            f"note: all {summary.extracted} images have 0 features: no location scored above "
+            "the export's score_threshold (untrained weights score far below the reference "
+            "100: export with --score_threshold=0)",
+            file=sys.stderr,
+        )
+    return EXIT_PARTIAL if summary.failed or all_zero else EXIT_OK

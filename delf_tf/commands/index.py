@@ -37,7 +37,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "index_type",
         None,
         "structures to build, any of votes (k-NN structure of the votes ranking), asmk "
-        "(ASMK* codebook + inverted file); default: votes for a new index, the present "
+        "(ASMK* codebook + inverted file); default votes for a new index, the present "
         "ones with --append",
         **define,
     )
@@ -69,7 +69,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "codebook_size",
         None,
-        "ASMK visual words (default: ~descriptors / 64 as a power of two, 16..65536); "
+        "ASMK visual words (default ~descriptors / 64 as a power of two, 16..65536); "
         "another size than the index's retrains the codebook",
         **define,
     )
@@ -94,6 +94,8 @@ def run(flag_values: flags.FlagValues) -> int:
     if unknown:
         raise InputError(f"--index_type {unknown}: known {list(INDEX_TYPES)}")
     store = FeatureStore.open(flag_values.features)
+    if next(store.stored_keys(), None) is None:
+        raise InputError(f"{store.root}: an empty feature store (run `delf extract` into it)")
     # First of all: a run killed while swapping the index folder may have left the
     # previous index under its backup name; nothing may be decided before it is back.
     recover_staged_directory(output)

@@ -87,7 +87,7 @@ def define_ranking_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "nprobe",
         None,
-        "inverted lists an IVF k-NN structure visits per query (default: the value "
+        "inverted lists an IVF k-NN structure visits per query (default the value "
         "`delf index` derived, recorded in index.json)",
         **define,
     )

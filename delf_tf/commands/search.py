@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
+from delf_tf.commands.common import (
+    define_extractor_flags,
+    extractor_for_index,
+    is_untrained,
+    warn_if_untrained,
+)
 from delf_tf.commands.retrieval_flags import (
     define_ranking_flags,
     define_retrieval_flags,
@@ -25,18 +31,19 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
     defaults = RetrievalConfig()
     flags.DEFINE_string("index", None, "index directory from `delf index`", **define)
-    flags.DEFINE_string("image", None, "query image file (or --queries)", **define)
     flags.DEFINE_string(
-        "queries",
+        "images",
         None,
-        "many queries: a folder of images or a text file of image paths (one per line); "
-        "needs --output_file",
+        "the query: an image file; or many queries: a folder of images or a list file "
+        "(.txt, .lst: one image path per line), which need --output_file",
         **define,
     )
+    flags.DEFINE_string("image", None, "deprecated: use --images=FILE", **define)
+    flags.DEFINE_string("queries", None, "deprecated: use --images=FOLDER_OR_LIST", **define)
     flags.DEFINE_string(
         "output_file",
         None,
-        "with --queries: results file, one JSON line per query, appended line by line; "
+        "with many queries: results file, one JSON line per query, appended line by line; "
         "rerunning with the same file resumes after the queries it holds",
         **define,
     )
@@ -69,31 +76,29 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.retrieval.batch import QueryRunner, read_queries
     from delf_tf.retrieval.search import load_searcher
 
-    if bool(flag_values.image) == bool(flag_values.queries):
-        raise InputError("give one of --image and --queries")
-    if flag_values.queries and not flag_values.output_file:
-        raise InputError("--queries needs --output_file (a .jsonl file)")
+    single, many = query_inputs(flag_values)
+    if many and not flag_values.output_file:
+        raise InputError(f"--images={many}: many queries need --output_file (a .jsonl file)")
     config = retrieval_config_from_flags(
         flag_values,
         top_k=flag_values.top_k,
         shortlist=flag_values.shortlist,
         neighbors=flag_values.neighbors,
     )
-    image = load_image(flag_values.image) if flag_values.image else None
-    queries = read_queries(flag_values.queries) if flag_values.queries else None
+    image = load_image(single) if single else None
+    queries = read_queries(many) if many else None
     searcher = load_searcher(flag_values.index, config)
     index = searcher.index
-    extractor = extractor_from_flags(flag_values, cached=image is not None)
-    index.check_fingerprint(extractor.fingerprint)
+    extractor = extractor_for_index(flag_values, index, cached=image is not None)
     warn_if_untrained(extractor)
     runner = QueryRunner(extractor, searcher)
     if queries is not None:
         return _run_batch(runner, queries, flag_values.output_file)
     outcome = runner.run(image)
     results = outcome.results
-    print(format_table(flag_values.image, len(outcome.features), results), file=sys.stderr)
+    print(format_table(single, len(outcome.features), results), file=sys.stderr)
     payload = {
-        "query": flag_values.image,
+        "query": single,
         "query_features": len(outcome.features),
         "ranking": searcher.method,
         "results": [result.to_dict() for result in results],
@@ -107,10 +112,33 @@ def run(flag_values: flags.FlagValues) -> int:
     if flag_values.html:
         from delf_tf.report.search_page import SearchPageQuery, write_search_page
 
-        page = SearchPageQuery(flag_values.image, image, results, len(outcome.features))
-        payload["html"] = str(write_search_page(flag_values.html, [page]))
+        page = SearchPageQuery(single, image, results, len(outcome.features))
+        untrained = is_untrained(extractor)
+        payload["html"] = str(write_search_page(flag_values.html, [page], untrained=untrained))
     print(json.dumps(payload))
     return 0
+
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")  # --images=FILE with these: a list of query images
+
+
+def query_inputs(flag_values: flags.FlagValues) -> tuple[str | None, str | None]:
+    """(one query image, or None; a folder or list file of many queries, or None) from
+    --images, or the deprecated --image / --queries (with a note)."""
+    from delf_tf.commands.common import deprecated
+    from delf_tf.errors import InputError
+
+    given = [name for name in ("images", "image", "queries") if flag_values[name].value]
+    if len(given) != 1:
+        raise InputError("give the query images once: --images=FILE, FOLDER or LIST.txt")
+    value = flag_values[given[0]].value
+    if given[0] != "images":
+        deprecated(given[0], "images")
+        return (value, None) if given[0] == "image" else (None, value)
+    path = Path(value)
+    if path.is_file() and path.suffix.lower() not in LIST_SUFFIXES:
+        return value, None
+    return None, value
 
 
 def _run_batch(runner: QueryRunner, queries: list[str], output: str) -> int:
@@ -134,14 +162,17 @@ def _run_batch(runner: QueryRunner, queries: list[str], output: str) -> int:
 
 
 def format_table(query: str, num_features: int, results: list[SearchResult]) -> str:
+    """The ranked results as text: what ranks them (RANSAC inliers, then the initial
+    score), the query's own file marked."""
+    from delf_tf.report.search_page import is_query_itself
+
     lines = [
         f"query {query} ({num_features} features)",
-        f"{'rank':>4} {'inliers':>7} {'votes':>6} {'score':>9}  path",
+        f"{'rank':>4} {'inliers':>7} {'initial score':>13}  path",
     ]
-    lines += [
-        f"{rank:>4} {r.inliers:>7} {r.votes:>6} {r.score:>9.4g}  {r.path}"
-        for rank, r in enumerate(results, 1)
-    ]
+    for rank, r in enumerate(results, 1):
+        mark = "  (the query itself)" if is_query_itself(query, r.path) else ""
+        lines.append(f"{rank:>4} {r.inliers:>7} {r.score:>13.4g}  {r.path}{mark}")
     if not results:
         lines.append("  (no database image shares a descriptor match with the query)")
     return "\n".join(lines)

@@ -58,7 +58,7 @@ HELP = {
     "eval_every": "steps between validations (0: none)",
     "eval_steps": "validation batches per evaluation (0: all)",
     "keep_checkpoints": "checkpoints to keep",
-    "tfds_data_dir": "TFDS data directory (default: TFDS's)",
+    "tfds_data_dir": "TFDS data directory (default TFDS's)",
     "tfds_manual_dir": "manual_dir to prepare an unprepared TFDS dataset from (offline)",
 }
 MODEL_FLAGS = ("weight_decay", "attention_hidden_units", "backbone", "feature_depth")

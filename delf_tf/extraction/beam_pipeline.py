@@ -71,7 +71,7 @@ from delf_tf.features.store import (
     MANIFEST,
     SUFFIX,
     FeatureStore,
-    StoreMismatchError,
+    check_same_extractor,
 )
 from delf_tf.images import IMAGE_SUFFIXES
 
@@ -221,7 +221,8 @@ def open_or_create_store(
 
     formats: feature files to write (FeatureStore's FORMATS; None: the store's own,
       else npz). Returns the formats the run writes.
-    Raises StoreMismatchError for a store of another extractor, InputError for a
+    Raises StoreMismatchError for a store of another extractor or of other extraction
+    settings (`delf_tf.features.store.check_same_extractor`), InputError for a
     remote store that asks for formats other than npz.
     """
     formats = tuple(formats) if formats else None
@@ -240,11 +241,7 @@ def open_or_create_store(
             raise InputError(f"{path}: format_version {manifest.get('format_version')!r}")
         if tuple(manifest.get("formats") or ("npz",)) != ("npz",):
             raise InputError(f"{path}: a remote store holds npz files only")
-        if manifest.get("fingerprint") != fingerprint:
-            raise StoreMismatchError(
-                f"{root}: holds features of extractor {str(manifest.get('fingerprint'))[:12]}, "
-                f"not of this one ({fingerprint[:12]}); use another --output_dir"
-            )
+        check_same_extractor(root, manifest, fingerprint, description)
         return ("npz",)
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint}
     manifest["extractor"] = description

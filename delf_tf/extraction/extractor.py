@@ -79,12 +79,18 @@ class InProcessExtractor:
         config: ExtractionConfig | None = None,
         pca: PcaParams | None = None,
         source: str = "in-memory model",
+        pca_file: str | os.PathLike | None = None,
     ) -> InProcessExtractor:
+        """pca_file: where `pca` was read from, recorded in the description (stores and
+        indexes keep it, so a mismatch can name the PCA a collection was made with)."""
         config = config or ExtractionConfig()
         network = KerasNetwork(
             model, iou_threshold=config.iou_threshold, source=source, precision=config.precision
         )
-        return cls.from_module(ExtractionModule(network, config, pca))
+        extractor = cls.from_module(ExtractionModule(network, config, pca))
+        if pca_file is not None:
+            extractor._description["pca_file"] = str(pca_file)
+        return extractor
 
     @classmethod
     def from_saved_model(
@@ -189,10 +195,14 @@ def build_extractor(
     pca_params = _load_pca(pca) if pca else None
     if model is not None:
         delf_model = load_delf_model(model, model_config)
-        return InProcessExtractor.from_model(delf_model, config, pca_params, source=str(model))
+        return InProcessExtractor.from_model(
+            delf_model, config, pca_params, source=str(model), pca_file=pca
+        )
     delf_model = build_delf_model(model_config, weights=weights, seed=seed)
     source = f"DelfModel weights={weights}" + (f" seed={seed}" if weights == "random" else "")
-    return InProcessExtractor.from_model(delf_model, config, pca_params, source=source)
+    return InProcessExtractor.from_model(
+        delf_model, config, pca_params, source=source, pca_file=pca
+    )
 
 
 def _load_pca(path: str | os.PathLike, whiten: bool = False) -> PcaParams:

@@ -16,7 +16,7 @@ from absl import logging
 from tqdm import tqdm
 
 from delf_tf.atomic import atomic_write_text
-from delf_tf.errors import DelfError
+from delf_tf.errors import DelfError, InputError
 from delf_tf.extraction.extractor import Extractor
 from delf_tf.features.store import FAILURES, FeatureStore
 from delf_tf.images import decode_image, scan_images
@@ -52,6 +52,8 @@ class ExtractionSummary:
     extracted: int = 0
     skipped_existing: int = 0
     failed: list[Failure] = dataclasses.field(default_factory=list)
+    # Extracted (and stored), but with 0 features: listed in failures.jsonl too.
+    zero_features: list[Failure] = dataclasses.field(default_factory=list)
     features: int = 0
     seconds: float = 0.0
     failures_file: str | None = None
@@ -59,6 +61,11 @@ class ExtractionSummary:
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / self.extracted if self.extracted else 0.0
+
+    @property
+    def all_zero(self) -> bool:
+        """Every image extracted in this run has 0 features (a problem, not a result)."""
+        return bool(self.extracted) and len(self.zero_features) == self.extracted
 
     @property
     def mean_features(self) -> float:
@@ -70,6 +77,7 @@ class ExtractionSummary:
             "extracted": self.extracted,
             "skipped_existing": self.skipped_existing,
             "failed": len(self.failed),
+            "zero_features": len(self.zero_features),
             "failures_file": self.failures_file,
             "mean_features": round(self.mean_features, 1),
             "seconds_per_image": round(self.seconds_per_image, 3),
@@ -88,6 +96,18 @@ def one_line(reason: str, path: str | None = None) -> str:
     return " ".join(reason.split()) or "unknown error"
 
 
+def zero_features_reason(description: dict) -> str:
+    """Why an image may have 0 features, naming --score_threshold for untrained weights."""
+    threshold = (description.get("extraction_config") or {}).get("score_threshold")
+    model = str(description.get("model", ""))
+    if model.startswith("DelfModel weights="):  # a fresh model: its attention head is untrained
+        return (
+            f"0 features: no location scored above score_threshold={threshold}; the attention "
+            f"of an untrained model ({model}) scores far below it: pass --score_threshold=0"
+        )
+    return f"0 features: no location scored above score_threshold={threshold}"
+
+
 def extract_to_store(
     extractor: Extractor,
     images: str | os.PathLike,
@@ -95,6 +115,7 @@ def extract_to_store(
     progress: bool = True,
     formats: tuple[str, ...] | None = None,
     on_failure: Callable[[Failure], None] | None = None,
+    overwrite: bool = False,
 ) -> tuple[FeatureStore, ExtractionSummary]:
     """Extracts every image under `images` (a file or a folder, recursive) into `output`.
 
@@ -109,12 +130,20 @@ def extract_to_store(
     the first BROKEN_EXTRACTOR_AFTER images in a row with an unexpected error.
     `formats`: the store's file formats (see FeatureStore; None: npz, or what an
     existing store records).
+    An image with 0 features is stored, and listed in the summary's `zero_features`
+    and in failures.jsonl (stage "features") with `zero_features_reason`.
+    An existing store of other extraction settings is refused (StoreMismatchError)
+    unless `overwrite`, which deletes its features first; an input without any
+    image file is an InputError.
     """
     report = on_failure or (lambda f: logging.warning("skipped %r: %s", f.path, f.reason))
     root = Path(images)
     paths, skipped = scan_images(root)
+    if not paths and not skipped:
+        raise InputError(f"{root}: no image files in it (nothing to extract)")
+    description = extractor.describe()
     store = FeatureStore.open_or_create(
-        output, extractor.fingerprint or "", extractor.describe(), formats=formats
+        output, extractor.fingerprint or "", description, formats=formats, overwrite=overwrite
     )
     summary = ExtractionSummary(images=len(paths))
 
@@ -132,13 +161,24 @@ def extract_to_store(
     else:
         _extract_decoded(extractor, paths, root, store, summary, fail, progress)
     failures_path = store.root / FAILURES
-    if summary.failed:
-        lines = "".join(failure.to_json() + "\n" for failure in summary.failed)
+    if summary.zero_features:
+        reason = zero_features_reason(description)
+        summary.zero_features = [f._replace(reason=reason) for f in summary.zero_features]
+    if summary.failed or summary.zero_features:
+        listed = summary.failed + summary.zero_features
+        lines = "".join(failure.to_json() + "\n" for failure in listed)
         atomic_write_text(failures_path, lines)
         summary.failures_file = str(failures_path)
     else:
         failures_path.unlink(missing_ok=True)
     return store, summary
+
+
+def _count(summary: ExtractionSummary, path: Path, features) -> None:
+    summary.extracted += 1
+    summary.features += len(features)
+    if not len(features):
+        summary.zero_features.append(Failure(str(path), "0 features", "features"))
 
 
 def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> None:
@@ -176,8 +216,7 @@ def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> 
             fail(path, f"{type(error).__name__}: {error}", stage)
             continue
         unexpected_in_a_row = 0
-        summary.extracted += 1
-        summary.features += len(features)
+        _count(summary, path, features)
 
 
 def _extract_encoded(extract_encoded, paths, root, store, summary, fail, progress) -> None:
@@ -215,8 +254,7 @@ def _extract_encoded(extract_encoded, paths, root, store, summary, fail, progres
                     raise
                 fail(path, error.strerror or str(error), "write")
                 continue
-            summary.extracted += 1
-            summary.features += len(result)
+            _count(summary, path, result)
         pending.clear()
 
     for path in tqdm(paths, desc="extract", unit="img", disable=not progress):

@@ -107,6 +107,8 @@ class FeatureStore:
         with fingerprint None (and a warning)."""
         root = Path(root)
         path = root / MANIFEST
+        if not root.is_dir():
+            raise InputError(f"{root}: no such directory (not a feature store)")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
@@ -147,23 +149,27 @@ class FeatureStore:
         fingerprint: str,
         description: dict[str, Any],
         formats: tuple[str, ...] | None = None,
+        overwrite: bool = False,
     ) -> FeatureStore:
-        """Opens the store at `root` if it was made by the same extractor, else creates it.
+        """Opens the store at `root` if it was made by the same extractor with the same
+        extraction settings, else creates it.
 
         `formats` (see __init__) is recorded in a new manifest when not ("npz",);
         None keeps an existing store's formats.
-        Raises StoreMismatchError when `root` holds features of another extractor.
+        overwrite: an existing store's features are deleted (then its manifest is
+          replaced), so every image is extracted again with these settings.
+        Raises StoreMismatchError when `root` holds features of another extractor or
+        of other extraction settings (naming the fields), unless `overwrite`.
         """
         root = Path(root)
         if (root / MANIFEST).exists():
             store = cls.open(root, formats)
-            if store.fingerprint != fingerprint:
-                raise StoreMismatchError(
-                    f"{root}: holds features of extractor {store.fingerprint[:12]}, "
-                    f"not of this one ({fingerprint[:12]}); use another --output directory"
-                )
-            clean_stale_tree(root)  # temporaries of a killed earlier writer
-            return store
+            if overwrite:
+                store.delete_features()
+            else:
+                check_same_extractor(root, store.manifest, fingerprint, description)
+                clean_stale_tree(root)  # temporaries of a killed earlier writer
+                return store
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -238,6 +244,15 @@ class FeatureStore:
             features = dataclasses.replace(features, global_descriptor=descriptor)
         return features
 
+    def delete_features(self) -> None:
+        """Deletes every feature file (and failures.jsonl); the manifest stays until a new
+        one replaces it, so a crash leaves old features under their own manifest."""
+        suffixes = (SUFFIX, *DELF_SUFFIXES, GLOBAL_SUFFIX, KEY_SUFFIX)
+        for path in sorted(self.root.rglob("*"), reverse=True):
+            if path.is_file() and path.name.endswith(suffixes):
+                path.unlink()
+        (self.root / FAILURES).unlink(missing_ok=True)
+
     def stored_keys(self) -> Iterator[str]:
         """Keys of all stored images, sorted (dot-named images included: temporary files
         never end in a store suffix, see delf_tf.atomic)."""
@@ -255,6 +270,39 @@ def stem(key: str) -> str:
     too long (see the module docstring)."""
     folder, slash, name = key.rpartition("/")
     return folder + slash + fitted_name(name, _NAME_LIMIT)
+
+
+def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Names of the extraction settings (`extraction_config` fields of two extractor
+    descriptions) that differ, as "field recorded -> wanted"; [] when either has none."""
+    old, new = recorded.get("extraction_config"), wanted.get("extraction_config")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    names = sorted(set(old) | set(new))
+    return [
+        f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+        for name in names
+        if old.get(name) != new.get(name)
+    ]
+
+
+def check_same_extractor(
+    root: str | os.PathLike, manifest: dict[str, Any], fingerprint: str, description: dict
+) -> None:
+    """Raises StoreMismatchError when the store whose manifest this is holds features of
+    another extractor or of other extraction settings (a run must not mix them)."""
+    if manifest.get("fingerprint") != fingerprint:
+        raise StoreMismatchError(
+            f"{root}: holds features of extractor {str(manifest.get('fingerprint'))[:12]}, "
+            f"not of this one ({fingerprint[:12]}); use another --output_dir, or "
+            "--overwrite to replace them"
+        )
+    differences = settings_differences(manifest.get("extractor") or {}, description)
+    if differences:
+        raise StoreMismatchError(
+            f"{root}: holds features extracted with other settings ({'; '.join(differences)}); "
+            "use another --output_dir, or --overwrite to extract every image again"
+        )
 
 
 def _holds_delf_files(root: Path) -> bool:

@@ -35,7 +35,9 @@ from delf_tf.report.html import (
     img,
     missing,
     page,
+    path_text,
     to_picture,
+    untrained_banner,
     write_page,
 )
 
@@ -54,8 +56,10 @@ def evaluation_page(
     *,
     max_queries: int = MAX_QUERIES,
     top: int = TOP,
+    untrained: bool = False,
 ) -> str:
-    """The HTML text of the report (see the module docstring)."""
+    """The HTML text of the report (see the module docstring); `untrained` adds a banner
+    saying the weights are random."""
     setups = list(result.setups)
     thumbnails = Thumbnails()
     shown = list(result.queries)[:max_queries]
@@ -74,6 +78,7 @@ def evaluation_page(
     parts = [
         f"<h1>{esc(title)}</h1>",
         f'<p class="meta">{esc(meta)}</p>',
+        untrained_banner() if untrained else "",
         "<h2>Summary</h2>",
         _summary_table(result),
         "<h2>Precision-recall</h2>",
@@ -100,18 +105,24 @@ def write_evaluation_page(
 
 
 def write_evaluation_report(
-    result: EvaluationResult, dataset: RetrievalDataset, output_dir: str | os.PathLike
+    result: EvaluationResult,
+    dataset: RetrievalDataset,
+    output_dir: str | os.PathLike,
+    untrained: bool = False,
 ) -> Path:
     """Writes `<output_dir>/report.html`; returns its path."""
-    return write_evaluation_page(Path(output_dir) / REPORT_FILE, result, dataset)
+    path = Path(output_dir) / REPORT_FILE
+    return write_evaluation_page(path, result, dataset, untrained=untrained)
 
 
 def _bounds(shown: int, total: int, top: int, thumbnails: Thumbnails) -> str:
     return (
         f"Thumbnails for the first {shown} of {total} queries (protocol order), each with its "
         f"first {top} ranked images ({thumbnails.long_side} px). Ranked images appear in the "
-        "engine's order with its score; equal scores are ties (marked), ordered for the "
-        "metrics by the tie policy."
+        "engine's order with its rank score (delf's engine: 1 + RANSAC inliers + the "
+        "initial score scaled into [0, 1) for the verified shortlist, below 1 for the rest: "
+        "inliers first, then the initial score, as on the search page); equal rank scores "
+        "are ties (marked), ordered for the metrics by the tie policy."
     )
 
 
@@ -272,13 +283,13 @@ def _result_card(
         f'<div class="mark s{number} {kind}">{esc(MARK_TEXT[kind])}</div>'
         for number, kind in enumerate(kinds)
     )
-    stats = "" if score is None else f"score {score:.4g}" + (" (tie)" if tie else "")
+    stats = "" if score is None else f"rank score {score:.4g}" + (" (tie)" if tie else "")
     return (
         f'<figure class="card result {classes}">'
         f'<div class="pic">{img(picture, f"rank {rank}: {image_id}", str(path or image_id))}</div>'
         f'<figcaption><div class="label">#{rank}</div>{marks}'
         f'<div class="stats">{esc(stats)}</div>'
-        f'<div class="caption">{esc(image_id)}</div></figcaption>'
+        f'<div class="caption">{path_text(image_id)}</div></figcaption>'
         "</figure>"
     )
 

@@ -63,7 +63,11 @@ th { background: #f6f8fa; }
 .card img { display: block; max-width: 160px; max-height: 160px; }
 .card .label { font-weight: 600; margin-top: 3px; }
 .card .stats { font-size: 12px; }
-.card .caption { font-size: 11px; color: #57606a; overflow-wrap: anywhere; margin-top: 2px; }
+.card .caption { font-size: 11px; color: #57606a; overflow-wrap: break-word; margin-top: 2px; }
+.card.self { border-style: dashed; }
+.card .self-mark { font-size: 11px; font-weight: 600; color: #0969da; }
+.banner { border: 2px solid #bf8700; background: #fff8c5; padding: 6px 10px; border-radius: 6px;
+  margin: 8px 0; }
 .query-card { border-color: #0969da; width: auto; min-width: 168px; max-width: 336px; }
 .query-card .pic { height: auto; min-height: 160px; }
 .query-card img { max-width: 320px; max-height: 320px; }
@@ -81,6 +85,23 @@ th { background: #f6f8fa; }
 def esc(value: object) -> str:
     """HTML-escaped text of `value` (quotes included: safe in text and attribute values)."""
     return html.escape(str(value), quote=True)
+
+
+UNTRAINED_BANNER = (
+    "Untrained weights: these features come from a randomly initialised model. Matches "
+    "along image borders and between unrelated images are to be expected; they show the "
+    "pipeline, not retrieval quality."
+)
+
+
+def untrained_banner() -> str:
+    """The banner of a page whose features come from random weights."""
+    return f'<p class="banner">{esc(UNTRAINED_BANNER)}</p>'
+
+
+def path_text(path: object) -> str:
+    """An escaped file path that breaks only after a "/" (never inside a name that fits)."""
+    return "/<wbr>".join(esc(part) for part in str(path).split("/"))
 
 
 def fmt(value: float | None, digits: int = 4) -> str:

@@ -1,7 +1,8 @@
 """The HTML page of `delf search --html`: each query, its ranked results, their matches.
 
-Per query: the query image, then the ranked results as thumbnails (rank,
-inliers, votes, score when the ranking has one, the file as caption), then for
+Per query: the query image, then the ranked results as thumbnails (rank, what
+ranks them: inliers, then the initial score; the file as caption, broken only
+after a "/"; the query's own file marked when it is in the collection), then for
 the best few a picture of the matches (query left, result right, a line per
 RANSAC inlier, drawn by `delf_tf.matching.visualize.draw_matches`). Database
 thumbnails come from the files recorded in the index (`images.json` paths); a
@@ -31,7 +32,9 @@ from delf_tf.report.html import (
     img,
     missing,
     page,
+    path_text,
     to_picture,
+    untrained_banner,
     write_page,
 )
 from delf_tf.retrieval.search import SearchResult
@@ -61,6 +64,20 @@ class SearchPageQuery:
     num_features: int | None = None
 
 
+def is_query_itself(query_path: str, result_path: str) -> bool:
+    """Whether a result is the query's own file (the query is in the collection)."""
+    try:
+        return Path(query_path).resolve() == Path(result_path).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def result_stats(result: SearchResult) -> str:
+    """What ranks a result, in ranking order: RANSAC inliers, then the initial score
+    (k-NN votes, ASMK* similarity or global inner product)."""
+    return f"inliers {result.inliers} · initial score {result.score:.4g}"
+
+
 def search_page(
     queries: Sequence[SearchPageQuery],
     *,
@@ -68,8 +85,10 @@ def search_page(
     max_results: int = MAX_RESULTS,
     match_pictures: int = MATCH_PICTURES,
     title: str = "delf search",
+    untrained: bool = False,
 ) -> str:
-    """The HTML text of the page (see the module docstring)."""
+    """The HTML text of the page (see the module docstring); `untrained` adds a banner
+    saying the weights are random."""
     thumbnails = Thumbnails()
     shown = list(queries)[:max_queries]
     bounds = (
@@ -79,6 +98,8 @@ def search_page(
         f"the best {match_pictures}."
     )
     parts = [f"<h1>{esc(title)}</h1>", f'<p class="bounds">{esc(bounds)}</p>']
+    if untrained:
+        parts.append(untrained_banner())
     for number, query in enumerate(shown, start=1):
         parts.append(
             _query_section(number, query, thumbnails, max_results, match_pictures, len(shown) > 1)
@@ -115,7 +136,7 @@ def _query_section(
         '<figure class="card query-card">',
         f'<div class="pic">{img(query_picture, f"query {query.path}", query.path)}</div>',
         '<figcaption><div class="label">query</div>'
-        f'<div class="caption">{esc(query.path)} ({width}x{height})</div></figcaption>',
+        f'<div class="caption">{path_text(query.path)} ({width}x{height})</div></figcaption>',
         "</figure>",
         "</div>",
     ]
@@ -127,7 +148,7 @@ def _query_section(
         parts.append(f"<h3>Ranked results (first {min(len(results), max_results)})</h3>")
         parts.append('<div class="row results">')
         for rank, result in enumerate(results[:max_results], start=1):
-            parts.append(_result_card(rank, result, thumbnails))
+            parts.append(_result_card(rank, result, thumbnails, query.path))
         parts.append("</div>")
         drawn = results[:match_pictures]
         if drawn:
@@ -140,21 +161,19 @@ def _query_section(
     return "\n".join(parts)
 
 
-def _result_card(rank: int, result: SearchResult, thumbnails: Thumbnails) -> str:
+def _result_card(rank: int, result: SearchResult, thumbnails: Thumbnails, query_path: str) -> str:
     picture = thumbnails.of_file(result.path)
     if picture.uri is None and not Path(result.path).is_absolute():
         # Indexes built without --images record store keys, not image files.
         picture = missing(f"{picture.reason} (index built without --images?)")
-    stats = f"inliers {result.inliers} · votes {result.votes}"
-    score = getattr(result, "score", None)
-    if score is not None:
-        stats += f" · score {score:.4g}"
+    itself = is_query_itself(query_path, result.path)
+    mark = '<div class="self-mark">the query itself</div>' if itself else ""
     return (
-        '<figure class="card result">'
+        f'<figure class="card result{" self" if itself else ""}">'
         f'<div class="pic">{img(picture, f"rank {rank}: {result.key}", result.path)}</div>'
-        f'<figcaption><div class="label">#{rank}</div>'
-        f'<div class="stats">{esc(stats)}</div>'
-        f'<div class="caption">{esc(result.path)}</div></figcaption>'
+        f'<figcaption><div class="label">#{rank}</div>{mark}'
+        f'<div class="stats">{esc(result_stats(result))}</div>'
+        f'<div class="caption">{path_text(result.path)}</div></figcaption>'
         "</figure>"
     )
 

@@ -38,7 +38,7 @@ class _Extractor(Protocol):
 
 
 class QueryListError(InputError):
-    """--queries names no folder or readable list of image paths."""
+    """The queries (`delf search --images`) name no folder or readable list of image paths."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ def read_queries(spec: str | os.PathLike) -> list[str]:
     if path.is_dir():
         return [str(p) for p in list_images(path)]
     if not path.is_file():
-        raise QueryListError(f"{path}: --queries is neither a folder nor a list file")
+        raise QueryListError(f"{path}: the queries are neither a folder nor a list file")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [str(path)]
     try:

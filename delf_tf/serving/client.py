@@ -95,7 +95,13 @@ class _GrpcTransport:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as error:
-            raise error_for(error.code().name, error.details() or str(error)) from None
+            message = error.details() or str(error)
+            if "http/2" in message.lower() or "http2" in message.lower():
+                message += (
+                    "; this port does not speak gRPC (a REST port?): use --protocol=rest, "
+                    "or the gRPC port (TF Serving's --port, 8500)"
+                )
+            raise error_for(error.code().name, message) from None
 
     def predict(self, name, version, signature, inputs, output_filter, timeout):
         request = predict_pb2.PredictRequest()

@@ -100,7 +100,7 @@ def test_extract_single_file_and_fit_pca(image_folder, tmp_path, capsys, fast):
     # The reference's layout: a folder of .datum files, read back as the same PCA.
     datum_dir = tmp_path / "pca_datum"
     argv = ["delf", "fit-pca", f"--features={out}", "--dim=8", "--format=datum"]
-    assert main([*argv, f"--output_file={datum_dir}"]) == 0
+    assert main([*argv, f"--output_dir={datum_dir}"]) == 0
     capsys.readouterr()
     from delf_tf.extraction.pca import PcaParams
 

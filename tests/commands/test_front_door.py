@@ -68,18 +68,20 @@ def test_thin_mains_list_their_flags(script, flag):
 
 
 def test_user_errors_are_one_line_with_exit_status_1(tmp_path, capsys):
+    model = tmp_path / "x.keras"  # exists: input paths are checked first
+    model.touch()
     cases = [
         (
             ["fit-pca", f"--features={tmp_path / 'none'}", f"--output_file={tmp_path / 'p.npz'}"],
-            "not a feature store",
+            "no such file or directory",
         ),
         (
             ["index", f"--features={tmp_path / 'none'}", f"--output_dir={tmp_path / 'i'}"],
-            "not a feature store",
+            "no such file or directory",
         ),
         (["serve", f"--model_base_path={tmp_path / 'none'}"], "no such directory"),
         (
-            ["export", "--model=x.keras", "--weights=random", f"--export_base={tmp_path}"],
+            ["export", f"--model={model}", "--weights=random", f"--export_base={tmp_path}"],
             "--weights applies only without --model",
         ),
     ]
@@ -208,7 +210,7 @@ def test_commands_start_without_library_chatter(tmp_path, model_config_file, ast
         assert_quiet(extract)
     index = ["index", f"--features={tmp_path / 'features'}"]
     assert_quiet(delf(*index, f"--output_dir={tmp_path / 'i'}"))
-    search = [f"--index={tmp_path / 'i'}", f"--image={tmp_path / 'a.png'}", model]
+    search = [f"--index={tmp_path / 'i'}", f"--images={tmp_path / 'a.png'}", model]
     assert_quiet(delf("search", *search, "--score_threshold=0"))
     refused = delf("search", *search, "--seed=5", returncode=1)
     assert_quiet(refused)

@@ -81,7 +81,7 @@ def test_index_append_search_and_errors(folders, extractor, capsys, fast):
     ]
 
     picture = root / "results.png"
-    search = ["delf", "search", f"--index={index}", f"--image={root / 'query.png'}", *fast]
+    search = ["delf", "search", f"--index={index}", f"--images={root / 'query.png'}", *fast]
     assert main([*search, "--top_k=2", f"--visualize={picture}"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [r["key"] for r in payload["results"]][0] == "astronaut.png"
@@ -95,7 +95,7 @@ def test_index_append_search_and_errors(folders, extractor, capsys, fast):
     (queries / "a_query.png").write_bytes((root / "query.png").read_bytes())
     (queries / "b_broken.jpg").write_bytes((root / "broken.jpg").read_bytes())
     results = root / "results.jsonl"
-    batch = ["delf", "search", f"--index={index}", f"--queries={queries}", *fast]
+    batch = ["delf", "search", f"--index={index}", f"--images={queries}", *fast]
     assert main([*batch, f"--output_file={results}", "--top_k=2"]) == 3
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["answered"], summary["failed"], summary["ranking"]) == (2, 1, "votes")
@@ -105,11 +105,11 @@ def test_index_append_search_and_errors(folders, extractor, capsys, fast):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["answered"], summary["skipped"], summary["failed"]) == (0, 2, 1)
     assert len(results.read_text().splitlines()) == 2
-    assert main([*search, f"--queries={queries}"]) == 1  # --image and --queries
-    assert "one of --image and --queries" in capsys.readouterr().err
+    assert main([*search, f"--queries={queries}"]) == 1  # two query inputs
+    assert "give the query images once" in capsys.readouterr().err
 
     # A bad query image: a clear error naming the file, before any model is built.
-    bad = ["delf", "search", f"--index={index}", f"--image={root / 'broken.jpg'}", *fast]
+    bad = ["delf", "search", f"--index={index}", f"--images={root / 'broken.jpg'}", *fast]
     assert main(bad) == 1
     assert "broken.jpg" in capsys.readouterr().err
     # Another model than the index's: refused.

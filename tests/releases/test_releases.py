@@ -296,7 +296,7 @@ def test_delf_extract_and_export_take_a_release_folder(releases, photo, tmp_path
     assert main([*argv, f"--images={images}"]) == 0
     indexed = json.loads(capsys.readouterr().out)
     assert indexed["global_descriptors"] is True and indexed["fingerprint"] is None
-    search = ["delf", "search", f"--index={index_dir}", f"--image={images / 'a.png'}", *model]
+    search = ["delf", "search", f"--index={index_dir}", f"--images={images / 'a.png'}", *model]
     assert main([*search, "--ranking=global", "--top_k=1"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert found["ranking"] == "global" and found["results"][0]["key"] == "a.png"

@@ -266,7 +266,7 @@ def test_search_page_in_chromium(searched, tmp_path):
     shown = report["text"]
     for rank in range(1, 5):
         assert f"#{rank}" in shown
-    assert "inliers 60 · votes 60" in shown
+    assert "inliers 60 · initial score 60" in shown
     assert "image unavailable" in shown and "gone.png" in shown
     assert "matches not drawn" in shown
     assert "Matches of the best 3" in shown
@@ -380,7 +380,7 @@ def test_evaluation_page_in_chromium(evaluated, tmp_path):
     astronaut_medium = result.queries[0].metrics["medium"].ap
     assert f"medium {astronaut_medium:.4f}" in shown
     assert "hard n/a" in shown  # coffee_1 has no hard positive
-    assert "score 5 (tie)" in shown
+    assert "rank score 5 (tie)" in shown
     ranks = [re.findall(r"^#\d+$", c["text"], re.M) for c in report["cards"]]
     assert ranks == [["#1"], ["#2"], ["#3"], ["#4"], ["#1"], ["#2"]]
     # Marks follow the "medium" setup (checked by default), then "easy" once chosen:
@@ -436,7 +436,7 @@ def test_search_command_writes_a_page(tmp_path, extractor, small_config, model_c
 
     html = tmp_path / "results.html"
     search = ["delf", "search", f"--index={tmp_path / 'index'}", f"--html={html}"]
-    assert main([*search, f"--image={images / 'astronaut_b.png'}", *model]) == 0
+    assert main([*search, f"--images={images / 'astronaut_b.png'}", *model]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["html"] == str(html)
     assert payload["results"][0]["key"] == "astronaut_b.png"  # the query is in the index
