@@ -8,8 +8,11 @@ cluster (`http://host:19530`) reached through the same `pymilvus.MilvusClient`.
 
   local  (votes): one row per database descriptor: "row" (INT64 primary key, the
          index's descriptor row), "image" (INT64), "vector" (FLOAT_VECTOR [D]);
-         metric L2, whose distances Milvus returns squared as FAISS does, so the
+         metric IP over the unit-norm descriptors (checked when built), turned
+         into the squared L2 distance FAISS returns (|q|^2 + 1 - 2 q.d), so the
          votes are counted by `structures.votes.vote`, the FAISS path's own code.
+         (IP, not L2: Milvus Lite's exact L2 materialises a [queries, rows, D]
+         difference array, 16 GB for 100 queries over 10^6 rows; IP is one product.)
   global: one row per image: "image" (INT64 primary key), "vector" [G]; metric IP.
 
 The structure is `external`: it owns no file of the index directory; its header
@@ -64,11 +67,17 @@ VECTOR, ROW, IMAGE = "vector", "row", "image"
 FINGERPRINT_PROPERTY = "delf.fingerprint"
 # Index type of the vector field: exact on Milvus Lite; a cluster may use IVF/HNSW.
 INDEX_TYPE = "FLAT"
-# Rows per insert call, query vectors per search call.
+# Rows per insert call, query vectors per search call (Milvus Lite's exact search holds
+# a float32 [batch, rows] array: 256 MB per 10^6 rows at 64).
 INSERT_BATCH = 10_000
-SEARCH_BATCH = 512
+SEARCH_BATCH = 64
 # Milvus returns at most this many results per query vector (its topk limit).
 MAX_LIMIT = 16_384
+# Images the global ranking asks for (as FAISS's IVF global structure: the exact FAISS
+# ranking returns every image; only the first `shortlist` are verified).
+GLOBAL_CANDIDATES = 1000
+# Database descriptors must be unit-norm within this (IP stands for L2).
+UNIT_TOLERANCE = 1e-3
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 _clients: dict[str, Any] = {}
@@ -162,13 +171,14 @@ class MilvusNeighbors:
         kk = min(k, self._count, MAX_LIMIT)
         squared = np.full((len(queries), kk), np.inf, np.float32)
         nearest = np.full((len(queries), kk), -1, np.int64)
+        norms = np.einsum("ij,ij->i", queries, queries)
         for start in range(0, len(queries), SEARCH_BATCH):
             batch = queries[start : start + SEARCH_BATCH]
-            found = _search(self._client, self.collection, batch, kk, "L2")
+            found = _search(self._client, self.collection, batch, kk, "IP")
             for offset, hits in enumerate(found):
-                size = len(hits.ids)
-                nearest[start + offset, :size] = hits.ids
-                squared[start + offset, :size] = hits.distances
+                size, row = len(hits.ids), start + offset
+                nearest[row, :size] = hits.ids
+                squared[row, :size] = norms[row] + 1.0 - 2.0 * np.asarray(hits.distances)
         return _bounded(squared, nearest, k, max_distance)
 
 
@@ -183,7 +193,7 @@ class MilvusGlobalRanker:
         self.stores = stores
 
     def rank(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(image ids int64 [R], inner products float32 [R]), best first; R <= 16 384."""
+        """(image ids int64 [R], inner products float32 [R]), best first; R <= 1000."""
         query = np.asarray(query, np.float32).reshape(1, -1)
         if query.shape[1] != self.dim:
             raise ValueError(
@@ -191,7 +201,8 @@ class MilvusGlobalRanker:
             )
         if self._count == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        [hits] = _search(self._client, self.collection, query, min(self._count, MAX_LIMIT), "IP")
+        limit = min(self._count, GLOBAL_CANDIDATES)
+        [hits] = _search(self._client, self.collection, query, limit, "IP")
         ids = np.asarray(hits.ids, np.int64)
         scores = np.asarray(hits.distances, np.float32)
         order = np.lexsort((ids, -scores))  # ties by image id, as the exact ranking's stable sort
@@ -387,10 +398,21 @@ class MilvusVotesStructure(_MilvusStructure):
 
     name = "neighbors"
     covers = "num_descriptors"
-    part, key, metric = "local", ROW, "L2"
+    part, key, metric = "local", ROW, "IP"
 
     @staticmethod
     def _rows(collection: Collection):
+        descriptors = collection.descriptors
+        for start in range(0, len(descriptors), 1 << 20):
+            block = np.asarray(descriptors[start : start + (1 << 20)], np.float32)
+            squared = np.einsum("ij,ij->i", block, block)
+            worst = int(np.argmax(np.abs(squared - 1.0))) if squared.size else 0
+            if squared.size and abs(float(squared[worst]) - 1.0) > UNIT_TOLERANCE:
+                raise InputError(
+                    "the milvus back end ranks unit-norm local descriptors (inner product "
+                    f"for L2); descriptor {start + worst} has squared norm "
+                    f"{float(squared[worst]):.4f}"
+                )
         ids = np.arange(collection.num_descriptors, dtype=np.int64)
         return collection.descriptors, ids, np.asarray(collection.image_ids)
 
