@@ -23,7 +23,10 @@ from delf_tf.features import FeatureStore, LocalFeatures  # noqa: E402
 from delf_tf.retrieval import Index  # noqa: E402
 from delf_tf.retrieval.search import Searcher, StoreRows  # noqa: E402
 from delf_tf.retrieval.structures import milvus  # noqa: E402
-from delf_tf.retrieval.structures.base import IndexFormatError  # noqa: E402
+from delf_tf.retrieval.structures.base import (  # noqa: E402
+    IndexChangedError,
+    IndexFormatError,
+)
 
 DIM, GLOBAL_DIM, PER_IMAGE = 16, 8, 40
 
@@ -166,6 +169,7 @@ def test_generations_append_and_refusals(tmp_path, uri):
         return {name for name in client.list_collections() if name.startswith("delf_gen_")}
 
     assert ours() == first
+    reader = Searcher(Index.load(tmp_path / "index"), RetrievalConfig(ranking="votes"))
     grown, added = Index.load(tmp_path / "index").add_store(more, progress=False)
     assert added == 1
     report = grown.build_structures(recall=False)  # backend kept: milvus
@@ -177,6 +181,9 @@ def test_generations_append_and_refusals(tmp_path, uri):
     assert ours() == second and not second & first
     loaded = Index.load(tmp_path / "index")
     assert len(loaded.neighbors()) == 3 * PER_IMAGE
+    # A reader of the previous generation: its collection is gone, it must load again.
+    with pytest.raises(IndexChangedError, match="load it again"):
+        reader.initial(store.load("a.jpg"))
     # Another extractor's collection named by this index: refused before any search.
     other = write_store(tmp_path / "store3", ["d.jpg"], seed=3, fingerprint="e" * 64)
     foreign = Index.from_store(other, progress=False)
