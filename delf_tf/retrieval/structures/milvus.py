@@ -38,6 +38,8 @@ arrays: `reads_store` on the loaded objects tells the `Searcher`.
 
 from __future__ import annotations
 
+import logging as logging_module
+import os
 import re
 import threading
 import uuid
@@ -108,6 +110,8 @@ def client(uri: str) -> Any:
             raise InputError(
                 "the milvus back end needs pymilvus (pip install 'delf-tf[milvus]')"
             ) from error
+        if _is_lite(uri):
+            _quiet_lite()
         try:
             found = MilvusClient(uri)
         except Exception as error:  # pymilvus raises its own family, and OSError
@@ -134,6 +138,23 @@ def release(uri: str) -> None:
         from milvus_lite import server_manager_instance
 
         server_manager_instance.release_server(uri)
+
+
+def _quiet_lite() -> None:
+    """Milvus Lite's routine lines off stderr: its INFO lines (start, segment indexes) and
+    the in-process gRPC server's traceback for the AllocTimestamp call pymilvus probes
+    and Lite does not implement (the client carries on). DELF_TF_LOGS=1 keeps them."""
+    from delf_tf.tf_runtime import VERBOSE_ENV, quiet_library_loggers
+
+    quiet_library_loggers()
+    if os.environ.get(VERBOSE_ENV) != "1":
+        server = logging_module.getLogger("grpc._server")
+        if _not_unimplemented not in server.filters:
+            server.addFilter(_not_unimplemented)
+
+
+def _not_unimplemented(record) -> bool:
+    return "Method not implemented" not in record.getMessage()
 
 
 def _is_lite(uri: str) -> bool:
