@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-.PHONY: install demo test test-fast lint format clean strace
+.PHONY: install demo test test-fast lint format clean strace chromium
 
 install: $(STAMP)
 
@@ -23,11 +23,11 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/delf demo --output_dir=demo_output
 
-test: $(STAMP) strace
+test: $(STAMP) strace chromium
 	$(PYTEST) tests
 
 # Everything but the tests marked slow (those that need ResNet50 itself).
-test-fast: $(STAMP) strace
+test-fast: $(STAMP) strace chromium
 	$(PYTEST) -m "not slow" tests
 
 # The crash tests (tests/commands/test_crash_safety.py) kill commands with strace's fault
@@ -38,6 +38,17 @@ strace:
 	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null 2>&1 \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; }; }; } \
 	  || echo "note: strace is not installed; the crash tests will be skipped"
+
+# The page tests (tests/report/test_report_html.py, the search service's page in
+# tests/serving/test_search_service.py) run Debian's chromium and chromium-driver
+# (Selenium): installed here when missing (as root, with apt-get); without them those
+# tests are skipped and say why.
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }; }; } \
+	  || echo "note: chromium/chromedriver are not installed; the page tests will be skipped"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -27,11 +27,12 @@ setup(
         "grpcio",
         "faiss-cpu",
         "apache-beam",
+        "prometheus-client",
     ],
     extras_require={
         # The Milvus back end of first-stage retrieval (Milvus Lite: embedded, no server).
         "milvus": ["pymilvus", "milvus-lite"],
-        "dev": ["pytest", "pytest-xdist", "ruff", "pymilvus", "milvus-lite"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "selenium", "pymilvus", "milvus-lite"],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

@@ -106,3 +106,27 @@ def resolve_version_dir(path: str | os.PathLike) -> Path:
             f"<version>/{SAVED_MODEL_FILE})"
         )
     return path / str(versions[-1])
+
+
+# The search service (`delf serve --index=INDEX_DIR`): one more model name on the same
+# PredictionService/Predict (gRPC) and POST /v1/models/<name>:predict (REST).
+#   image_bytes: string [B], encoded query images (SERVED_FORMATS);
+#   top_k: int32 [] (optional, 1..the server's max_top_k; default the server's top_k);
+#   ranking: string [] (optional: votes, asmk, global, auto; default the server's).
+#   -> image_ids int64 [B, K] (position in the index's images.json, -1 past num_results),
+#      keys string [B, K] (the images' store keys, "" past num_results),
+#      scores float32 [B, K] (the initial ranking's score), inliers int32 [B, K] (RANSAC),
+#      num_results int32 [B], generation int64 [B] (of the index that answered).
+# K is the request's top_k; results are best first (by inliers, then score).
+SEARCH_MODEL_NAME = "index"
+SEARCH_INPUT = BATCH_INPUT
+SEARCH_OPTIONAL_INPUTS = {"top_k": "int32", "ranking": "string"}
+SEARCH_OUTPUTS = ("image_ids", "keys", "scores", "inliers", "num_results", "generation")
+SEARCH_OUTPUT_DTYPES = {
+    "image_ids": "int64",
+    "keys": "string",
+    "scores": "float32",
+    "inliers": "int32",
+    "num_results": "int32",
+    "generation": "int64",
+}

@@ -64,7 +64,6 @@ from delf_tf.retrieval.index_files import (
     IMAGES,
     check_header,
     check_image_ids,
-    generation_or_none,
     read_generation,
     read_json,
     read_records,
@@ -483,7 +482,7 @@ class Index:
         one this object was read from (a writer replaced it since)."""
         if self.path is None or self.generation is None:
             return
-        now = generation_or_none(self.path)
+        now = read_generation(self.path)
         if now != self.generation:
             raise IndexChangedError(
                 f"{self.path}: replaced while in use (generation {self.generation}, now "
@@ -529,7 +528,7 @@ class Index:
         path = Path(path)
         self._check_structures_cover()
         recover_staged_directory(path)
-        generation = (generation_or_none(path) or 0) + 1
+        generation = (read_generation(path) or 0) + 1
         previous = _saved_structures(path)
         with staged_directory(path) as staging:
             for name, array in self._arrays().items():
@@ -582,7 +581,7 @@ class Index:
             try:
                 index = cls._read(path, mmap, seen)
             except IndexFormatError:
-                now = generation_or_none(path)
+                now = read_generation(path)
                 if "generation" in seen and now == seen["generation"]:
                     raise  # the directory did not change: the error is its own
                 if now is None:  # absent (mid-swap, or no index) or unreadable
@@ -591,7 +590,7 @@ class Index:
                         raise
                 time.sleep(0.001)
                 continue
-            if generation_or_none(path) == index.generation:
+            if read_generation(path) == index.generation:
                 return index
         raise IndexChangedError(
             f"{path}: replaced {LOAD_ATTEMPTS} times while being read; try again"

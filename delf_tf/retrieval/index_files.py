@@ -147,32 +147,19 @@ def check_header(header: Any, path: Path) -> dict[str, dict[str, Any]]:
 
 def read_generation(directory: str | os.PathLike) -> int | None:
     """The generation of the index at `directory` (0 for an index saved before it was
-    recorded), or None while there is none there: absent, not an index yet, or between
-    the two renames of a writer's swap. Cheap (reads index.json only): for polling.
-
-    Raises IndexFormatError when index.json is there but malformed.
+    recorded), or None while there is no loadable one there: absent, not an index (yet),
+    between the two renames of a writer's swap, or an index.json that is unreadable or
+    malformed (`Index.load` says why). Cheap (reads index.json only) and never raises:
+    for polling (hot reload).
     """
     path = Path(directory) / HEADER
     try:
-        text = path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
+        header = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
-    except OSError as error:
-        raise IndexFormatError(f"{path}: unreadable ({error})") from error
-    try:
-        header = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise IndexFormatError(f"{path}: unreadable ({error})") from error
     if not isinstance(header, dict):
-        raise IndexFormatError(f"{path}: expected a JSON object")
-    if "generation" not in header:
-        return 0
-    return base.count(header, "generation", str(path))
-
-
-def generation_or_none(directory: Path) -> int | None:
-    """`read_generation`, None for a malformed index.json too."""
-    try:
-        return read_generation(directory)
-    except IndexFormatError:
         return None
+    generation = header.get("generation", 0)
+    if type(generation) is not int or generation < 0:
+        return None
+    return generation

@@ -46,8 +46,10 @@ MAX_HEADER_BYTES = 64 << 10
 MAX_HEADER_FIELDS = 100
 _LINGER_SECONDS = 2.0
 
-# handler(method, target, headers {lower-case name: value}, body) -> (status, JSON bytes)
-Handler = Callable[[str, str, dict[str, str], bytes], tuple[int, bytes]]
+# handler(method, target, headers {lower-case name: value}, body) -> (status, JSON bytes), or
+# (status, bytes, content type) for answers that are not JSON (the search service's page).
+Handler = Callable[[str, str, dict[str, str], bytes], tuple[int, bytes] | tuple[int, bytes, str]]
+JSON_TYPE = "application/json"
 
 
 class _Reject(Exception):
@@ -237,16 +239,17 @@ class HttpFrontEnd:
                 work = loop.run_in_executor(self._pool, self._call, method, target, headers, body)
                 del body
                 try:
-                    status, payload = await asyncio.wait_for(
+                    status, payload, content_type = await asyncio.wait_for(
                         asyncio.shield(work), max(deadline - loop.time(), 0.001)
                     )
                 except (asyncio.TimeoutError, TimeoutError):
                     work.cancel()  # not started yet: never runs; running: its answer is dropped
-                    status, payload = (
+                    status, payload, content_type = (
                         504,
                         error_body(
                             f"no answer within the request timeout of {self.request_timeout:g} s"
                         ),
+                        JSON_TYPE,
                     )
                     keep_alive = False
                 except asyncio.CancelledError:  # shutdown past the grace period
@@ -255,16 +258,17 @@ class HttpFrontEnd:
             finally:
                 self._buffered -= length
             close = not keep_alive or self._closing
-            await self._answer(writer, status, payload, close, deadline)
+            await self._answer(writer, status, payload, close, deadline, content_type)
             if close:
                 return
 
-    def _call(self, method, target, headers, body) -> tuple[int, bytes]:
+    def _call(self, method, target, headers, body) -> tuple[int, bytes, str]:
         try:
-            return self.handler(method, target, headers, body)
+            answer = self.handler(method, target, headers, body)
         except Exception as error:  # the handler answers its own errors; this is a bug
             logging.exception("REST handler failed")
-            return 500, error_body(f"internal error: {type(error).__name__}: {error}")
+            return 500, error_body(f"internal error: {type(error).__name__}: {error}"), JSON_TYPE
+        return answer if len(answer) == 3 else (*answer, JSON_TYPE)
 
     def _parse(self, head: bytes):
         """(method, target, headers, body length, keep-alive) of a request header, or _Reject."""
@@ -337,14 +341,17 @@ class HttpFrontEnd:
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError):
             pass
 
-    async def _answer(self, writer, status: int, payload: bytes, close: bool, deadline=None):
+    async def _answer(
+        self, writer, status: int, payload: bytes, close: bool, deadline=None, content_type=None
+    ):
         try:
             reason = http.HTTPStatus(status).phrase
         except ValueError:
             reason = "Unknown"
         head = (
             f"HTTP/1.1 {status} {reason}\r\nServer: {self.server_name}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            f"Content-Type: {content_type or JSON_TYPE}\r\nContent-Length: {len(payload)}\r\n"
+            "X-Content-Type-Options: nosniff\r\n"
             + ("Connection: close\r\n" if close else "")
             + "\r\n"
         )

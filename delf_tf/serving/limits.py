@@ -76,3 +76,29 @@ def parse_channel_arguments(text: str) -> dict[str, int | str]:
         value = value.strip()
         arguments[name.strip()] = int(value) if value.lstrip("-").isdigit() else value
     return arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchLimits:
+    """Bounds of the search service (`delf serve --index`; flag names in brackets).
+
+    max_concurrent: searches running at once [--search_max_concurrent]; each uses the
+      extractor and BLAS/OpenMP threads, so a few per core at most.
+    max_queued: searches that may wait for a running one to finish; one more is
+      refused at once: RESOURCE_EXHAUSTED (gRPC), 503 (REST) [--search_max_queued].
+    queue_timeout: seconds a search may wait for a slot (DEADLINE_EXCEEDED beyond; a
+      gRPC deadline that is shorter wins) [--search_queue_timeout_seconds].
+    max_top_k: results one query may ask for.
+    max_image_bytes, max_image_pixels: one query image, encoded and decoded.
+    """
+
+    max_concurrent: int = 2
+    max_queued: int = 32
+    queue_timeout: float = 30.0
+    max_top_k: int = 100
+    max_image_bytes: int = 32 << 20
+    max_image_pixels: int = 40_000_000
+
+    def __post_init__(self):
+        if self.max_concurrent < 1 or self.max_queued < 0 or self.max_top_k < 1:
+            raise ValueError(f"search limits out of range: {self}")

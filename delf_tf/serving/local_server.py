@@ -17,6 +17,10 @@ loop with timeouts and a connection bound (`http_front`), gRPC in grpc-core
 with keepalive, idle and handshake limits, so stalled clients hold no threads.
 `stop()` (SIGTERM / SIGINT in `serve_until_signalled`) stops accepting, lets
 running requests finish within the grace period, then returns.
+
+With a `SearchService` (`delf serve --index`), its model name is answered by the
+search (`search_api`), and the REST port also serves its page, thumbnails,
+/status, /healthz, /readyz and /metrics.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from delf_tf.serving import rest_json
+from delf_tf.errors import DelfError
+from delf_tf.serving import rest_json, search_api
 from delf_tf.serving.errors import HTTP_STATUS, ServingError
 from delf_tf.serving.http_front import HttpFrontEnd, error_body
 from delf_tf.serving.limits import (
@@ -53,6 +58,7 @@ from delf_tf.serving.repository import (
     ModelRepository,
     check_tensor_proto,
 )
+from delf_tf.serving.search_service import SearchService
 
 INT64_MAX = (1 << 63) - 1
 _REST_PATH = re.compile(
@@ -122,13 +128,24 @@ def model_metadata(
 
 
 def model_status(
-    repository: ModelRepository, request
+    repository: ModelRepository, request, search: SearchService | None = None
 ) -> get_model_status_pb2.GetModelStatusResponse:
-    """AVAILABLE for served versions; END with the load error for versions that failed."""
+    """AVAILABLE for served versions; END with the load error for versions that failed.
+
+    For the search service's name: its generations (`SearchService.version_status`).
+    """
     spec = request.model_spec
     version = spec.version.value if spec.HasField("version") else None
+    if search is not None and spec.name == search.name:
+        rows = [row for row in search.version_status() if version in (None, row[0])]
+        if not rows:
+            raise ServingError(
+                "NOT_FOUND", f"Could not find version {version} of model {spec.name}"
+            )
+    else:
+        rows = repository.status(spec.name, version)
     response = get_model_status_pb2.GetModelStatusResponse()
-    for number, state, code, message in repository.status(spec.name, version):
+    for number, state, code, message in rows:
         status = response.model_version_status.add()
         status.version = number
         status.state = _state_code(state)
@@ -138,23 +155,41 @@ def model_status(
 
 
 class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, repository: ModelRepository, limits: RequestLimits):
+    def __init__(
+        self, repository: ModelRepository, limits: RequestLimits, search: SearchService | None
+    ):
         self.repository = repository
         self.limits = limits
+        self.search = search
+
+    def _searches(self, request) -> bool:
+        return self.search is not None and request.model_spec.name == self.search.name
 
     def Predict(self, request, context):  # noqa: N802 (gRPC method name)
+        if self._searches(request):
+            return _answer(
+                context,
+                search_api.predict,
+                self.search,
+                request,
+                self.limits,
+                context.time_remaining(),
+            )
         return _answer(context, predict, self.repository, request, self.limits)
 
     def GetModelMetadata(self, request, context):  # noqa: N802
+        if self._searches(request):
+            return _answer(context, search_api.model_metadata, self.search, request)
         return _answer(context, model_metadata, self.repository, request)
 
 
 class _ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, search: SearchService | None):
         self.repository = repository
+        self.search = search
 
     def GetModelStatus(self, request, context):  # noqa: N802
-        return _answer(context, model_status, self.repository, request)
+        return _answer(context, model_status, self.repository, request, self.search)
 
 
 def _answer(context, handler, *arguments):
@@ -165,6 +200,8 @@ def _answer(context, handler, *arguments):
         return handler(*arguments)
     except ServingError as error:
         context.abort(grpc.StatusCode[error.code], error.message)
+    except DelfError as error:  # a user error inside a request (e.g. an undecodable query)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     except Exception as error:  # keep serving: report, do not crash the worker
         logging.exception("internal error")
         context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
@@ -176,17 +213,32 @@ class RestApi:
     Every malformed request gets a 4xx with `{"error": ...}`; 500 only for bugs.
     """
 
-    def __init__(self, repository: ModelRepository, limits: RequestLimits):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: RequestLimits,
+        search: SearchService | None = None,
+        ready=lambda: True,
+    ):
         self.repository = repository
         self.limits = limits
+        self.search = search
+        self.web = None if search is None else search_api.SearchWeb(search, limits, ready)
 
     def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes):
         try:
             if method not in ("GET", "POST"):
                 return 405, error_body(f"{method} is not allowed; use GET or POST")
+            if self.web is not None:
+                answer = self.web(method, target, headers, body)
+                if answer is not None:
+                    return answer
             status, answer = 200, self._answer(method, target, body)
         except ServingError as error:
-            status, answer = HTTP_STATUS.get(error.code, 500), {"error": error.message}
+            status = getattr(error, "http_status", None) or HTTP_STATUS.get(error.code, 500)
+            answer = {"error": error.message}
+        except DelfError as error:
+            status, answer = 400, {"error": str(error)}
         except Exception as error:  # keep serving
             logging.exception("internal error")
             status, answer = 500, {"error": f"{type(error).__name__}: {error}"}
@@ -211,6 +263,13 @@ class RestApi:
                     "INVALID_ARGUMENT",
                     f"Failed to convert version: {match['version'][:40]} to numeric.",
                 )
+        searches = self.search is not None and name == self.search.name
+        if action == ":predict" and searches:
+            if version is not None and version != self.search.snapshot.generation:
+                raise ServingError(
+                    "NOT_FOUND", f"Servable not found for request: Specific({name}, {version})"
+                )
+            return self.web.predict_json(body)
         if action == ":predict":
             return self._predict(name, version, _parse_json(body))
         if action in (":classify", ":regress"):
@@ -222,7 +281,11 @@ class RestApi:
             request.model_spec.name = name
             if version is not None:
                 request.model_spec.version.value = version
-            response = model_metadata(self.repository, request)
+            response = (
+                search_api.model_metadata(self.search, request)
+                if searches
+                else model_metadata(self.repository, request)
+            )
             signature_map = get_model_metadata_pb2.SignatureDefMap()
             response.metadata["signature_def"].Unpack(signature_map)
             return {
@@ -238,7 +301,7 @@ class RestApi:
         if version is not None:
             request.model_spec.version.value = version
         return json_format.MessageToDict(
-            model_status(self.repository, request), preserving_proto_field_name=True
+            model_status(self.repository, request, self.search), preserving_proto_field_name=True
         )
 
     def _predict(self, name, version, body):
@@ -327,6 +390,7 @@ class LocalServer:
         poll_seconds: float = 1.0,
         limits: ServerLimits | None = None,
         grpc_arguments: dict[str, int | str] | None = None,
+        search: SearchService | None = None,
         **overrides,
     ):
         limits = limits or ServerLimits()
@@ -344,6 +408,7 @@ class LocalServer:
         self.rest_port = rest_port
         self.poll_seconds = poll_seconds
         self.grpc_arguments = grpc_arguments or {}
+        self.search = search
         self._grpc = None
         self._rest: HttpFrontEnd | None = None
         self._stopping = threading.Event()
@@ -365,10 +430,10 @@ class LocalServer:
                 maximum_concurrent_rpcs=8 * limits.grpc_threads,
             )
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-                _PredictionService(self.repository, limits.request), self._grpc
+                _PredictionService(self.repository, limits.request, self.search), self._grpc
             )
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-                _ModelService(self.repository), self._grpc
+                _ModelService(self.repository, self.search), self._grpc
             )
             address = f"[{self.host}]" if ":" in self.host else self.host
             port = self._grpc.add_insecure_port(f"{address}:{self.grpc_port}")
@@ -380,7 +445,12 @@ class LocalServer:
             self._rest = HttpFrontEnd(
                 self.host,
                 self.rest_port,
-                RestApi(self.repository, limits.request),
+                RestApi(
+                    self.repository,
+                    limits.request,
+                    self.search,
+                    ready=lambda: not self._stopping.is_set(),
+                ),
                 max_body_bytes=limits.max_request_bytes,
                 threads=limits.rest_threads,
                 max_connections=limits.rest_max_connections,
@@ -388,8 +458,10 @@ class LocalServer:
                 request_timeout=limits.rest_timeout,
             ).start()
             self.rest_port = self._rest.port
-        if self.poll_seconds > 0:
+        if self.poll_seconds > 0 and self.repository.sources:
             self._spawn(self._poll, "model-poll")
+        if self.search is not None:
+            self.search.start()
         return self
 
     def _spawn(self, target, name: str) -> None:
@@ -409,6 +481,8 @@ class LocalServer:
         (default: limits.shutdown_grace), then closes everything."""
         grace = self.limits.shutdown_grace if grace is None else grace
         self._stopping.set()
+        if self.search is not None:
+            self.search.stop()
         stopped = self._grpc.stop(grace) if self._grpc is not None else None  # does not block
         if self._rest is not None:
             self._rest.stop(grace)
@@ -455,6 +529,12 @@ def serve_until_signalled(server: LocalServer) -> None:
     try:
         server.start()
         addresses = ", ".join(f"{api} on {where}" for api, where in server.addresses().items())
+        if server.search is not None:
+            snapshot = server.search.snapshot
+            addresses += (
+                f"; index {server.search.name!r} generation {snapshot.generation} "
+                f"({snapshot.index.num_images} images, ranking {snapshot.default})"
+            )
         print(f"delf serve: ready: {addresses}", flush=True)
         while not stop.wait(0.5):
             pass

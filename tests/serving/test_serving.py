@@ -326,3 +326,34 @@ def test_delf_serve_subprocess_stops_cleanly_on_sigterm(exported_model, tmp_path
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_search_service_extracts_queries_on_the_model_server(
+    local_server, serving_reference, tmp_path
+):
+    """`delf serve --index --server=...`: query features from TF Serving / `delf serve`."""
+    import skimage.data
+    from PIL import Image
+
+    from delf_tf.extraction.folder import extract_to_store
+    from delf_tf.retrieval import Index
+    from delf_tf.retrieval.queries import rotated
+    from delf_tf.serving.search_service import SearchService
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pictures = {}
+    for name in ("astronaut", "coffee", "chelsea"):
+        picture = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
+        picture.thumbnail((128, 128))
+        picture.save(folder / f"{name}.png")
+        pictures[name] = np.asarray(picture)
+    store, _ = extract_to_store(serving_reference, folder, tmp_path / "features", False)
+    Index.from_store(store, folder, progress=False).save(tmp_path / "index")
+    extractor = ServingExtractor(local_server.addresses()["grpc"])
+    service = SearchService(tmp_path / "index", extractor, poll_seconds=0)
+    query = encode_png(rotated(pictures["astronaut"], 15))
+    (answer,) = service.search_batch([query], top_k=2)
+    assert [result.key for result in answer.results][0] == "astronaut.png"
+    assert answer.stages["extract"] > 0
+    extractor.close()

@@ -38,6 +38,7 @@ import numpy as np
 
 from delf_tf.atomic import write_staged
 from delf_tf.errors import InputError
+from delf_tf.retrieval.global_ranking import IVF_MIN_IMAGES
 
 if TYPE_CHECKING:
     from delf_tf.config import RetrievalConfig
@@ -95,7 +96,7 @@ class BuildOptions:
     codebook_size: int | None = None
     recall: bool = True
     progress: bool = True
-    global_ivf_min_images: int = 200_000
+    global_ivf_min_images: int = IVF_MIN_IMAGES
     milvus_uri: str | None = None
     milvus_prefix: str | None = None
     stores: dict[str, str] | None = None
@@ -163,11 +164,6 @@ class SearchStructure(abc.ABC):
     def files(self) -> list[str]:
         """Names (relative to the index directory) of the files and folders it owns."""
         return []
-
-    def covered(self) -> int | None:
-        """How many images / descriptors it covers (None when the header does not say)."""
-        value = self.header.get(self.covers)
-        return int(value) if isinstance(value, int) else None
 
     # --- life cycle -------------------------------------------------------------------
 

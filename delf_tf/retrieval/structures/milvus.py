@@ -280,7 +280,7 @@ class _MilvusStructure(SearchStructure):
         uri = location(options.milvus_uri) if options.milvus_uri else self.header["uri"]
         if (
             uri == self.header["uri"]
-            and self.covered() == getattr(collection, self.covers)
+            and self.header.get(self.covers) == getattr(collection, self.covers)
             and self.header.get("fingerprint") == collection.fingerprint
         ):
             stores = {**self.header.get("stores", {}), **(options.stores or {})}
