@@ -26,6 +26,7 @@ setup(
         "tensorflow-serving-api",
         "grpcio",
         "faiss-cpu",
+        "threadpoolctl",
         "apache-beam",
         "prometheus-client",
     ],

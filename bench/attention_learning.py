@@ -2,7 +2,7 @@
 
     python bench/attention_learning.py [--descriptor_steps=150 --attention_steps=400]
 
-Synthetic task (delf_tf.training.synthetic): each class is a distinct striped
+Synthetic task (delf_tf.testing.synthetic_training): each class is a distinct striped
 pattern pasted at a random place on random clutter. Runs the paper's two
 stages from random weights (offline: no ImageNet), then measures on held-out
 images the share of attention mass on feature cells whose receptive-field
@@ -71,7 +71,7 @@ def main(argv):
     import numpy as np
 
     from delf_tf.config import ModelConfig, TrainingConfig
-    from delf_tf.training.synthetic import make_image, write_pattern_dataset
+    from delf_tf.testing.synthetic_training import make_image, write_pattern_dataset
     from delf_tf.training.trainer import Trainer
 
     work = Path(FLAGS.work_dir or tempfile.mkdtemp(prefix="attention_learning_"))

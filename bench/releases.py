@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     from delf_tf.images import list_images, load_image
     from delf_tf.releases.folder import find_release
     from delf_tf.releases.reference import ReferenceExtractor, ReferenceSettings
-    from delf_tf.releases.synthetic import build_in_subprocess
+    from delf_tf.testing.synthetic_releases import build_in_subprocess
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_releases_"))
     release_dir = FLAGS.release

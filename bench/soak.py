@@ -1,5 +1,5 @@
 """Soak `delf serve` on loopback: 8 gRPC + 8 REST clients mixing good, corrupt and oversized
-requests with 100 stalled connections; prints JSON (see delf_tf/serving/soak.py).
+requests with 100 stalled connections; prints JSON (see delf_tf/testing/soak.py).
 
     python bench/soak.py --seconds=120            # the full run (plus a 30 s baseline)
 
@@ -31,7 +31,7 @@ flags.DEFINE_string("export", None, "model dir (<dir>/<version>/) to serve (defa
 
 def main(argv: list[str]) -> int:
     del argv
-    from delf_tf.serving.soak import run_soak
+    from delf_tf.testing.soak import run_soak
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = FLAGS.export

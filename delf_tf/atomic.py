@@ -284,8 +284,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         _written[os.path.abspath(folder)] = os.stat(folder).st_mtime_ns
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """A path of a TensorFlow file system other than the local disk (gs://, s3://, ram://)."""
+    return "://" in os.fspath(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` at a local path (`atomic_write`) or a remote one (`is_remote`).
+
+    A remote file is one tf.io.gfile object upload, which becomes visible only when
+    complete (GCS): whole or not at all as well. TensorFlow is imported only then.
+    """
+    if not is_remote(path):
+        atomic_write(path, lambda handle: handle.write(data))
+        return
+    import tensorflow as tf
+
+    path = os.fspath(path)
+    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+    with tf.io.gfile.GFile(path, "wb") as handle:
+        handle.write(data)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    """`atomic_write_bytes` of UTF-8 text (local or remote)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --- directories ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ TensorFlow's native start-up chatter is hidden unless DELF_TF_LOGS=1.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from absl import flags, logging
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> int:
     try:
         leftover = flag_values([f"delf {name}", *argv[2:]])[1:]
     except flags.Error as error:
-        print(f"delf {name}: {error}\n(see delf {name} --help)", file=sys.stderr)
+        print(f"delf {name}: {one_line(error)} (see delf {name} --help)", file=sys.stderr)
         return EXIT_USAGE
     if leftover:
         print(
@@ -246,7 +247,12 @@ def check_input_paths(flag_values: flags.FlagValues) -> None:
 def one_line(error: BaseException) -> str:
     """The error's message on one line (OSErrors name their file)."""
     if isinstance(error, OSError) and not isinstance(error, DelfError) and error.filename:
-        text = f"{error.filename}: {error.strerror or error}"
+        reason = error.strerror or error
+        if isinstance(error, (FileExistsError, NotADirectoryError)) and os.path.isfile(
+            error.filename
+        ):  # making a folder where a file is ("File exists" says too little)
+            reason = "a file, where a folder is needed"
+        text = f"{error.filename}: {reason}"
     else:
         text = str(error) or type(error).__name__
     return " ".join(text.split())

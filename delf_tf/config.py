@@ -178,6 +178,8 @@ class ExtractionConfig(JsonConfig):
             raise ConfigError(f"max_image_size must be positive or -1, got {self.max_image_size}")
         if self.max_features < 1:
             raise ConfigError(f"max_features must be >= 1, got {self.max_features}")
+        if self.score_threshold != self.score_threshold:  # NaN keeps nothing
+            raise ConfigError("score_threshold must be a number, got nan")
         if not 0.0 < self.iou_threshold <= 1.0:
             raise ConfigError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if self.pca_dim < 1:
@@ -185,6 +187,10 @@ class ExtractionConfig(JsonConfig):
 
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# ExtractionConfig fields chosen per host, not per collection: a query or a resumed
+# extraction may differ from the store's or index's record in these (same descriptor
+# space within the measured fidelity; the fingerprint leaves them out).
+PER_HOST_FIELDS: tuple[str, ...] = ("precision",)
 TRAINING_STAGES: tuple[str, ...] = ("descriptor", "attention", "joint")
 LR_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 STRATEGIES: tuple[str, ...] = ("default", "mirrored", "multi_worker", "tpu")
@@ -283,6 +289,10 @@ class TrainingConfig(JsonConfig):
             )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.attention_loss_weight < 0:
+            raise ConfigError(
+                f"attention_loss_weight must be >= 0, got {self.attention_loss_weight}"
+            )
         _check_range("attention_scale_range", self.attention_scale_range, upper=1.0)
         _check_range("crop_area_range", self.crop_area_range, upper=1.0)
         _check_range("crop_aspect_range", self.crop_aspect_range, upper=None)

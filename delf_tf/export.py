@@ -49,7 +49,6 @@ from delf_tf.contract import (
     SERVING_SIGNATURE,
     SIGNATURES,
     WARMUP_FILE,
-    existing_versions,
     next_version,
 )
 from delf_tf.errors import InputError
@@ -63,21 +62,9 @@ from delf_tf.extraction.image_bytes import (
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
 from delf_tf.model.delf import DelfModel
-from delf_tf.serving.saved_model_proto import (  # noqa: F401 (re-exported)
-    graph_ops,
-    read_saved_model_proto,
-    uses_xla,
-)
+from delf_tf.serving.saved_model_proto import graph_ops, uses_xla
 
-__all__ = [
-    "IMAGE_SIGNATURE",
-    "SERVING_SIGNATURE",
-    "ServingModule",
-    "existing_versions",
-    "export_model",
-    "export_saved_model",
-    "next_version",
-]
+__all__ = ["ServingModule", "export_model", "export_saved_model"]
 
 
 class ServingModule(tf.Module):

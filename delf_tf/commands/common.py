@@ -17,7 +17,7 @@ from absl import flags
 
 from delf_tf.config import PRECISIONS, ExtractionConfig, ModelConfig
 from delf_tf.errors import InputError
-from delf_tf.presets import EXTRACTION_PRESETS
+from delf_tf.presets import EXTRACTION_PRESETS, describe_preset, precision_for_host
 
 if TYPE_CHECKING:
     from delf_tf.extraction.extractor import Extractor
@@ -70,9 +70,9 @@ def define_extractor_flags(flag_values: flags.FlagValues, remote: bool = True) -
         "preset",
         None,
         sorted(EXTRACTION_PRESETS),
-        "named extraction settings: paper (the reference values), fast (4 scales, 500 "
-        "features, long side 512) or a released model's reference config; default paper, "
-        "or the release's own for a release folder",
+        f"named extraction settings: paper (the reference values), fast ({describe_preset('fast')}) "
+        "or a released model's reference config; default paper, or the release's own for a "
+        "release folder",
         **define,
     )
     flags.DEFINE_string(
@@ -195,6 +195,8 @@ def extractor_from_flags(
             overrides = {**_runtime_fields(recorded), **overrides}
         else:
             config = ExtractionConfig.from_dict(recorded, source="the index's extraction_config")
+            # Precision is the host's (PER_HOST_FIELDS), not the collection's.
+            config = config.replace(precision=precision_for_host(config.precision))
     arguments = {
         "model": flag_values.model,
         "weights": flag_values.weights,
@@ -216,6 +218,28 @@ def extractor_from_flags(
         "model_config": model_config.to_dict() if model_config else None,
     }
     return cached_extractor(described, lambda: build_extractor(**arguments))
+
+
+def check_output_path(flag: str, path: str | None, folder: bool = False) -> None:
+    """InputError, before any work, when output `path` (a file, or with `folder` a
+    folder) cannot be made: the nearest existing folder above it is a file."""
+    if not path:
+        return
+    from pathlib import Path
+
+    if folder and Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"--{flag}={path}: a file, not a folder")
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"--{flag}={path}: {parent} is a file, not a folder")
+            return
+
+
+def extraction_precision(extractor: Extractor) -> str | None:
+    """The arithmetic an in-process extractor runs in, for JSON summaries (the `fast`
+    preset picks it by host); None for TF Serving, whose export decides."""
+    return getattr(getattr(extractor, "config", None), "precision", None)
 
 
 def extractor_for_index(flag_values: flags.FlagValues, index, *, cached: bool) -> Extractor:

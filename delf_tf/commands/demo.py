@@ -112,6 +112,11 @@ def run(flag_values: flags.FlagValues) -> int:
 
     output = Path(flag_values.output_dir)
     seed = flag_values.seed
+    # The fast preset (4 scales, 500 features) keeps the demo quick on a laptop.
+    config = extraction_preset("fast").replace(
+        score_threshold=0.0, max_image_size=flag_values.max_image_size
+    )
+    output.mkdir(parents=True, exist_ok=True)  # a bad --output_dir fails before any work
     say(
         f"delf demo: the weights are UNTRAINED (random, seed {seed}), not a trained DELF "
         "model; score_threshold=0 keeps the top-K of an untrained attention head. "
@@ -120,10 +125,6 @@ def run(flag_values: flags.FlagValues) -> int:
     )
     images = output / "images"
     write_skimage_images(images, flag_values.max_image_size)
-    # The fast preset (4 scales, 500 features) keeps the demo quick on a laptop.
-    config = extraction_preset("fast").replace(
-        score_threshold=0.0, max_image_size=flag_values.max_image_size
-    )
 
     say("1/4 raw 1024-D features -> PCA")
     pca_path = output / "pca.npz"

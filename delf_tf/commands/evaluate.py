@@ -6,7 +6,12 @@ import json
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_for_index, is_untrained
+from delf_tf.commands.common import (
+    check_output_path,
+    define_extractor_flags,
+    extractor_for_index,
+    is_untrained,
+)
 from delf_tf.commands.retrieval_flags import (
     define_ranking_flags,
     define_retrieval_flags,
@@ -67,6 +72,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    from delf_tf.errors import InputError
     from delf_tf.evaluation.datasets import load_dataset
     from delf_tf.evaluation.engine import engine_rank_fn
     from delf_tf.evaluation.evaluate import evaluate, write_report
@@ -80,6 +86,10 @@ def run(flag_values: flags.FlagValues) -> int:
         flag_values.images,
         flag_values.groundtruth,
     )
+    unknown = sorted(set(flag_values.setups or ()) - set(dataset.setups))
+    if unknown:  # before any model is built
+        raise InputError(f"--setups: {dataset.name} has no {unknown}; it has {dataset.setups}")
+    check_output_path("output_dir", flag_values.output_dir, folder=True)
     searcher = load_searcher(flag_values.index, config)
     index = searcher.index
     extractor = extractor_for_index(flag_values, index, cached=False)

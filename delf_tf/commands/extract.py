@@ -14,7 +14,12 @@ import sys
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags, warn_if_untrained
+from delf_tf.commands.common import (
+    define_extractor_flags,
+    extraction_precision,
+    extractor_from_flags,
+    warn_if_untrained,
+)
 from delf_tf.commands.extract_beam import define_beam_flags, run_beam
 
 
@@ -69,5 +74,6 @@ def run(flag_values: flags.FlagValues) -> int:
             f"{summary.zero_features[0].reason} (listed in {summary.failures_file})",
             file=sys.stderr,
         )
-    print(json.dumps({"output_dir": str(store.root), **summary.to_dict()}))
+    precision = extraction_precision(extractor)
+    print(json.dumps({"output_dir": str(store.root), **summary.to_dict(), "precision": precision}))
     return EXIT_PARTIAL if summary.failed or summary.all_zero else EXIT_OK

@@ -76,6 +76,7 @@ def define_beam_flags(flag_values: flags.FlagValues) -> None:
 
 def run_beam(flag_values: flags.FlagValues) -> int:
     """Runs `delf extract` as a Beam pipeline; prints the JSON summary; returns the exit code."""
+    from delf_tf.atomic import is_remote
     from delf_tf.commands.common import extractor_from_flags, note, warn_if_untrained
     from delf_tf.export import export_saved_model
     from delf_tf.extraction import beam_pipeline
@@ -93,11 +94,14 @@ def run_beam(flag_values: flags.FlagValues) -> int:
     except ValueError as error:
         raise InputError(f"--beam_options: {error}") from error
     runner = flag_values.runner
+    beam_pipeline.check_runner(runner)  # before any export is made
+    if flag_values.batch_size is not None and flag_values.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {flag_values.batch_size}")
     batch_size = flag_values.batch_size or 8
     local_runner = beam_pipeline.is_local_runner(runner)
 
     export_dir = beam_pipeline.resolve_export(flag_values.model) if flag_values.model else None
-    if export_dir is None and flag_values.model and beam_pipeline.is_remote(flag_values.model):
+    if export_dir is None and flag_values.model and is_remote(flag_values.model):
         raise InputError(f"{flag_values.model}: not an export of `delf export`")
     if export_dir is not None:
         given = [f"--{name}" for name in _EXPORT_FIXED_FLAGS if flag_values[name].present]

@@ -85,6 +85,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.atomic import recover_staged_directory
     from delf_tf.errors import InputError
+    from delf_tf.features import fingerprint as fingerprints
     from delf_tf.features.store import FeatureStore
     from delf_tf.retrieval.index import HEADER, Index
 
@@ -93,6 +94,8 @@ def run(flag_values: flags.FlagValues) -> int:
     unknown = sorted(set(index_types or ()) - set(INDEX_TYPES))
     if unknown:
         raise InputError(f"--index_type {unknown}: known {list(INDEX_TYPES)}")
+    if flag_values.images is not None and not Path(flag_values.images).is_dir():
+        raise InputError(f"--images={flag_values.images}: no such directory")
     store = FeatureStore.open(flag_values.features)
     if next(store.stored_keys(), None) is None:
         raise InputError(f"{store.root}: an empty feature store (run `delf extract` into it)")
@@ -134,7 +137,7 @@ def run(flag_values: flags.FlagValues) -> int:
         "descriptors": index.num_descriptors,
         "descriptor_dim": index.dim,
         "global_descriptors": index.global_descriptors is not None,
-        "fingerprint": (index.fingerprint or "")[:12] or None,
+        "fingerprint": fingerprints.short(index.fingerprint) if index.fingerprint else None,
         "structures": {name: value for name, value in report.items() if name != "notes"},
     }
     print(json.dumps(summary))

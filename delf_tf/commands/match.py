@@ -6,7 +6,12 @@ import json
 
 from absl import flags
 
-from delf_tf.commands.common import define_extractor_flags, extractor_from_flags
+from delf_tf.commands.common import (
+    check_output_path,
+    define_extractor_flags,
+    extraction_precision,
+    extractor_from_flags,
+)
 from delf_tf.commands.retrieval_flags import define_retrieval_flags, retrieval_config_from_flags
 
 
@@ -27,6 +32,7 @@ def run(flag_values: flags.FlagValues) -> int:
     from delf_tf.matching.pairwise import match_pair
     from delf_tf.matching.visualize import draw_matches, save_picture
 
+    check_output_path("output_file", flag_values.output_file)
     config = retrieval_config_from_flags(flag_values)
     images = [load_image(flag_values.image1), load_image(flag_values.image2)]
     extractor = extractor_from_flags(flag_values, cached=True)
@@ -36,6 +42,7 @@ def run(flag_values: flags.FlagValues) -> int:
         "image1": flag_values.image1,
         "image2": flag_values.image2,
         "features": [len(first), len(second)],
+        "precision": extraction_precision(extractor),
         "matches": len(matches),
         "inliers": verification.num_inliers,
         "transform": None

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 from absl import flags
 
 from delf_tf.commands.common import (
+    check_output_path,
     define_extractor_flags,
+    extraction_precision,
     extractor_for_index,
     is_untrained,
     warn_if_untrained,
@@ -79,6 +81,8 @@ def run(flag_values: flags.FlagValues) -> int:
     single, many = query_inputs(flag_values)
     if many and not flag_values.output_file:
         raise InputError(f"--images={many}: many queries need --output_file (a .jsonl file)")
+    for name in ("output_file", "visualize", "html"):  # before any model is built
+        check_output_path(name, flag_values[name].value)
     config = retrieval_config_from_flags(
         flag_values,
         top_k=flag_values.top_k,
@@ -101,6 +105,7 @@ def run(flag_values: flags.FlagValues) -> int:
         "query": single,
         "query_features": len(outcome.features),
         "ranking": searcher.method,
+        "precision": extraction_precision(extractor),
         "results": [result.to_dict() for result in results],
     }
     if flag_values.visualize and results:
@@ -155,6 +160,7 @@ def _run_batch(runner: QueryRunner, queries: list[str], output: str) -> int:
         "skipped": summary.skipped,
         "failed": summary.failed + summary.failed_before,
         "ranking": runner.searcher.method,
+        "precision": extraction_precision(runner.extractor),
         "seconds_per_query_median": summary.seconds_per_query,
     }
     print(json.dumps(report))

@@ -37,9 +37,10 @@ _SEARCH_DEFAULTS = SearchLimits()
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     define = {"flag_values": flag_values}
-    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed)", **define)
+    ports = {"lower_bound": 0, "upper_bound": 65535, **define}
+    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed)", **ports)
     flags.DEFINE_integer(
-        "rest_api_port", 8501, "REST port (0 disables the REST API, as in TF Serving)", **define
+        "rest_api_port", 8501, "REST port (0 disables the REST API, as in TF Serving)", **ports
     )
     flags.DEFINE_string("model_name", "delf", "name of the served model", **define)
     flags.DEFINE_string(
@@ -62,6 +63,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "max_request_bytes",
         _DEFAULTS.max_request_bytes,
         "larger requests (gRPC message, REST body) are refused",
+        lower_bound=1,
         **define,
     )
     flags.DEFINE_integer(
@@ -251,13 +253,13 @@ def _search_service(flag_values: flags.FlagValues, limits: ServerLimits, model_n
     from delf_tf.retrieval.index import Index
     from delf_tf.serving.search_service import SearchService
 
+    config = retrieval_config_from_flags(  # bad values refused before any model is built
+        flag_values, top_k=flag_values.top_k, shortlist=flag_values.shortlist
+    )
     index = Index.load(flag_values.index)
     extractor = extractor_for_index(flag_values, index, cached=True)
     warn_if_untrained(extractor)
     extractor.extract(np.zeros((64, 64, 3), np.uint8))  # warm up: the first query is not slower
-    config = retrieval_config_from_flags(
-        flag_values, top_k=flag_values.top_k, shortlist=flag_values.shortlist
-    )
     search_limits = SearchLimits(
         max_concurrent=flag_values.search_max_concurrent,
         max_queued=flag_values.search_max_queued,

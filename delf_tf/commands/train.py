@@ -130,9 +130,13 @@ def configs_from_flags(flag_values: flags.FlagValues) -> tuple[TrainingConfig, M
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    from delf_tf.atomic import is_remote
+    from delf_tf.commands.common import check_output_path
     from delf_tf.training.trainer import train
 
     config, model_config = configs_from_flags(flag_values)
+    if not is_remote(config.model_dir or ""):  # a local --model_dir, checked before any work
+        check_output_path("model_dir", config.model_dir, folder=True)
     result = train(config, model_config)
     summary = result.to_dict()
     summary["history"] = summary["history"][-1:]

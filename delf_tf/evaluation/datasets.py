@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from delf_tf.errors import InputError
+from delf_tf.errors import ConfigError, InputError
 from delf_tf.evaluation.safe_pickle import safe_load
 from delf_tf.images import exif_orientation, list_images, load_image
 
@@ -166,7 +166,7 @@ def crop_to_bbox(image: np.ndarray, bbox: Iterable[float]) -> np.ndarray:
     """
     box = [float(v) for v in bbox]
     if len(box) != 4 or not all(math.isfinite(v) for v in box):
-        raise ValueError(f"bounding box must be four finite numbers (x1, y1, x2, y2), got {box}")
+        raise InputError(f"bounding box must be four finite numbers (x1, y1, x2, y2), got {box}")
     if image.ndim < 2:
         raise ValueError(f"expected an image [H, W, C], got shape {image.shape}")
     height, width = image.shape[:2]
@@ -174,7 +174,7 @@ def crop_to_bbox(image: np.ndarray, bbox: Iterable[float]) -> np.ndarray:
     x1, x2 = max(0, x1), min(width, x2)
     y1, y2 = max(0, y1), min(height, y2)
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(
+        raise InputError(
             f"bounding box {tuple(box)} is empty inside the {width}x{height} image "
             f"(clipped to x {x1}..{x2}, y {y1}..{y2})"
         )
@@ -484,7 +484,7 @@ def load_dataset(
         (revisited and classic), the `gt_files*` folder (classic), `groundtruth.json`.
     """
     if kind not in DATASET_KINDS:
-        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {DATASET_KINDS}")
+        raise ConfigError(f"unknown dataset kind {kind!r}; expected one of {DATASET_KINDS}")
     dataset_dir = Path(dataset_dir)
     if kind == "json":
         json_path = Path(groundtruth) if groundtruth else dataset_dir

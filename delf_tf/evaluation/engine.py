@@ -8,16 +8,12 @@ shortlist, with the index, its structures and the extractor loaded once
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from delf_tf.evaluation.datasets import image_id_from_key
 from delf_tf.retrieval.batch import QueryRunner
 from delf_tf.retrieval.search import Searcher
-
-if TYPE_CHECKING:
-    pass
 
 RankFn = Callable[[np.ndarray, str], list[tuple[str, float]]]
 

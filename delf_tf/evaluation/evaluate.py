@@ -29,6 +29,7 @@ from absl import logging
 from tqdm import tqdm
 
 from delf_tf.atomic import atomic_write_text
+from delf_tf.errors import InputError
 from delf_tf.evaluation.datasets import Query, RetrievalDataset
 from delf_tf.evaluation.metrics import (
     DEFAULT_KS,
@@ -189,7 +190,7 @@ def evaluate(
     setups = tuple(setups) if setups is not None else dataset.setups
     unknown_setups = sorted(set(setups) - set(dataset.setups))
     if unknown_setups:
-        raise ValueError(f"{dataset.name}: no setup {unknown_setups}; it has {dataset.setups}")
+        raise InputError(f"{dataset.name}: no setup {unknown_setups}; it has {dataset.setups}")
     ks = tuple(ks)
     database = frozenset(dataset.database)
     results = []
@@ -211,7 +212,7 @@ def evaluate(
             elif allow_unknown_ids:
                 keep.append(position)
             else:
-                raise ValueError(
+                raise InputError(
                     f"query {query.name}: rank_fn returned {image_id!r}, not an image of "
                     f"{dataset.name}; ids must be file names without suffix "
                     "(pass allow_unknown_ids=True for extra distractors)"
@@ -263,7 +264,7 @@ def write_per_query(result: EvaluationResult, path: str | os.PathLike) -> Path:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
         atomic_write_text(path, buffer.getvalue())
     else:
-        raise ValueError(f"{path}: per-query output must end in .csv or .json")
+        raise InputError(f"{path}: per-query output must end in .csv or .json")
     return path
 
 

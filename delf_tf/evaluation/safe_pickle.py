@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from delf_tf.errors import InputError
+
 # dtype kinds admitted: bool, signed, unsigned, float, complex, bytes, unicode.
 _SAFE_KINDS = frozenset("biufcSU")
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -37,8 +39,8 @@ _BUILTINS = ("builtins", "__builtin__")
 _MAX_ELEMENTS = 1 << 31
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names something other than plain data."""
+class UnsafePickleError(InputError, pickle.UnpicklingError):
+    """The pickle names something other than plain data (a user's file: one line, exit 1)."""
 
 
 class _NdarrayType:

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from delf_tf.errors import InputError
 from delf_tf.evaluation.datasets import REVISITED_SETUPS, RetrievalDataset, load_dataset
 
 _CITATION = """@inproceedings{radenovic2018revisiting,
@@ -74,7 +75,7 @@ class _RevisitedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         dataset = load_dataset(self.name, dl_manager.manual_dir)
         if dataset.setups != REVISITED_SETUPS:
-            raise ValueError(f"{dl_manager.manual_dir}: gnd_{self.name} has no easy/hard lists")
+            raise InputError(f"{dl_manager.manual_dir}: gnd_{self.name} has no easy/hard lists")
         return {
             "database": self._generate_examples(dataset, queries=False),
             "query": self._generate_examples(dataset, queries=True),

@@ -36,7 +36,6 @@ import it (see `delf_tf.commands.extract_beam`).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import posixpath
@@ -54,26 +53,20 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
-from delf_tf.atomic import atomic_write
+from delf_tf.atomic import atomic_write_text, is_remote
 from delf_tf.contract import (
     BATCH_INPUT,
     EXPORT_INFO_ASSET,
-    FEATURE_OUTPUTS,
-    GLOBAL_OUTPUT,
     SAVED_MODEL_FILE,
     SERVING_SIGNATURE,
     is_version_name,
 )
 from delf_tf.errors import DelfError, InputError
+from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.local_features import LocalFeatures
-from delf_tf.features.store import (
-    FORMAT_VERSION,
-    MANIFEST,
-    SUFFIX,
-    FeatureStore,
-    check_same_extractor,
-)
+from delf_tf.features.store import StoreMismatchError, StoreWriter, prepare_store
 from delf_tf.images import IMAGE_SUFFIXES
+from delf_tf.serving.client import decode_batch_outputs
 
 RUNS_DIR = ".beam_runs"  # per-run reports inside the store (hidden: not a feature file)
 INVALID_REASON = "the served graph could not decode it (unsupported format, corrupt, or too large)"
@@ -87,11 +80,6 @@ EXTRACTED, SKIPPED, FAILED = "extracted", "skipped_existing", "failed"
 
 class BeamRunError(DelfError):
     """The pipeline did not finish (cancelled, failed on the runner, or no report)."""
-
-
-def is_remote(path: str) -> bool:
-    """A path of a TF file system other than the local disk (gs://, s3://, ram://, ...)."""
-    return "://" in str(path)
 
 
 def is_local_runner(runner: str) -> bool:
@@ -112,6 +100,16 @@ def beam_runner_name(runner: str) -> str:
     """
     name = runner.rsplit(".", 1)[-1].lower()
     return "FnApiRunner" if name in ("direct", "directrunner", "switchingdirectrunner") else runner
+
+
+def check_runner(runner: str) -> None:
+    """InputError for a runner name Beam does not know (checked before any work)."""
+    from apache_beam.runners.runner import create_runner
+
+    try:
+        create_runner(beam_runner_name(runner))
+    except ValueError as error:
+        raise InputError(f"--runner={runner}: {' '.join(str(error).split())}") from error
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -165,88 +163,6 @@ def check_inputs_exist(images: str) -> None:
     """InputError for a file or folder that does not exist (patterns may match nothing)."""
     if not any(char in images for char in _GLOB_CHARS) and not tf.io.gfile.exists(images):
         raise InputError(f"{images}: no such file or directory")
-
-
-# --- the feature store, local or remote ----------------------------------------------------
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    """Atomic: local, temporary file + rename; remote (gs://), one object upload, which
-    becomes visible only when complete."""
-    if is_remote(path):
-        tf.io.gfile.makedirs(posixpath.dirname(path))
-        with tf.io.gfile.GFile(path, "wb") as handle:
-            handle.write(data)
-    else:
-        atomic_write(path, lambda handle: handle.write(data))
-
-
-class StoreWriter:
-    """Membership and writes of a feature store at a local or remote root.
-
-    Local stores go through FeatureStore (its `formats`, default the manifest's; its
-    atomic writes); remote stores (gs://...) hold `.npz` files only, written with
-    tf.io.gfile.
-    """
-
-    def __init__(self, root: str, formats: Sequence[str] | None = None):
-        self.root = str(root).rstrip("/")
-        formats = tuple(formats) if formats else None
-        self._local = None if is_remote(self.root) else FeatureStore.open(self.root, formats)
-
-    def _npz(self, key: str) -> str:
-        return f"{self.root}/{key}{SUFFIX}"
-
-    def __contains__(self, key: str) -> bool:
-        if self._local is not None:
-            return key in self._local
-        return tf.io.gfile.exists(self._npz(key))
-
-    def save(self, key: str, features: LocalFeatures) -> None:
-        if self._local is not None:
-            self._local.save(key, features)
-            return
-        buffer = io.BytesIO()
-        features.save(buffer)
-        _write_bytes(self._npz(key), buffer.getvalue())
-
-
-def open_or_create_store(
-    root: str,
-    fingerprint: str,
-    description: dict[str, Any],
-    formats: Sequence[str] | None = None,
-) -> tuple[str, ...]:
-    """Creates the store's manifest, or checks that an existing store has this fingerprint.
-
-    formats: feature files to write (FeatureStore's FORMATS; None: the store's own,
-      else npz). Returns the formats the run writes.
-    Raises StoreMismatchError for a store of another extractor or of other extraction
-    settings (`delf_tf.features.store.check_same_extractor`), InputError for a
-    remote store that asks for formats other than npz.
-    """
-    formats = tuple(formats) if formats else None
-    if not is_remote(root):
-        return FeatureStore.open_or_create(root, fingerprint, description, formats).formats
-    if formats and formats != ("npz",):
-        raise InputError(f"{root}: a remote store holds npz files only, not {list(formats)}")
-    path = f"{root.rstrip('/')}/{MANIFEST}"
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            try:
-                manifest = json.loads(handle.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise InputError(f"{path}: unreadable manifest ({error})") from error
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{path}: format_version {manifest.get('format_version')!r}")
-        if tuple(manifest.get("formats") or ("npz",)) != ("npz",):
-            raise InputError(f"{path}: a remote store holds npz files only")
-        check_same_extractor(root, manifest, fingerprint, description)
-        return ("npz",)
-    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint}
-    manifest["extractor"] = description
-    _write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    return ("npz",)
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -313,25 +229,12 @@ class ExtractionResult(NamedTuple):
 
 
 def rows_to_results(outputs: dict[str, np.ndarray], seconds: float) -> list[ExtractionResult]:
-    """serving_default's padded batch outputs -> one ExtractionResult per row.
-
-    outputs: keypoints float32 [B, K, 2], scales / scores float32 [B, K],
-      descriptors float32 [B, K, D], num_features int32 [B], valid bool [B],
-      fingerprint string [B], optional global_descriptor float32 [B, G].
-    """
-    results = []
-    for row in range(len(outputs["valid"])):
-        fingerprint = outputs["fingerprint"][row]
-        fingerprint = fingerprint.decode() if isinstance(fingerprint, bytes) else str(fingerprint)
-        if not outputs["valid"][row]:
-            results.append(ExtractionResult(False, None, fingerprint, seconds))
-            continue
-        n = int(outputs["num_features"][row])
-        arrays = {name: outputs[name][row, :n] for name in FEATURE_OUTPUTS}
-        if GLOBAL_OUTPUT in outputs:
-            arrays[GLOBAL_OUTPUT] = outputs[GLOBAL_OUTPUT][row]
-        results.append(ExtractionResult(True, LocalFeatures(**arrays), fingerprint, seconds))
-    return results
+    """serving_default's padded batch outputs -> one ExtractionResult per row (decoded by
+    the client's `decode_batch_outputs`, the one decoder of these outputs)."""
+    return [
+        ExtractionResult(features is not None, features, fingerprint, seconds)
+        for fingerprint, features in decode_batch_outputs(outputs)
+    ]
 
 
 class ServingSignatureHandler(ModelHandler[bytes, ExtractionResult, Any]):
@@ -422,12 +325,15 @@ class _WriteFeatures(beam.DoFn):
 
     def process(self, item: tuple[tuple[str, str], ExtractionResult]):
         (key, path), result = item
-        if result.fingerprint != self._fingerprint:
-            # The export changed under the pipeline: never mix descriptor spaces in a store.
-            raise RuntimeError(
-                f"the served graph's fingerprint {result.fingerprint[:12]} is not the "
-                f"store's {self._fingerprint[:12]}"
-            )
+        # The export changed under the pipeline: never mix descriptor spaces in a store.
+        fingerprints.require_same(
+            result.fingerprint,
+            self._fingerprint,
+            lambda found, expected: (
+                f"the served graph's fingerprint {found} is not the store's {expected}"
+            ),
+            StoreMismatchError,
+        )
         if not result.valid:
             yield FAILED, path, INVALID_REASON
             return
@@ -489,7 +395,7 @@ class _SummaryFn(beam.CombineFn):
 
 
 def _write_report(report: dict[str, Any], path: str) -> None:
-    _write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def build_pipeline(
@@ -557,7 +463,7 @@ def run_extraction(
         "descriptor_dim": info["descriptor_dim"],
         "global_dim": info.get("global_dim"),
     }
-    formats = open_or_create_store(output_dir, fingerprint, description, formats)
+    formats = prepare_store(output_dir, fingerprint, description, formats)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     report_path = f"{output_dir}/{RUNS_DIR}/{run_id}.json"
     try:

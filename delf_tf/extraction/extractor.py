@@ -25,7 +25,7 @@ from delf_tf.extraction.pca import PcaParams
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.model.delf import DelfModel, build_delf_model
 from delf_tf.model.loading import load_delf_model
-from delf_tf.presets import extraction_preset
+from delf_tf.presets import extraction_preset, preset_precision
 
 
 @runtime_checkable
@@ -191,6 +191,8 @@ def build_extractor(
             return InProcessExtractor.from_saved_model(path, overrides=overrides)
     if settings is not None:
         raise ConfigError("--delf_config applies to released reference models")
+    if config is None and preset_precision(preset) is not None:
+        overrides = {"precision": preset_precision(preset), **overrides}  # the host's choice
     config = (config or extraction_preset(preset or "paper")).replace(**overrides)
     pca_params = _load_pca(pca) if pca else None
     if model is not None:

@@ -10,7 +10,7 @@ The graph has three stages; only the middle one depends on the model:
    min_image_size), with the resize factors kept;
 2. the network (a `FeatureNetwork`): the image pyramid, attention, threshold and
    top-K. Back ends: the project's Keras DelfModel (`keras_network.KerasNetwork`)
-   or a released reference model's own TF1 graph (`delf_tf.releases.ReleaseNetwork`);
+   or a released reference model's own TF1 graph (`delf_tf.releases.network.ReleaseNetwork`);
 3. the reference post-processing (OFFICIAL_DELF.md, "Post-processing"): locations
    divided by the resize factors (original-image pixels), descriptors L2-normalised,
    then PCA `(d - mean) @ P[:pca_dim].T` (whitening: / sqrt(variances)) and L2

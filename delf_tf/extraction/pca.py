@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from delf_tf.atomic import atomic_write
-from delf_tf.errors import ConfigError
+from delf_tf.errors import ConfigError, InputError
 from delf_tf.formats.datum import read_datum, write_datum
 
 # File names of the reference release (pca_vars.datum: name used by the example data,
@@ -82,13 +82,15 @@ class PcaParams:
                 arrays["variances"] = data["variances"] if "variances" in data.files else None
                 arrays["whiten"] = bool(data["whiten"]) if "whiten" in data.files else False
         except KeyError as error:
-            raise ValueError(f"{path}: not a PCA file (missing array {error})") from error
+            raise InputError(f"{path}: not a PCA file (missing array {error})") from error
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise ValueError(f"{path}: not a readable PCA file ({error})") from error
+            # np.load takes any other file for a pickle, which it refuses: say what it is not.
+            reason = "not an .npz archive" if "pickle" in str(error) else error
+            raise InputError(f"{path}: not a readable PCA file ({reason})") from error
         try:
             return cls(**arrays)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise ConfigError(f"{path}: {error}") from error
 
     @classmethod
     def from_datum_folder(
@@ -151,9 +153,9 @@ def fit_pca(descriptors: np.ndarray, dim: int, whiten: bool = False) -> PcaParam
     """
     x = np.asarray(descriptors, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"need at least 2 descriptors [N, D] to fit PCA, got shape {x.shape}")
+        raise InputError(f"need at least 2 descriptors [N, D] to fit PCA, got shape {x.shape}")
     if not 1 <= dim <= x.shape[1]:
-        raise ValueError(f"PCA dim must be in [1, {x.shape[1]}], got {dim}")
+        raise ConfigError(f"PCA dim must be in [1, {x.shape[1]}] (the descriptor size), got {dim}")
     mean = x.mean(axis=0)
     centered = x - mean
     covariance = centered.T @ centered / (x.shape[0] - 1)

@@ -12,13 +12,13 @@ The only module of `features/` that imports TensorFlow (on first use).
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from delf_tf.errors import FingerprintMismatchError, InputError
+from delf_tf.errors import InputError
+from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.local_features import LocalFeatures
-from delf_tf.features.store import MANIFEST, SUFFIX, stem
+from delf_tf.features.store import MANIFEST, SUFFIX, _parse_manifest, _stem
 
 # Files read at once per query (threads; the reads are I/O bound).
 FETCH_CONCURRENCY = 16
@@ -55,12 +55,14 @@ class StoreReader:
     def _check(self, root: str) -> None:
         if root in self._checked:
             return
-        manifest = json.loads(_read(f"{root}/{MANIFEST}"))
-        if manifest.get("fingerprint") != self.fingerprint:
-            raise FingerprintMismatchError(
-                f"{root}: features of extractor {str(manifest.get('fingerprint'))[:12]}, the "
-                f"index holds {str(self.fingerprint)[:12]}"
-            )
+        manifest = _parse_manifest(f"{root}/{MANIFEST}", _read(f"{root}/{MANIFEST}"))
+        fingerprints.require_same(
+            manifest.get("fingerprint"),
+            self.fingerprint,
+            lambda found, expected: (
+                f"{root}: features of extractor {found}, the index holds {expected}"
+            ),
+        )
         if "npz" not in manifest.get("formats", ["npz"]):
             raise InputError(f"{root}: a store without .npz files cannot be read by workers")
         self._checked.add(root)
@@ -68,7 +70,7 @@ class StoreReader:
     def load(self, store: str | None, key: str) -> LocalFeatures:
         root = self.location(store)
         self._check(root)
-        path = f"{root}/{stem(key)}{SUFFIX}"
+        path = f"{root}/{_stem(key)}{SUFFIX}"
         return LocalFeatures.load(io.BytesIO(_read(path)), where=path)
 
     def fetch(self, items: Iterable[tuple[str | None, str]]) -> list[LocalFeatures]:

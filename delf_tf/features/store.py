@@ -19,6 +19,11 @@ Writes are atomic (temporary file + rename, see delf_tf.atomic), so an interrupt
 extraction leaves only complete files and resumes by skipping the keys that exist;
 the manifest's random "store_id" names the store in an index (see `identity`).
 
+A remote root (gs://, read and written with tf.io.gfile; TensorFlow is imported only
+then) holds `.npz` files only: `prepare_store` makes or checks its manifest (the same
+`new_manifest`, store_id included) and `StoreWriter` writes its files, for the Beam
+pipeline, whose workers write where the driver cannot.
+
 A folder without manifest.json that holds `.delf` / `.delg_local` files (the
 reference extractor's output, optionally with `.delg_global` beside them) opens
 as a store whose fingerprint is None: nothing records which extractor wrote the
@@ -28,11 +33,12 @@ files, so nothing can check that they match another store, an index or a model.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +47,15 @@ from absl import logging
 from delf_tf.atomic import (
     DEFAULT_NAME_MAX,
     atomic_write,
+    atomic_write_bytes,
     atomic_write_text,
     clean_stale_tree,
     fitted_name,
+    is_remote,
 )
+from delf_tf.config import PER_HOST_FIELDS
 from delf_tf.errors import FingerprintMismatchError, InputError
+from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.delf_io import local_features_from_delf, local_features_to_delf
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.formats import delf_file
@@ -110,19 +120,14 @@ class FeatureStore:
         if not root.is_dir():
             raise InputError(f"{root}: no such directory (not a feature store)")
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
+            data = path.read_bytes()
         except FileNotFoundError as error:
             if _holds_delf_files(root):
                 return cls._reference_files(root)
             raise InputError(f"{root}: not a feature store (no {MANIFEST})") from error
-        except (OSError, json.JSONDecodeError) as error:
+        except OSError as error:
             raise InputError(f"{path}: unreadable manifest ({error})") from error
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"{path}: format_version {manifest.get('format_version')!r}, "
-                f"this version of delf-tf reads {FORMAT_VERSION}"
-            )
-        return cls(root, manifest, formats)
+        return cls(root, _parse_manifest(path, data), formats)
 
     @classmethod
     def _reference_files(cls, root: Path) -> FeatureStore:
@@ -170,21 +175,14 @@ class FeatureStore:
                 check_same_extractor(root, store.manifest, fingerprint, description)
                 clean_stale_tree(root)  # temporaries of a killed earlier writer
                 return store
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "extractor": description,
-            "store_id": uuid.uuid4().hex,
-        }
-        if formats and tuple(formats) != ("npz",):
-            manifest["formats"] = list(formats)
+        manifest = new_manifest(fingerprint, description, formats)
         store = cls(root, manifest, formats)  # validates formats before anything is written
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return store
 
     def _stem(self, key: str) -> str:
-        return stem(key)
+        return _stem(key)
 
     def _key_of(self, stem: str) -> str:
         """The key of a store path without suffix (the inverse of `_stem`)."""
@@ -265,20 +263,14 @@ class FeatureStore:
         yield from sorted(keys)
 
 
-def stem(key: str) -> str:
-    """The store path of `key` without suffix: the key, its file name shortened when
-    too long (see the module docstring)."""
-    folder, slash, name = key.rpartition("/")
-    return folder + slash + fitted_name(name, _NAME_LIMIT)
-
-
 def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Names of the extraction settings (`extraction_config` fields of two extractor
-    descriptions) that differ, as "field recorded -> wanted"; [] when either has none."""
+    descriptions) that differ, as "field recorded -> wanted"; [] when either has none.
+    Fields chosen per host (`delf_tf.config.PER_HOST_FIELDS`: precision) never differ."""
     old, new = recorded.get("extraction_config"), wanted.get("extraction_config")
     if not isinstance(old, dict) or not isinstance(new, dict):
         return []
-    names = sorted(set(old) | set(new))
+    names = sorted((set(old) | set(new)) - set(PER_HOST_FIELDS))  # precision: the host's
     return [
         f"{name} {old.get(name)!r} -> {new.get(name)!r}"
         for name in names
@@ -291,12 +283,7 @@ def check_same_extractor(
 ) -> None:
     """Raises StoreMismatchError when the store whose manifest this is holds features of
     another extractor or of other extraction settings (a run must not mix them)."""
-    if manifest.get("fingerprint") != fingerprint:
-        raise StoreMismatchError(
-            f"{root}: holds features of extractor {str(manifest.get('fingerprint'))[:12]}, "
-            f"not of this one ({fingerprint[:12]}); use another --output_dir, or "
-            "--overwrite to replace them"
-        )
+    _require_extractor(root, manifest.get("fingerprint"), fingerprint)
     differences = settings_differences(manifest.get("extractor") or {}, description)
     if differences:
         raise StoreMismatchError(
@@ -310,3 +297,123 @@ def _holds_delf_files(root: Path) -> bool:
     if not root.is_dir():
         return False
     return any(path.suffix in DELF_SUFFIXES and path.is_file() for path in root.rglob("*"))
+
+
+def _stem(key: str) -> str:
+    """The store path of `key` without suffix: the key, its file name shortened
+    when too long (see the module docstring)."""
+    folder, slash, name = key.rpartition("/")
+    return folder + slash + fitted_name(name, _NAME_LIMIT)
+
+
+def new_manifest(
+    fingerprint: str | None, description: dict[str, Any], formats: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The manifest of a new store: format version, fingerprint, extractor, a random
+    store_id, and "formats" when not just npz."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "extractor": description,
+        "store_id": uuid.uuid4().hex,
+    }
+    if formats and tuple(formats) != ("npz",):
+        manifest["formats"] = list(formats)
+    return manifest
+
+
+def _parse_manifest(path: str | os.PathLike, data: bytes) -> dict[str, Any]:
+    """A manifest's bytes -> dict; InputError when unreadable or of another format version."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable manifest ({error})") from error
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: unreadable manifest (not a JSON object)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: format_version {manifest.get('format_version')!r}, "
+            f"this version of delf-tf reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _require_extractor(root: str | os.PathLike, found: str | None, expected: str | None) -> None:
+    """StoreMismatchError when the store at `root` holds another extractor's features."""
+    fingerprints.require_same(
+        found,
+        expected,
+        lambda found, expected: (
+            f"{root}: holds features of extractor {found}, not of this one ({expected}); "
+            "use another --output_dir, or --overwrite to replace them"
+        ),
+        StoreMismatchError,
+    )
+
+
+def prepare_store(
+    root: str,
+    fingerprint: str,
+    description: dict[str, Any],
+    formats: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    """Opens or creates the store at a local or remote (gs://) root for writing.
+
+    Local roots are `FeatureStore.open_or_create`; a remote root holds `.npz` files
+    only and its manifest (the same `new_manifest`) is read and written with
+    tf.io.gfile (TensorFlow is imported only then). Returns the formats written
+    (None: the store's own, else npz). Raises StoreMismatchError for a store of
+    another extractor, InputError for a remote store asked for other formats.
+    """
+    formats = tuple(formats) if formats else None
+    if not is_remote(root):
+        return FeatureStore.open_or_create(root, fingerprint, description, formats).formats
+    import tensorflow as tf
+
+    if formats and formats != ("npz",):
+        raise InputError(f"{root}: a remote store holds npz files only, not {list(formats)}")
+    path = f"{root.rstrip('/')}/{MANIFEST}"
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path, "rb") as handle:
+            manifest = _parse_manifest(path, handle.read())
+        if tuple(manifest.get("formats") or ("npz",)) != ("npz",):
+            raise InputError(f"{path}: a remote store holds npz files only")
+        check_same_extractor(root, manifest, fingerprint, description)
+        return ("npz",)
+    manifest = new_manifest(fingerprint, description)
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return ("npz",)
+
+
+class StoreWriter:
+    """Membership and writes of a feature store at a local or remote root (Beam workers).
+
+    Local stores are a FeatureStore (its `formats`, default the manifest's; its
+    atomic writes); remote stores (gs://...) hold `.npz` files only, named as a
+    local store names them, written with `atomic_write_bytes` (tf.io.gfile).
+    """
+
+    def __init__(self, root: str, formats: Sequence[str] | None = None):
+        self.root = str(root).rstrip("/")
+        formats = tuple(formats) if formats else None
+        self._local = None if is_remote(self.root) else FeatureStore.open(self.root, formats)
+
+    def _npz(self, key: str) -> str:
+        return f"{self.root}/{_stem(key)}{SUFFIX}"
+
+    def __contains__(self, key: str) -> bool:
+        if self._local is not None:
+            return key in self._local
+        import tensorflow as tf
+
+        return tf.io.gfile.exists(self._npz(key))
+
+    def save(self, key: str, features: LocalFeatures) -> None:
+        if self._local is not None:
+            self._local.save(key, features)
+            return
+        if _stem(key) != key:
+            atomic_write_bytes(f"{self.root}/{_stem(key)}{KEY_SUFFIX}", os.fsencode(key))
+        buffer = io.BytesIO()
+        features.save(buffer)
+        atomic_write_bytes(self._npz(key), buffer.getvalue())

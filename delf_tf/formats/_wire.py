@@ -6,7 +6,7 @@ of 1000 x 1024-D features takes most of a second to write. The layout that the
 reference writer produces is fixed (every field set, fields in number order, the
 numeric lists packed), so it is cheap to emit and to recognise with numpy. The
 encoders below are checked byte for byte against the protobuf messages and the
-reference's own files (tests/test_formats.py); every decoder falls back to the
+reference's own files (tests/formats/test_formats.py); every decoder falls back to the
 protobuf messages when a buffer is not in that canonical layout.
 
 Canonical DatumProto of float values, shape (d1, ..., dk):

@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 
 from delf_tf.config import RANSAC_METHODS, TRANSFORMS, RetrievalConfig
+from delf_tf.errors import ConfigError
 
 _DEFAULTS = RetrievalConfig()
 MIN_SAMPLES = {"affine": 3, "homography": 4}
@@ -80,9 +81,9 @@ def ransac(
       method: "vectorized" or "skimage" (skimage.measure.ransac, the reference).
     """
     if transform not in TRANSFORMS:
-        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        raise ConfigError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
     if method not in RANSAC_METHODS:
-        raise ValueError(f"method must be one of {RANSAC_METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {RANSAC_METHODS}, got {method!r}")
     src = np.asarray(src, np.float64).reshape(-1, 2)
     dst = np.asarray(dst, np.float64).reshape(-1, 2)
     if src.shape != dst.shape:
@@ -158,6 +159,7 @@ class _BatchFit:
         self.src_n, self.dst_n = src_n, dst_n
         self.norm_src, self.norm_dst = norm_src, norm_dst
         self.transform = transform
+        self.homogeneous = np.concatenate([src, np.ones((len(src), 1))], axis=1).T  # [3, N]
 
     def __call__(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """bool [K, N] -> models [K, 3, 3] in pixels, ok bool [K]."""
@@ -165,8 +167,9 @@ class _BatchFit:
         models = _denormalize(models, self.norm_src, self.norm_dst)
         return models, ok & np.all(np.isfinite(models), axis=(1, 2))
 
-    def masks(self, models: np.ndarray, threshold: float) -> np.ndarray:
-        return _masks(models, self.src, self.dst, threshold)
+    def squared(self, models: np.ndarray) -> np.ndarray:
+        """[K, N] squared transfer errors of [K, 3, 3] models (see `_squared_errors`)."""
+        return _squared_errors(models, self.homogeneous, self.dst)
 
 
 def _local_optimisation(candidates, fit: _BatchFit, threshold) -> tuple[np.ndarray, np.ndarray]:
@@ -178,14 +181,21 @@ def _local_optimisation(candidates, fit: _BatchFit, threshold) -> tuple[np.ndarr
     most). A refit replaces a hypothesis only if it keeps at least as many inliers,
     so the result never has fewer inliers than the best hypothesis.
     """
-    best = candidates.copy()
-    best_masks = fit.masks(best, threshold)
+    # Squared errors are computed once per model set and compared with each threshold
+    # (as `_masks` would compute them: t * t), so masks, counts and costs are those
+    # of recomputing them.
+    bound = threshold * threshold
+    squared = fit.squared(candidates)
+    best, best_squared = candidates.copy(), squared.copy()
+    best_masks = squared < bound
     best_counts = best_masks.sum(axis=1)
     current = candidates
     for factor in LO_THRESHOLD_FACTORS:
-        refit, ok = fit(fit.masks(current, factor * threshold))
+        wide = factor * threshold
+        refit, ok = fit(squared < wide * wide)
         current = np.where(ok[:, None, None], refit, current)
-        masks = fit.masks(current, threshold)
+        squared = fit.squared(current)
+        masks = squared < bound
         counts = masks.sum(axis=1)
         better = ok & (counts >= best_counts)
         best[better], best_masks[better], best_counts[better] = (
@@ -193,9 +203,11 @@ def _local_optimisation(candidates, fit: _BatchFit, threshold) -> tuple[np.ndarr
             masks[better],
             counts[better],
         )
+        best_squared[better] = squared[better]
     for _ in range(REFINEMENT_STEPS):
         refit, ok = fit(best_masks)
-        masks = fit.masks(refit, threshold)
+        squared = fit.squared(refit)
+        masks = squared < bound
         counts = masks.sum(axis=1)
         # Keep the least-squares fit even when its inlier set is unchanged: the
         # result is then the best fit to its own inliers.
@@ -206,9 +218,10 @@ def _local_optimisation(candidates, fit: _BatchFit, threshold) -> tuple[np.ndarr
             masks[better],
             counts[better],
         )
+        best_squared[better] = squared[better]
         if not changed.any():
             break
-    _, costs = _score(best, fit.src, fit.dst, threshold)
+    costs = np.minimum(best_squared, bound).sum(axis=1)
     pick = int(np.lexsort((costs, -best_counts))[0])
     return best[pick], best_masks[pick]
 

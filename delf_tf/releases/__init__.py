@@ -12,5 +12,6 @@ SavedModels without a usable signature. This package
   downstream are the same code as for the project's own model;
 - drives a release the reference extractor's way, prune + numpy post-processing
   (`reference`), as the baseline of `bench/releases.py` and an oracle in tests;
-- writes synthetic stand-ins with the same feeds and fetches (`synthetic`).
+Synthetic stand-ins with the same feeds and fetches are test scaffolding:
+`delf_tf.testing.synthetic_releases`.
 """

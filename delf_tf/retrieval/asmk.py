@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from delf_tf.errors import InputError
 from delf_tf.matching.neighbors import kmeans
 
 FILES = ("centroids", "offsets", "entry_images", "entry_bits", "image_words")
@@ -88,7 +89,7 @@ KMEANS_ITERATIONS = 12
 _CHUNK = 1 << 20
 
 
-class AsmkError(ValueError):
+class AsmkError(InputError):
     """An ASMK structure is missing, inconsistent or cannot be built; the message names it."""
 
 

@@ -127,7 +127,7 @@ def answered_queries(output: str | os.PathLike) -> dict[str, bool]:
             done[entry["query"]] = "error" in entry
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise InputError(
-                f"{output}:{number}: not a results line ({error}); use another --output"
+                f"{output}:{number}: not a results line ({error}); use another --output_file"
             ) from error
     return done
 

@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from delf_tf.atomic import recover_staged_directory, staged_directory
-from delf_tf.errors import FingerprintMismatchError
+from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.store import FeatureStore
 from delf_tf.images import TRANSPOSED_ORIENTATIONS, exif_orientation
 from delf_tf.matching.neighbors import NeighborIndex
@@ -254,12 +254,15 @@ class Index:
         Raises FingerprintMismatchError when the store's extractor differs, and
         IndexFormatError when the store lacks the global descriptors the index has.
         """
-        if store.fingerprint != self.fingerprint:
-            raise FingerprintMismatchError(
-                f"{store.root}: features of extractor {_short(store.fingerprint)}, but the "
-                f"index holds features of extractor {_short(self.fingerprint)}; "
+        fingerprints.require_same(
+            store.fingerprint,
+            self.fingerprint,
+            lambda found, expected: (
+                f"{store.root}: features of extractor {found}, but the "
+                f"index holds features of extractor {expected}; "
                 "an index can only combine features of one model"
-            )
+            ),
+        )
         root = Path(images_root).resolve() if images_root is not None else None
         known = set().union(*(record.identities() for record in self.images))
         records, arrays = [], {"descriptors": [], "keypoints": [], "globals": []}
@@ -609,12 +612,16 @@ class Index:
             arrays[name] = base.read_array(path / f"{name}.npy", dtype, entry["shape"], mmap)
         images = [ImageRecord(**record) for record in read_records(path / IMAGES)]
         for name, entry in structures.items():
-            if entry.get("fingerprint", header["fingerprint"]) != header["fingerprint"]:
-                raise IndexFormatError(
-                    f"{path / HEADER}: the {name} structure was built from features of "
-                    f"extractor {_short(entry.get('fingerprint'))}, the index holds "
-                    f"{_short(header['fingerprint'])}; rebuild it with `delf index`"
-                )
+            fingerprints.require_same(
+                entry.get("fingerprint", header["fingerprint"]),
+                header["fingerprint"],
+                lambda found, expected, name=name: (
+                    f"{path / HEADER}: the {name} structure "
+                    f"was built from features of extractor {found}, the index holds "
+                    f"{expected}; rebuild it with `delf index`"
+                ),
+                IndexFormatError,
+            )
         global_descriptors = arrays.pop(GLOBAL_ARRAY, None)
         index = cls(
             **arrays,
@@ -648,17 +655,19 @@ class Index:
                 "%s reports no fingerprint: cannot check that its descriptors match "
                 "the index's (extractor %s)",
                 source,
-                self.fingerprint[:12],
+                fingerprints.short(self.fingerprint),
             )
             return False
-        if fingerprint != self.fingerprint:
-            model = self.extractor.get("model", "unknown model")
-            raise FingerprintMismatchError(
+        model = self.extractor.get("model", "unknown model")
+        fingerprints.require_same(
+            self.fingerprint,
+            fingerprint,
+            lambda found, expected: (
                 f"{self.path or 'index'}: built from features of extractor "
-                f"{self.fingerprint[:12]} ({model}), but the {source} is "
-                f"{fingerprint[:12]}; pass the --model/--weights/--seed/--pca "
-                "that `delf extract` used for the index"
-            )
+                f"{found} ({model}), but the {source} is {expected}; pass the "
+                "--model/--weights/--seed/--pca that `delf extract` used for the index"
+            ),
+        )
         return True
 
 
@@ -671,11 +680,6 @@ def _saved_structures(path: Path) -> dict[str, SearchStructure]:
     except (IndexFormatError, OSError):
         return {}
     return {name: structure_type(name, entry)(dict(entry)) for name, entry in structures.items()}
-
-
-def _short(fingerprint: str | None) -> str:
-    """The first 12 characters of a fingerprint, or "(none)" for files that carry none."""
-    return fingerprint[:12] if fingerprint else "(none)"
 
 
 def _store_dim(store: FeatureStore) -> int:

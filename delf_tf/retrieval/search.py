@@ -26,7 +26,12 @@ was built from, read through `tf.io.gfile` a bounded number of files at a time
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import os
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,7 @@ from delf_tf.matching.neighbors import (
     MISSING,
     FlatNeighbors,
     NeighborIndex,
+    bounded_knn,
     build_neighbors,
 )
 from delf_tf.matching.pairwise import Matches, verify
@@ -125,13 +131,21 @@ class Searcher:
         neighbors: NeighborIndex | None = None,
         asmk: AsmkIndex | None = None,
         global_ranker: GlobalRanker | None = None,
+        threads: int | None = None,
         stores: dict[str, str] | None = None,
     ):
         """`neighbors`, `asmk`, `global_ranker`: structures to use instead of the
         index's saved ones (benchmarks compare several over one index). `stores`:
         {store id: location} replacing those a Milvus structure recorded (a store
-        copied to gs://, tests on ram://)."""
+        copied to gs://, tests on ram://).
+
+        `threads`: RANSAC verifications run at once, in a pool the Searcher owns and
+        every query (and thread) using it shares; default `default_threads()`; 1
+        verifies in the calling thread.
+        """
         self.index = index
+        self.threads = default_threads() if threads is None else max(1, int(threads))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.config = config or RetrievalConfig()
         self.method = resolve_ranking(self.config.ranking, index)
         self._image_ids = np.asarray(index.image_ids)
@@ -227,22 +241,22 @@ class Searcher:
         order = np.argsort(images, kind="stable")
         starts = np.searchsorted(images[order], candidates, side="left")
         ends = np.searchsorted(images[order], candidates, side="right")
-        results: list[SearchResult] = []
-        for image_id, start, end in zip(candidates, starts, ends, strict=True):
-            # Inliers <= votes: an image with fewer votes than the k-th best inlier
-            # count so far cannot enter the top k (candidates come by falling votes).
-            if len(results) >= top_k and votes[image_id] < _kth_inliers(results, top_k):
-                break
-            rows = order[start:end]
-            offset = int(self.index.offsets[image_id])
-            local = database_rows[rows] - offset
-            matches = Matches(
-                query.keypoints[query_rows[rows]],
-                source.keypoints(int(image_id))[local],
-                query_rows[rows],
-                local,
-            )
-            results.append(self._result(int(image_id), matches, float(votes[image_id])))
+        offsets = self.index.offsets
+
+        def jobs():
+            # Inliers <= votes: candidates come by falling votes (see `_verify_in_order`).
+            for image_id, start, end in zip(candidates, starts, ends, strict=True):
+                rows = order[start:end]
+                local = database_rows[rows] - int(offsets[image_id])
+                matches = Matches(
+                    query.keypoints[query_rows[rows]],
+                    source.keypoints(int(image_id))[local],
+                    query_rows[rows],
+                    local,
+                )
+                yield int(votes[image_id]), int(image_id), matches, float(votes[image_id])
+
+        results = self._verify_in_order(jobs(), top_k)
         results.sort(key=lambda r: (-r.inliers, -r.votes, r.image_id))
         return results[:top_k]
 
@@ -282,8 +296,8 @@ class Searcher:
         """Putative matches of the votes rule, restricted to `image_ids` (one per image).
 
         The `neighbors` nearest descriptors of every query descriptor among the
-        images' descriptors (exact FAISS search), within `distance_bound`; each
-        image keeps, per query descriptor, its nearest one.
+        images' descriptors (exact search, `bounded_knn`), within `distance_bound`;
+        each image keeps, per query descriptor, its nearest one.
         """
         ids = np.asarray(image_ids, np.int64)
         offsets = np.asarray(self.index.offsets)
@@ -293,9 +307,12 @@ class Searcher:
         source = source or self.rows()
         source.prefetch(ids)
         starts = np.cumsum(sizes) - sizes  # of each image's rows in `database`
-        database = np.concatenate([source.descriptors(int(i)) for i in ids]).astype(np.float32)
-        _, found = FlatNeighbors(database).search(
-            query.descriptors, self.config.neighbors, self.config.distance_bound
+        # Each image's rows are contiguous: slices copy them sequentially.
+        database = np.concatenate([source.descriptors(int(i)) for i in ids]).astype(
+            np.float32, copy=False
+        )
+        _, found = bounded_knn(
+            query.descriptors, database, self.config.neighbors, self.config.distance_bound
         )
         query_rows, column = np.nonzero(found != MISSING)
         local = found[query_rows, column]
@@ -401,11 +418,8 @@ class Searcher:
             )
         ]
         candidates.sort(key=lambda c: (-len(c[2]), -c[1], c[0]))
-        results: list[SearchResult] = []
-        for image_id, score, matches in candidates:
-            if len(results) >= top_k and len(matches) < _kth_inliers(results, top_k):
-                break
-            results.append(self._result(image_id, matches, score))
+        jobs = ((len(found), image_id, found, score) for image_id, score, found in candidates)
+        results = self._verify_in_order(jobs, top_k)
         results.sort(key=lambda r: (-r.inliers, -r.score, r.image_id))
         return results[:top_k]
 
@@ -442,16 +456,57 @@ class Searcher:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _result(self, image_id: int, matches: Matches, score: float) -> SearchResult:
+    def _verify_in_order(self, jobs: Iterable[tuple], top_k: int) -> list[SearchResult]:
+        """RANSAC on `jobs` (bound, image_id, matches, score) that come by falling bound.
+
+        `bound` >= the inliers RANSAC can find (votes or putative matches), so once
+        the top_k results so far all have more inliers than a job's bound, no later
+        job can enter the top k and verification stops. With `threads` > 1 the next
+        jobs are verified ahead in the Searcher's thread pool (numpy releases the
+        GIL in RANSAC's array work); results and the stopping point are those of
+        the one-by-one loop, whatever the thread count.
+        """
+        results: list[SearchResult] = []
+        pool = self._thread_pool()
+        pending: collections.deque = collections.deque()
+        jobs = iter(jobs)
+
+        def submit() -> None:
+            job = next(jobs, None)
+            if job is not None:
+                work = pool.submit(verify, job[2], self.config) if pool else None
+                pending.append((job, work))
+
+        for _ in range(2 * self.threads if pool else 1):
+            submit()
+        while pending:
+            (bound, image_id, matches, score), work = pending.popleft()
+            if len(results) >= top_k and bound < _kth_inliers(results, top_k):
+                for _, rest in pending:
+                    rest.cancel()
+                break
+            submit()
+            verification = work.result() if work else verify(matches, self.config)
+            results.append(self._result(image_id, matches, score, verification))
+        return results
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """The pool that verifies candidates ahead (None with one thread), made on first use."""
+        if self.threads <= 1:
+            return None
+        with _POOL_LOCK:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.threads, thread_name_prefix="delf-verify"
+                )
+        return self._pool
+
+    def _result(
+        self, image_id: int, matches: Matches, score: float, verification: RansacResult
+    ) -> SearchResult:
         record = self.index.images[image_id]
         return SearchResult(
-            image_id,
-            record.key,
-            record.path,
-            len(matches),
-            matches,
-            verify(matches, self.config),
-            score,
+            image_id, record.key, record.path, len(matches), matches, verification, score
         )
 
     def _check_dim(self, query: LocalFeatures) -> None:
@@ -459,6 +514,16 @@ class Searcher:
             raise InputError(
                 f"query descriptors are {query.dim}-D, the index holds {self.index.dim}-D"
             )
+
+
+# Most verification threads a Searcher starts by default.
+MAX_DEFAULT_THREADS = 4
+_POOL_LOCK = threading.Lock()
+
+
+def default_threads() -> int:
+    """Verification threads by default: the CPUs this process may use, at most 4."""
+    return max(1, min(MAX_DEFAULT_THREADS, len(os.sched_getaffinity(0))))
 
 
 class IndexRows:

@@ -48,6 +48,8 @@ from delf_tf.contract import (
     RUNTIME_OVERRIDES,
     SERVING_SIGNATURE,
 )
+from delf_tf.errors import ConfigError, InputError
+from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.local_features import LocalFeatures
 from delf_tf.images import decode_image, encode_png
 from delf_tf.serving import rest_json
@@ -67,6 +69,32 @@ PROTOCOLS = ("grpc", "rest")
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 _INPUT_DTYPES = {name: np.dtype(IMAGE_INPUTS[name]) for name in RUNTIME_OVERRIDES}
+
+
+def decode_batch_outputs(
+    outputs: dict[str, np.ndarray],
+) -> list[tuple[str | None, LocalFeatures | None]]:
+    """serving_default's padded batch outputs -> (fingerprint, features or None) per row.
+
+    outputs: keypoints float32 [B, K, 2], scales / scores float32 [B, K],
+      descriptors float32 [B, K, D], num_features int32 [B], valid bool [B],
+      fingerprint string [B], optional global_descriptor float32 [B, G].
+    A row's features are its first num_features entries; None for a row the graph
+    could not decode (valid False). The one decoder of these outputs: the client
+    and the Beam pipeline both use it.
+    """
+    rows = []
+    for row in range(len(outputs["valid"])):
+        fingerprint = fingerprints.as_text(outputs["fingerprint"][row])
+        if not bool(outputs["valid"][row]):
+            rows.append((fingerprint, None))
+            continue
+        n = int(outputs["num_features"][row])
+        arrays = {name: np.asarray(outputs[name][row], np.float32)[:n] for name in FEATURE_OUTPUTS}
+        if GLOBAL_OUTPUT in outputs:
+            arrays[GLOBAL_OUTPUT] = np.asarray(outputs[GLOBAL_OUTPUT][row], np.float32)
+        rows.append((fingerprint, LocalFeatures(**arrays)))
+    return rows
 
 
 class _GrpcTransport:
@@ -235,13 +263,13 @@ class ServingExtractor:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if signature not in (SERVING_SIGNATURE, IMAGE_SIGNATURE):
-            raise ValueError(
+            raise ConfigError(
                 f"signature must be {SERVING_SIGNATURE!r} or {IMAGE_SIGNATURE!r}, got {signature!r}"
             )
         if retries < 0 or batch_size < 1 or timeout <= 0:
-            raise ValueError("retries must be >= 0, batch_size >= 1 and timeout > 0")
+            raise ConfigError("retries must be >= 0, batch_size >= 1 and timeout > 0")
         self.target = target
         self.model_name = model_name
         self.signature = signature
@@ -348,16 +376,20 @@ class ServingExtractor:
         return self._fingerprint
 
     def _check_fingerprint(self, value: Any) -> None:
-        value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        value = fingerprints.as_text(value)
         if self._fingerprint is None:
             self._fingerprint = value
-        elif value != self._fingerprint:
-            raise ServedModelChangedError(
-                "FAILED_PRECONDITION",
-                f"model {self.model_name!r} at {self.target} now answers with fingerprint "
-                f"{value[:12]}..., earlier {self._fingerprint[:12]}...: a different model was "
-                "deployed; its features must not be mixed with the earlier ones",
-            )
+            return
+        fingerprints.require_same(
+            value,
+            self._fingerprint,
+            lambda found, expected: (
+                f"model {self.model_name!r} at {self.target} now answers "
+                f"with fingerprint {found}..., earlier {expected}...: a different model was "
+                "deployed; its features must not be mixed with the earlier ones"
+            ),
+            lambda message: ServedModelChangedError("FAILED_PRECONDITION", message),
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -376,7 +408,7 @@ class ServingExtractor:
         """uint8 [H, W, 3] RGB -> LocalFeatures (overrides only with signature extract_image)."""
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
+            raise InputError(
                 f"expected an RGB image uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
             )
         if self.signature == IMAGE_SIGNATURE:
@@ -426,19 +458,11 @@ class ServingExtractor:
                     "FAILED_PRECONDITION",
                     f"{SERVING_SIGNATURE} of {self.model_name!r} lacks outputs {missing}",
                 )
-            for row in range(len(chunk)):
-                self._check_fingerprint(outputs["fingerprint"][row])
-                if not bool(outputs["valid"][row]):
+            for row, (fingerprint, features) in enumerate(decode_batch_outputs(outputs)):
+                self._check_fingerprint(fingerprint)
+                if features is None:
                     invalid.append(start + row)
-                    results.append(None)
-                    continue
-                n = int(outputs["num_features"][row])
-                arrays = {
-                    name: np.asarray(outputs[name][row], np.float32)[:n] for name in FEATURE_OUTPUTS
-                }
-                if GLOBAL_OUTPUT in outputs:
-                    arrays[GLOBAL_OUTPUT] = np.asarray(outputs[GLOBAL_OUTPUT][row], np.float32)
-                results.append(LocalFeatures(**arrays))
+                results.append(features)
         if invalid and not skip_invalid:
             raise InvalidImageError(
                 "INVALID_ARGUMENT",

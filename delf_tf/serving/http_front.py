@@ -42,6 +42,8 @@ from concurrent import futures
 
 from absl import logging
 
+from delf_tf.errors import ConfigError
+
 MAX_HEADER_BYTES = 64 << 10
 MAX_HEADER_FIELDS = 100
 _LINGER_SECONDS = 2.0
@@ -84,7 +86,7 @@ class HttpFrontEnd:
         server_name: str = "delf-serve",
     ):
         if threads < 1 or max_connections < 1 or idle_timeout <= 0 or request_timeout <= 0:
-            raise ValueError(
+            raise ConfigError(
                 "threads and max_connections must be >= 1, the timeouts > 0: "
                 f"{threads}, {max_connections}, {idle_timeout}, {request_timeout}"
             )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from delf_tf.errors import ConfigError, InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
@@ -29,7 +31,7 @@ class RequestLimits:
 
     def __post_init__(self):
         if self.max_batch_size < 1 or self.max_scales < 1 or self.max_features < 1:
-            raise ValueError(f"request limits must be >= 1: {self}")
+            raise ConfigError(f"request limits must be >= 1: {self}")
 
 
 DEFAULT_MAX_REQUEST_BYTES = 256 << 20
@@ -72,7 +74,7 @@ def parse_channel_arguments(text: str) -> dict[str, int | str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, equals, value = item.partition("=")
         if not equals or not name.strip():
-            raise ValueError(f"--grpc_channel_arguments: expected name=value, got {item!r}")
+            raise InputError(f"--grpc_channel_arguments: expected name=value, got {item!r}")
         value = value.strip()
         arguments[name.strip()] = int(value) if value.lstrip("-").isdigit() else value
     return arguments
@@ -101,4 +103,4 @@ class SearchLimits:
 
     def __post_init__(self):
         if self.max_concurrent < 1 or self.max_queued < 0 or self.max_top_k < 1:
-            raise ValueError(f"search limits out of range: {self}")
+            raise ConfigError(f"search limits out of range: {self}")

@@ -40,6 +40,7 @@ from delf_tf.contract import (
     WARMUP_FILE,
     existing_versions,
 )
+from delf_tf.errors import InputError
 from delf_tf.serving.errors import ServingError
 from delf_tf.serving.limits import RequestLimits
 from delf_tf.serving.saved_model_proto import read_saved_model_proto
@@ -81,7 +82,7 @@ def sources_from_config_file(path: str | Path) -> list[ModelSource]:
     try:
         text_format.Parse(path.read_text(encoding="utf-8"), config)
     except (OSError, UnicodeDecodeError, text_format.ParseError) as error:
-        raise ValueError(f"{path}: not a readable ModelServerConfig ({error})") from error
+        raise InputError(f"{path}: not a readable ModelServerConfig ({error})") from error
     sources = []
     for model in config.model_config_list.config:
         base = Path(model.base_path)  # relative paths: from the working directory, as TF Serving
@@ -97,7 +98,7 @@ def sources_from_config_file(path: str | Path) -> list[ModelSource]:
             )
         )
     if not sources:
-        raise ValueError(f"{path}: model_config_list has no model")
+        raise InputError(f"{path}: model_config_list has no model")
     return sources
 
 
@@ -346,7 +347,7 @@ class ModelRepository:
     def __init__(self, sources: list[ModelSource]):
         names = [source.name for source in sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique: {names}")
+            raise InputError(f"model names must be unique: {names}")
         self.sources = {source.name: source for source in sources}
         self._versions: dict[str, dict[int, _Version]] = {name: {} for name in names}
         self._lock = threading.Lock()  # guards _versions; never held while loading

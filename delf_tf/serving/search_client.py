@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from delf_tf.contract import SEARCH_INPUT, SEARCH_MODEL_NAME, SERVING_SIGNATURE
+from delf_tf.errors import ConfigError
 from delf_tf.serving.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOLS,
@@ -59,7 +60,7 @@ class SearchClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.target = target
         self.name = name
         self.protocol = protocol

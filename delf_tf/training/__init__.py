@@ -1,2 +1,3 @@
 """Training: tf.data input pipelines (data), TFRecords (records), the TFDS landmarks builder,
-the staged trainer under tf.distribute (trainer), and a synthetic learning check (synthetic)."""
+and the staged trainer under tf.distribute (trainer); the synthetic learning check's
+data is in delf_tf.testing.synthetic_training."""

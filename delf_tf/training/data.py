@@ -22,7 +22,9 @@ from pathlib import Path
 import tensorflow as tf
 from absl import logging
 
+from delf_tf.atomic import is_remote
 from delf_tf.config import TrainingConfig
+from delf_tf.errors import InputError
 from delf_tf.training import records
 from delf_tf.training.sources import sort_class_names
 
@@ -60,12 +62,12 @@ def resolve_source(
     """Interprets `spec`: an image folder, a TFRecord glob, or a TFDS name.
 
     `class_names` (the training set's) fixes the labels of a validation folder.
-    Raises ValueError naming `spec` when it is none of these.
+    Raises InputError naming `spec` when it is none of these.
     """
     if spec.startswith(TFDS_PREFIX):
         return _tfds_source(spec[len(TFDS_PREFIX) :], spec, config, default_split)
     path = Path(spec)
-    if "://" not in spec and path.is_dir():
+    if not is_remote(spec) and path.is_dir():
         return _folder_source(path, spec, class_names)
     files = sorted(tf.io.gfile.glob(spec))
     if files:
@@ -81,7 +83,7 @@ def resolve_source(
         )
     if _TFDS_NAME.match(spec):
         return _tfds_source(spec, spec, config, default_split)
-    raise ValueError(
+    raise InputError(
         f"{spec}: neither an image folder, a TFRecord glob matching files, nor a TFDS "
         f"dataset name (use {TFDS_PREFIX}name[/config][:split] to force TFDS)"
     )
@@ -93,7 +95,7 @@ def _folder_source(root: Path, spec: str, class_names: tuple[str, ...] | None) -
     index = {name: i for i, name in enumerate(names)}
     unknown = [name for name in found if name not in index]
     if unknown:
-        raise ValueError(f"{root}: class folders not in the training classes: {unknown[:10]}")
+        raise InputError(f"{root}: class folders not in the training classes: {unknown[:10]}")
     files, labels = [], []
     for name in found:
         for path in sorted((root / name).rglob("*")):
@@ -101,7 +103,7 @@ def _folder_source(root: Path, spec: str, class_names: tuple[str, ...] | None) -
                 files.append(str(path))
                 labels.append(index[name])
     if not files:
-        raise ValueError(f"{root}: no {TF_IMAGE_SUFFIXES} images in class subfolders")
+        raise InputError(f"{root}: no {TF_IMAGE_SUFFIXES} images in class subfolders")
     return DataSource(
         "folder", spec, tuple(files), tuple(labels), num_classes=len(names), class_names=names
     )
@@ -116,13 +118,13 @@ def _tfds_source(name_split: str, spec: str, config: TrainingConfig, default_spl
     builder = _tfds_builder(name, config)
     split = split or default_split
     if split not in builder.info.splits:
-        raise ValueError(
+        raise InputError(
             f"{spec}: TFDS dataset {name} has no split {split!r} "
             f"(splits: {sorted(builder.info.splits)})"
         )
     label = builder.info.features["label"]
     if not isinstance(label, tfds.features.ClassLabel):
-        raise ValueError(f"{spec}: TFDS feature 'label' is not a ClassLabel")
+        raise InputError(f"{spec}: TFDS feature 'label' is not a ClassLabel")
     return DataSource(
         "tfds",
         spec,
@@ -140,13 +142,13 @@ def _tfds_builder(name: str, config: TrainingConfig):
     try:
         builder = tfds.builder(name, data_dir=config.tfds_data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(
+        raise InputError(
             f"{name}: not a folder, no file matches it as a TFRecord glob, and no TFDS "
             f"dataset has this name ({error})"
         ) from error
     if not builder.is_prepared():
         if not config.tfds_manual_dir:
-            raise ValueError(
+            raise InputError(
                 f"TFDS dataset {name} is not prepared in {builder.data_dir}; pass "
                 "--tfds_manual_dir to prepare a local builder offline, or prepare it with tfds"
             )
@@ -336,10 +338,10 @@ def infer_num_classes(source: DataSource, requested: int) -> int:
     known = source.num_classes
     if requested > 0:
         if known is not None and known != requested:
-            raise ValueError(f"--num_classes={requested} but {source.spec} has {known} classes")
+            raise InputError(f"--num_classes={requested} but {source.spec} has {known} classes")
         return requested
     if known is None:
-        raise ValueError(
+        raise InputError(
             f"{source.spec}: the number of classes is unknown (no {records.LABEL_MAP_FILE} "
             "beside the TFRecords); pass --num_classes"
         )

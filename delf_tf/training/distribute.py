@@ -9,6 +9,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from delf_tf.errors import ConfigError
+
 
 def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
     """default | mirrored | multi_worker (TF_CONFIG) | tpu.
@@ -30,7 +32,7 @@ def create_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"unknown strategy {name!r}")
+    raise ConfigError(f"unknown strategy {name!r}")
 
 
 def task_info(strategy: tf.distribute.Strategy) -> tuple[str | None, int | None]:

@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from delf_tf.atomic import atomic_write
+from delf_tf.atomic import atomic_write_bytes
+from delf_tf.errors import InputError
 from delf_tf.model import DelfModel
 from delf_tf.training import distribute
 
@@ -34,12 +35,12 @@ def load_init_weights(model: DelfModel, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"--init_from: {path} not found (expected a DelfModel .keras)")
     source = keras.saving.load_model(path, compile=False)
     if not isinstance(source, DelfModel):
-        raise ValueError(f"--init_from: {path} holds a {type(source).__name__}, not a DelfModel")
+        raise InputError(f"--init_from: {path} holds a {type(source).__name__}, not a DelfModel")
     model.backbone.set_weights(source.backbone.get_weights())
     try:
         model.attention.set_weights(source.attention.get_weights())
     except ValueError as error:
-        raise ValueError(f"--init_from: {path}: attention head does not match ({error})") from error
+        raise InputError(f"--init_from: {path}: attention head does not match ({error})") from error
     for name in ("descriptor_classifier", "attention_classifier"):
         target, origin = getattr(model, name), getattr(source, name)
         if origin is not None and [w.shape for w in origin.weights] == [
@@ -61,19 +62,6 @@ def save_float32_model(model: DelfModel, path: str | os.PathLike) -> str:
         local = os.path.join(tmp, MODEL_FILE)
         clone.save(local)
         data = Path(local).read_bytes()
-    write_bytes(path, data)
+    atomic_write_bytes(path, data)
     logging.info("saved %s", path)
     return path
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Atomic on local disks (rename); a plain gfile write on remote file systems."""
-    if "://" in path:
-        with tf.io.gfile.GFile(path, "wb") as handle:
-            handle.write(data)
-    else:
-        atomic_write(path, lambda handle: handle.write(data))
-
-
-def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))

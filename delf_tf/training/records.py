@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from delf_tf.atomic import atomic_write_text, staged_directory
 from delf_tf.config import DatasetBuildConfig
+from delf_tf.errors import InputError
 from delf_tf.images import ImageError, decode_image, exif_orientation
 from delf_tf.training.sources import ImageList, LabelledImage, split_per_class
 
@@ -149,7 +150,7 @@ def build_tfrecords(
     else:
         unknown = sorted({image.class_name for image in validation.images} - set(labels))
         if unknown:
-            raise ValueError(f"validation classes missing from the training set: {unknown[:10]}")
+            raise InputError(f"validation classes missing from the training set: {unknown[:10]}")
         train, val = image_list.images, validation.images
     skipped = list(image_list.missing) + list(validation.missing if validation else [])
     output = Path(output)
@@ -222,5 +223,5 @@ def read_label_map(folder: str | os.PathLike) -> dict | None:
             label_map = json.loads(handle.read())
         int(label_map["num_classes"])
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a label map ({error})") from error
+        raise InputError(f"{path}: not a label map ({error})") from error
     return label_map

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delf_tf.errors import ConfigError, InputError
 from delf_tf.images import IMAGE_SUFFIXES, list_images
 
 # File names of "The Landmarks" sets inside a manual/data directory.
@@ -65,7 +66,7 @@ def list_image_folder(root: str | os.PathLike) -> ImageList:
             image_id = path.relative_to(root).with_suffix("").as_posix().replace("/", "__")
             images.append(LabelledImage(path, image_id, class_dir.name))
     if not images:
-        raise ValueError(f"{root}: no images in class subfolders (suffixes {IMAGE_SUFFIXES})")
+        raise InputError(f"{root}: no images in class subfolders (suffixes {IMAGE_SUFFIXES})")
     return ImageList(images)
 
 
@@ -85,7 +86,7 @@ def list_gldv2_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike) -
     elif {"landmark_id", "images"} <= fields:
         pairs = [(i, row["landmark_id"]) for row in rows for i in row["images"].split()]
     else:
-        raise ValueError(
+        raise InputError(
             f"{csv_path}: expected columns 'id,landmark_id' or 'landmark_id,images', "
             f"got {sorted(fields)}"
         )
@@ -101,7 +102,7 @@ def list_gldv2_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike) -
         else:
             images.append(LabelledImage(path, image_id, landmark))
     if not images:
-        raise ValueError(
+        raise InputError(
             f"{csv_path}: none of the {len(pairs)} listed images exist in {image_root}"
         )
     return ImageList(images, missing)
@@ -122,7 +123,7 @@ def find_gldv2_image(image_root: Path, image_id: str) -> Path | None:
 def landmarks_set_dirs(root: str | os.PathLike, subset: str) -> tuple[Path, Path | None]:
     """(train folder, validation folder or None) of The Landmarks `subset` (full|clean)."""
     if subset not in LANDMARKS_SETS:
-        raise ValueError(f"unknown Landmarks subset {subset!r}; use one of {list(LANDMARKS_SETS)}")
+        raise ConfigError(f"unknown Landmarks subset {subset!r}; use one of {list(LANDMARKS_SETS)}")
     root = Path(root)
     train = root / f"{LANDMARKS_SETS[subset]}_train"
     if not train.is_dir():

@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from delf_tf.config import DatasetBuildConfig
+from delf_tf.errors import InputError
 from delf_tf.images import ImageError
 from delf_tf.training.records import encode_image_file
 from delf_tf.training.sources import (
@@ -114,7 +115,7 @@ class DelfLandmarks(tfds.core.GeneratorBasedBuilder):
         val = list_image_folder(val_dir).images
         unknown = sorted({image.class_name for image in val} - set(train.class_names))
         if unknown:
-            raise ValueError(f"{val_dir}: classes missing from {train_dir}: {unknown[:10]}")
+            raise InputError(f"{val_dir}: classes missing from {train_dir}: {unknown[:10]}")
         return train, val, []
 
     def _generate_examples(self, images: list[LabelledImage], labels: dict[str, int]):

@@ -33,16 +33,13 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
+from delf_tf.atomic import atomic_write_text
 from delf_tf.config import ModelConfig, TrainingConfig
+from delf_tf.errors import InputError
 from delf_tf.model import DelfModel, build_delf_model
 from delf_tf.model.backbone import WeightsError
 from delf_tf.training import data, distribute
-from delf_tf.training.model_io import (
-    MODEL_FILE,
-    load_init_weights,
-    save_float32_model,
-    write_text,
-)
+from delf_tf.training.model_io import MODEL_FILE, load_init_weights, save_float32_model
 from delf_tf.training.summaries import attention_images, write_images, write_scalars
 
 CHECKPOINT_DIR = "checkpoints"
@@ -113,14 +110,14 @@ class Trainer:
 
     def __init__(self, config: TrainingConfig, model_config: ModelConfig | None = None):
         if not config.train_data:
-            raise ValueError("--train_data is required")
+            raise InputError("--train_data is required")
         if not config.model_dir:
-            raise ValueError("--model_dir is required")
+            raise InputError("--model_dir is required")
         self.config = config
         self.strategy = distribute.create_strategy(config.strategy, config.tpu)
         replicas = self.strategy.num_replicas_in_sync
         if config.batch_size % replicas:
-            raise ValueError(
+            raise InputError(
                 f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas"
             )
         self.is_chief = distribute.is_chief(self.strategy)
@@ -420,12 +417,16 @@ class Trainer:
             return
         model_dir = self.config.model_dir
         tf.io.gfile.makedirs(model_dir)
-        write_text(os.path.join(model_dir, TRAINING_CONFIG_FILE), self.config.to_json() + "\n")
-        write_text(os.path.join(model_dir, MODEL_CONFIG_FILE), self.model_config.to_json() + "\n")
+        atomic_write_text(
+            os.path.join(model_dir, TRAINING_CONFIG_FILE), self.config.to_json() + "\n"
+        )
+        atomic_write_text(
+            os.path.join(model_dir, MODEL_CONFIG_FILE), self.model_config.to_json() + "\n"
+        )
         names = self.train_source.class_names
         if names is not None:
             label_map = {"num_classes": len(names), "classes": list(names)}
-            write_text(
+            atomic_write_text(
                 os.path.join(model_dir, LABEL_MAP_FILE), json.dumps(label_map, indent=1) + "\n"
             )
 
@@ -442,7 +443,7 @@ def _check_same_stage(model_dir: str, stage: str) -> None:
     with tf.io.gfile.GFile(path) as handle:
         previous = TrainingConfig.from_json(handle.read(), source=path).stage
     if previous != stage:
-        raise ValueError(
+        raise InputError(
             f"{model_dir} holds checkpoints of stage {previous!r}, not {stage!r}: use a new "
             f"--model_dir and --init_from={os.path.join(model_dir, MODEL_FILE)}"
         )

@@ -200,17 +200,18 @@ def test_resuming_with_other_settings_is_refused_unless_overwrite(
     assert summary["extracted"] == 4 and summary["skipped_existing"] == 0
     manifest = FeatureStore.open(store.root).manifest
     assert manifest["extractor"]["extraction_config"]["max_image_size"] == 128
-    # Beam's store creation compares the same way (local and remote stores).
-    from delf_tf.extraction.beam_pipeline import open_or_create_store
+    # Beam's store creation (the store's prepare_store) compares the same way (local and
+    # remote stores).
+    from delf_tf.features.store import prepare_store
 
     description = extractor.describe()
     other = dict(description)
     other["extraction_config"] = {**description["extraction_config"], "max_features": 7}
     for root in (str(tmp_path / "beam_store"), "ram://frontdoor/store"):
-        open_or_create_store(root, extractor.fingerprint, description)  # creates
-        open_or_create_store(root, extractor.fingerprint, description)  # matches
+        prepare_store(root, extractor.fingerprint, description)  # creates
+        prepare_store(root, extractor.fingerprint, description)  # matches
         with pytest.raises(StoreMismatchError, match="max_features"):
-            open_or_create_store(root, extractor.fingerprint, other)
+            prepare_store(root, extractor.fingerprint, other)
 
 
 def test_help_is_command_first_and_flags_are_checked_before_tensorflow(tmp_path, capsys):

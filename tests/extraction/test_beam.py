@@ -24,7 +24,7 @@ import skimage.transform
 from PIL import Image
 
 from delf_tf.cli import main
-from delf_tf.features import FeatureStore
+from delf_tf.features import FeatureStore, StoreMismatchError
 
 REPO = Path(__file__).resolve().parents[2]
 MULTI_PROCESS = "--direct_num_workers=2 --direct_running_mode=multi_processing"
@@ -283,12 +283,14 @@ def test_an_export_refuses_settings_it_fixes(photos, exported_model, tmp_path):
 
 def test_store_writer_formats_local_and_remote(tmp_path, astronaut_small, extractor):
     """Local stores write the formats asked for (`delf extract --format`); remote ones npz only."""
+    import tensorflow as tf
+
     from delf_tf.errors import InputError
-    from delf_tf.extraction.beam_pipeline import StoreWriter, open_or_create_store
+    from delf_tf.features.store import StoreWriter, prepare_store
 
     features = extractor.extract(astronaut_small)
     root = str(tmp_path / "store")
-    formats = open_or_create_store(root, "f" * 64, {}, ("npz", "delf"))
+    formats = prepare_store(root, "f" * 64, {}, ("npz", "delf"))
     assert formats == ("npz", "delf")
     writer = StoreWriter(root, formats)
     assert "a/b.jpg" not in writer
@@ -302,8 +304,18 @@ def test_store_writer_formats_local_and_remote(tmp_path, astronaut_small, extrac
         FeatureStore.open(root).load("a/b.jpg").descriptors, features.descriptors
     )
     with pytest.raises(InputError, match="npz files only"):
-        open_or_create_store("ram://beam-formats/store", "f" * 64, {}, ("delf",))
-    assert open_or_create_store("ram://beam-formats/store", "f" * 64, {}) == ("npz",)
+        prepare_store("ram://beam-formats/store", "f" * 64, {}, ("delf",))
+    assert prepare_store("ram://beam-formats/store", "f" * 64, {}) == ("npz",)
     remote = StoreWriter("ram://beam-formats/store")
     remote.save("x.png", features)
     assert "x.png" in remote and "y.png" not in remote
+    # The remote manifest is the store's own: store_id included.
+    with tf.io.gfile.GFile("ram://beam-formats/store/manifest.json") as handle:
+        assert set(json.loads(handle.read())) == {
+            "format_version",
+            "fingerprint",
+            "extractor",
+            "store_id",
+        }
+    with pytest.raises(StoreMismatchError, match="use another --output_dir"):
+        prepare_store("ram://beam-formats/store", "e" * 64, {})

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from delf_tf.matching.neighbors import MISSING, IvfPqNeighbors, build_neighbors, sampled_recall
+from delf_tf.matching.neighbors import (
+    MISSING,
+    IvfPqNeighbors,
+    IvfPqParameters,
+    bounded_knn,
+    build_neighbors,
+    sampled_recall,
+)
 
 
 def unit(rng, shape):
@@ -76,3 +83,40 @@ def test_ivfpq_save_mmap_load_and_grow(tmp_path):
     recall = sampled_recall(writable, database, 5, 0.8, samples=200)
     assert 0.5 < recall["recall_at_k"] <= 1.0 and recall["samples"] == 200
     assert sampled_recall(build_neighbors(database, "flat"), database, 5, 0.8)["recall_at_k"] == 1.0
+
+
+@pytest.mark.parametrize("block", [7, 64, 4096])
+def test_bounded_knn_equals_brute_force_with_ties_and_pool_cuts(block):
+    rng = np.random.default_rng(5)
+    words = unit(rng, (6, 8))  # few words: many pairs within the bound, so the pool is cut
+    database = unit(rng, (700, 8)) * 0.2 + words[rng.integers(0, 6, 700)]
+    database = (database / np.linalg.norm(database, axis=1, keepdims=True)).astype(np.float32)
+    database[10:14] = database[3]  # equal distances: the lower row comes first
+    queries = np.concatenate([database[:20], unit(rng, (30, 8))])
+    exact = np.linalg.norm(queries[:, None].astype(np.float64) - database[None], axis=2)
+    order = np.lexsort((np.broadcast_to(np.arange(700), exact.shape), exact), axis=1)[:, :10]
+    nearest = np.take_along_axis(exact, order, axis=1)
+    distances, indices = bounded_knn(queries, database, 10, 0.7, block=block)
+    np.testing.assert_array_equal(indices, np.where(nearest <= 0.7, order, MISSING))
+    np.testing.assert_allclose(distances, np.where(nearest <= 0.7, nearest, np.inf), atol=1e-3)
+    assert (indices == MISSING).any() and (indices[:20] != MISSING).all()
+    assert indices[3, :5].tolist() == [3, 10, 11, 12, 13]
+    empty = bounded_knn(queries[:2], database[:0], 3, 0.7)[1]
+    assert empty.shape == (2, 3) and np.all(empty == MISSING)
+
+
+def test_fast_scan_ivfpq_saves_loads_and_finds_near_duplicates(tmp_path):
+    rng = np.random.default_rng(6)
+    database = unit(rng, (5000, 16))
+    queries = (database[:50] + rng.normal(0, 0.01, (50, 16))).astype(np.float32)
+    index = build_neighbors(database, "ivfpq", nprobe=8, subquantizers=8, bits=4)
+    assert index.parameters.bits == 4 and type(index._index).__name__ == "IndexIVFPQFastScan"
+    _, nearest = index.search(queries, 3, 0.8)
+    assert (nearest[:, 0] == np.arange(50)).mean() >= 0.9
+    index.save(tmp_path / "fs.faiss")
+    loaded = IvfPqNeighbors.load(tmp_path / "fs.faiss", database, index.parameters)
+    np.testing.assert_array_equal(loaded.search(queries, 3, 0.8)[1], nearest)
+    # Indexes saved before fast-scan record no `bits`: their parameters read as 8-bit.
+    old = {k: v for k, v in index.parameters.to_dict().items() if k != "bits"}
+    assert IvfPqParameters.from_dict(old).bits == 8
+    assert index.memory_bytes() < 16 * 5000  # 4-byte codes + 8-byte ids

@@ -1,7 +1,7 @@
 """Released reference models: detection, presets, extraction equal to the reference's way,
 export for TF Serving, serving over gRPC and REST.
 
-The releases cannot be downloaded here; `delf_tf.releases.synthetic` writes TF1 graph
+The releases cannot be downloaded here; `delf_tf.testing.synthetic_releases` writes TF1 graph
 SavedModels with the same feeds, fetches and semantics (no signature, v1 control flow,
 TF1 ref variables for DELF and resource variables for DELG).
 """
@@ -27,7 +27,7 @@ from PIL import Image
 from delf_tf.errors import ConfigError
 from delf_tf.releases.folder import find_release
 from delf_tf.releases.presets import DELG_SCALES, RELEASE_PRESETS
-from delf_tf.releases.synthetic import build_many_in_subprocess
+from delf_tf.testing.synthetic_releases import build_many_in_subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -117,10 +117,10 @@ def test_auto_backend_choice_and_derived_parameters():
     assert choose_backend(AUTO_EXACT_MAX_DESCRIPTORS + 1) == "ivfpq"
     assert choose_backend(100_000_000) == "ivfpq-hnsw"
     small, large = ivfpq_parameters(1_000_000, 40), ivfpq_parameters(100_000_000, 40)
-    assert (small.nlist, small.subquantizers, small.quantizer) == (4096, 20, "flat")
+    assert (small.nlist, small.subquantizers, small.quantizer) == (4096, 40, "flat")
+    assert (small.bits, small.refine) == (4, 5)  # fast-scan: 40 4-bit codes, 20 bytes
     assert (large.nlist, large.quantizer) == (32768, "hnsw")
-    assert 20 + 8 <= 64  # bytes per descriptor: 20-byte PQ code + 8-byte id
-    assert ivfpq_parameters(1000, 128).subquantizers == 32
+    assert ivfpq_parameters(1000, 128).subquantizers == 64
 
 
 def test_auto_builds_exact_for_small_and_ivfpq_beyond_the_threshold(tmp_path, monkeypatch):

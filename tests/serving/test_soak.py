@@ -1,7 +1,7 @@
 """A short soak of `delf serve` (issue 12): good traffic stays correct and fast while bad
 requests and 100 stalled connections hit the server; bench/soak.py runs the 2-minute one."""
 
-from delf_tf.serving.soak import run_soak
+from delf_tf.testing.soak import run_soak
 
 
 def test_soak_good_requests_survive_hostile_traffic(exported_model):

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import flags
 
 from delf_tf.config import ModelConfig, TrainingConfig
-from delf_tf.training.synthetic import write_pattern_dataset
+from delf_tf.testing.synthetic_training import write_pattern_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL = ModelConfig(backbone="tiny", feature_depth=32, attention_hidden_units=16)

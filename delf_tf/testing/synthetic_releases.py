@@ -6,7 +6,7 @@ dtypes and semantics (OFFICIAL_DELF.md section 1): no signature_def, a
 `tf.compat.v1` graph with v1 control flow (Enter/Exit/Merge/Switch), TF1
 variables, randomly initialised (seeded) weights.
 
-    python -m delf_tf.releases.synthetic --output_dir=/tmp/r50delg_gld_20200814 --kind=delg
+    python -m delf_tf.testing.synthetic_releases --output_dir=/tmp/r50delg_gld_20200814 --kind=delg
 
 Graph (per scale s of `input_scales`, in a v1 while loop):
   x = (float(image) - 128) / 128; resize_bilinear (TF1 op: no half-pixel centres)
@@ -298,7 +298,7 @@ def build_many_in_subprocess(specs: list[tuple]) -> list[Path]:
         f"build({str(out)!r}, {kind!r}, {size!r}, {seed}, {resource})"
         for out, kind, size, seed, resource in specs
     )
-    command = [sys.executable, "-c", f"from delf_tf.releases.synthetic import build; {calls}"]
+    command = [sys.executable, "-c", f"from {__name__} import build; {calls}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:

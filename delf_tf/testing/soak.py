@@ -12,7 +12,7 @@ phases with the same 8 gRPC + 8 REST client threads:
 Returns a JSON-able dict: per phase the count, errors and p50 / p95 latency of
 good requests, the bad requests whose answer was not the expected refusal, the
 server's RSS (start of load, peak, growth) and whether it still answered and
-exited 0 on SIGTERM after the run. Used by tests/test_soak.py (short) and
+exited 0 on SIGTERM after the run. Used by tests/serving/test_soak.py (short) and
 bench/soak.py (2 minutes). Everything stops by itself: phases are timed and
 every socket has a timeout.
 """
