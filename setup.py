@@ -33,7 +33,16 @@ setup(
     extras_require={
         # The Milvus back end of first-stage retrieval (Milvus Lite: embedded, no server).
         "milvus": ["pymilvus", "milvus-lite"],
-        "dev": ["pytest", "pytest-xdist", "ruff", "selenium", "pymilvus", "milvus-lite"],
+        # jax[cpu]: tests/model/test_backends.py builds every architecture on JAX too.
+        "dev": [
+            "pytest",
+            "pytest-xdist",
+            "ruff",
+            "selenium",
+            "jax[cpu]",
+            "pymilvus",
+            "milvus-lite",
+        ],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

@@ -6,7 +6,11 @@ Three ways to run the same release on the same photos, in one run:
 - in_process: `delf extract --model=RELEASE` (the release's graph inside the one
   extraction graph: size limits, network, post-processing all in TensorFlow);
 - served: the `delf export` of the release behind `delf serve` (gRPC), the file's
-  own bytes in one request per photo.
+  own bytes in one request per photo;
+- converted / converted_bfloat16: the release converted to its Keras architecture
+  (`delf convert`) in the same extraction graph, in float32 and bfloat16, with its
+  parity to in_process (keypoints within 0.01 px at the same level, smallest
+  descriptor cosine, global cosine: acceptance >= 0.99, 0.9999, 0.9999 in float32).
 Prints JSON: median seconds per photo of each (after a warm-up photo), the ratios to
 the reference, and the largest feature difference to the reference (the modes must
 agree: same keypoints, descriptors to 1e-5).
@@ -37,7 +41,11 @@ flags.DEFINE_integer("num_images", 5, "photos measured (plus one warm-up)")
 flags.DEFINE_float(
     "score_threshold", None, "override of the preset's threshold (random weights score low)"
 )
-flags.DEFINE_list("modes", ["reference", "in_process", "served"], "what to measure")
+flags.DEFINE_list(
+    "modes",
+    ["reference", "in_process", "served", "converted", "converted_bfloat16"],
+    "what to measure",
+)
 flags.mark_flag_as_required("images")
 
 
@@ -102,6 +110,16 @@ def main(argv: list[str]) -> None:
             runners["reference"], inputs["reference"] = reference.extract, photos
         if "in_process" in FLAGS.modes:
             runners["in_process"], inputs["in_process"] = extractor.extract, photos
+        for mode, precision in (("converted", "float32"), ("converted_bfloat16", "bfloat16")):
+            if mode in FLAGS.modes:
+                from delf_tf.extraction.extractor import InProcessExtractor
+                from delf_tf.releases.convert import convert_release
+
+                model = convert_release(release_dir).model
+                converted = InProcessExtractor.from_model(
+                    model, config.replace(precision=precision), pca
+                )
+                runners[mode], inputs[mode] = converted.extract, photos
         if "served" in FLAGS.modes:
             from delf_tf.export import export_saved_model
             from delf_tf.serving.client import ServingExtractor
@@ -127,6 +145,26 @@ def main(argv: list[str]) -> None:
             for mode, found in results.items()
             if mode != "reference"
         }
+    if "in_process" in results:
+        from delf_tf.releases.convert import feature_parity
+
+        for mode in ("converted", "converted_bfloat16"):
+            if mode in results:
+                rows = [
+                    feature_parity(ours, theirs)
+                    for ours, theirs in zip(results[mode], results["in_process"], strict=True)
+                ]
+                report.setdefault("parity_to_in_process", {})[mode] = {
+                    "keypoints_min": min(row["keypoints"] for row in rows),
+                    "descriptor_cosine_min": min(
+                        (row["descriptor_cosine"] for row in rows if row["descriptor_cosine"]),
+                        default=None,
+                    ),
+                    "global_cosine_min": min(
+                        (row["global_cosine"] for row in rows if row["global_cosine"]),
+                        default=None,
+                    ),
+                }
     print(json.dumps(report, indent=1))
 
 

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "match": ("match", "match two images (nearest neighbours + RANSAC), draw the matches", True),
     "evaluate": ("evaluate", "mAP / mP@k on Oxford5k, ROxford5k, RParis6k or a JSON set", True),
     "export": ("export", "export a SavedModel that TF Serving serves as it is", True),
+    "convert": ("convert", "a released reference model as a Keras model file (.keras)", True),
     "serve": ("serve", "TF Serving's gRPC/REST APIs over exports (dev and CI stand-in)", True),
     "train": ("train", "train one DELF stage (descriptor, attention, joint) with tf.data", True),
     "build-tfrecords": ("build_tfrecords", "write labelled images as sharded TFRecords", True),

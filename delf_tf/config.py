@@ -17,6 +17,9 @@ T = TypeVar("T", bound="JsonConfig")
 
 # Backbones of ModelConfig.backbone; ResNet50's conv4 output has 1024 channels.
 BACKBONES: tuple[str, ...] = ("resnet50", "tiny")
+# Network architectures (ModelConfig.architecture): the paper's DelfModel, and the two
+# released reference networks as Keras models (delf_tf.model.reference_nets).
+ARCHITECTURES: tuple[str, ...] = ("delf", "resnet_v1_50", "delg_resnet50")
 RESNET50_FEATURE_DEPTH = 1024
 
 # Image pyramid of the paper: 7 scales, a factor sqrt(2) apart, 0.25 .. 2.0.
@@ -97,7 +100,14 @@ class ModelConfig(JsonConfig):
         experiments; no pretrained weights). Both have stride 16 and take
         caffe-preprocessed input.
       feature_depth: channels of the backbone output (the raw descriptor size):
-        fixed at 1024 for resnet50, any value >= 1 for tiny (e.g. 64).
+        fixed at 1024 for resnet50, any value >= 1 for tiny (e.g. 64). The paper's
+        architecture only.
+      architecture: "delf" (the paper's DelfModel), "resnet_v1_50" (tf-slim
+        resnet_v1_50 + attention, as the release delf_gld_20190411) or "delg_resnet50"
+        (the reference TF2 ResNet50 with attention, autoencoder and GeM global head, as
+        the DELG releases); `backbone` then picks the size ("resnet50": the releases',
+        "tiny": a small copy of the same structure for tests). Each carries its input
+        convention (delf_tf.model.reference_nets.INPUT_CONVENTIONS).
     """
 
     num_classes: int = 0
@@ -105,8 +115,10 @@ class ModelConfig(JsonConfig):
     weight_decay: float = 1e-4
     backbone: str = "resnet50"
     feature_depth: int = RESNET50_FEATURE_DEPTH
+    architecture: str = "delf"
 
     def __post_init__(self) -> None:
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "resnet50" and self.feature_depth != RESNET50_FEATURE_DEPTH:

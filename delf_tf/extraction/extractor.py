@@ -200,7 +200,17 @@ def build_extractor(
         return InProcessExtractor.from_model(
             delf_model, config, pca_params, source=str(model), pca_file=pca
         )
-    delf_model = build_delf_model(model_config, weights=weights, seed=seed)
+    if model_config is not None and model_config.architecture != "delf":
+        from delf_tf.model.reference_nets import build_reference_model
+
+        if weights not in (None, "random"):
+            raise ConfigError(
+                f"architecture {model_config.architecture}: weights come from a release "
+                "(delf convert), not --weights"
+            )
+        delf_model = build_reference_model(model_config, seed=seed)
+    else:
+        delf_model = build_delf_model(model_config, weights=weights, seed=seed)
     source = f"DelfModel weights={weights}" + (f" seed={seed}" if weights == "random" else "")
     return InProcessExtractor.from_model(
         delf_model, config, pca_params, source=source, pca_file=pca

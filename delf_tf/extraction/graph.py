@@ -93,15 +93,16 @@ class ExtractionModule(tf.Module):
         super().__init__(name="delf_extraction")
         from delf_tf.extraction.keras_network import KerasNetwork
         from delf_tf.model.delf import DelfModel
+        from delf_tf.model.reference_nets import ReferenceModel
 
-        if isinstance(network, DelfModel):
+        if isinstance(network, (DelfModel, ReferenceModel)):
             network = KerasNetwork(
                 network, iou_threshold=config.iou_threshold, precision=config.precision
             )
         elif config.precision != "float32" and not isinstance(network, KerasNetwork):
             raise ConfigError(
-                f"precision {config.precision!r} applies to DelfModels; a released TF1 graph "
-                "runs in float32"
+                f"precision {config.precision!r} applies to Keras models; a released TF1 graph "
+                "runs in float32 (convert it to a Keras model first: delf convert)"
             )
         self.network = network
         self.config = config
@@ -223,8 +224,9 @@ def extractor_fingerprint(network, config: ExtractionConfig, pca: PcaParams | No
     """
     from delf_tf.extraction.keras_network import KerasNetwork
     from delf_tf.model.delf import DelfModel
+    from delf_tf.model.reference_nets import ReferenceModel
 
-    if isinstance(network, DelfModel):
+    if isinstance(network, (DelfModel, ReferenceModel)):
         network = KerasNetwork(network)
     digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
     network.update_fingerprint(digest)

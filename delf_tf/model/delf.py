@@ -42,9 +42,15 @@ class DelfModel(keras.Model):
         weight_decay: float = 1e-4,
         backbone: str = "resnet50",
         feature_depth: int = RESNET50_FEATURE_DEPTH,
+        architecture: str = "delf",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if architecture != "delf":
+            raise ConfigError(
+                f"architecture {architecture!r} is a ReferenceModel "
+                "(delf_tf.model.reference_nets), not a DelfModel"
+            )
         self.config = ModelConfig(
             num_classes=num_classes,
             attention_hidden_units=attention_hidden_units,
@@ -131,6 +137,11 @@ def build_delf_model(
     other than random exist only for the ResNet50 backbone (ConfigError otherwise).
     """
     config = config or ModelConfig()
+    if config.architecture != "delf":
+        raise ConfigError(
+            f"architecture {config.architecture!r}: build it with build_reference_model, or "
+            "convert a release (delf convert)"
+        )
     if config.backbone != "resnet50" and weights not in (None, "random"):
         raise ConfigError(
             f"backbone weights {str(weights)!r} exist only for backbone 'resnet50', not "

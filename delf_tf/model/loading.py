@@ -11,6 +11,7 @@ import tensorflow as tf
 from delf_tf.config import ModelConfig
 from delf_tf.errors import InputError
 from delf_tf.model.delf import DelfModel, build_delf_model
+from delf_tf.model.reference_nets import ReferenceModel, build_reference_model
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -30,15 +31,20 @@ def load_delf_model(path: str | os.PathLike, model_config: ModelConfig | None = 
         if not path.is_file():
             raise InputError(f"{path}: no such model file")
         model = keras.saving.load_model(path, compile=False)
-        if not isinstance(model, DelfModel):
-            raise InputError(f"{path}: holds a {type(model).__name__}, not a DelfModel")
+        if not isinstance(model, (DelfModel, ReferenceModel)):
+            raise InputError(
+                f"{path}: holds a {type(model).__name__}, not a DelfModel or ReferenceModel"
+            )
         return model
     prefix = _checkpoint_prefix(path)
     folder = Path(prefix).parent
     if model_config is None:
         config_file = folder / MODEL_CONFIG_FILE
         model_config = ModelConfig.load(config_file) if config_file.is_file() else ModelConfig()
-    model = build_delf_model(model_config.replace(num_classes=0))
+    if model_config.architecture != "delf":
+        model = build_reference_model(model_config.replace(num_classes=0))
+    else:
+        model = build_delf_model(model_config.replace(num_classes=0))
     status = tf.train.Checkpoint(model=model).read(prefix)
     try:
         status.expect_partial().assert_existing_objects_matched()

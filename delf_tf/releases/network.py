@@ -11,8 +11,10 @@ write the graph without their values. `ReleaseNetwork` instead
 3. holds the values as `tf.Variable`s (tracked, so exports save them), and on
    each call imports that GraphDef into the calling graph with `input_map`
    binding the feeds to the call's tensors and the variable placeholders to the
-   variables. The release's ops, v1 control flow (Enter/Exit/Merge/Switch) and
-   weights run unchanged: the numbers are the release's.
+   variables. The release's ops, v1 control flow (Enter/Exit/Merge/Switch), and
+   the function calls, v2 While/If and library functions of TF2-exported graphs
+   (variables passed to them become value arguments of copies of the functions)
+   run unchanged with the release's weights: the numbers are the release's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from tensorflow.core.framework import function_pb2
 
 from delf_tf.errors import InputError
 from delf_tf.releases.folder import ReleaseFolder
@@ -74,34 +77,232 @@ _PASS_THROUGH = {
     "RefMerge": "Merge",
 }
 _REF_OFFSET = 100  # DataType enum: DT_FLOAT_REF = DT_FLOAT + 100, ...
+_RESOURCE = tf.resource.as_datatype_enum
+# Ops that pass a resource on to a library function (TF2 exports, v2 control flow):
+# op -> (its type-list attribute of the inputs, first input that maps to a function
+# argument, the attributes naming the functions).
+_FUNCTION_OPS = {
+    "StatefulPartitionedCall": ("Tin", 0, ("f",)),
+    "PartitionedCall": ("Tin", 0, ("f",)),
+    "While": ("T", 0, ("cond", "body")),
+    "StatelessWhile": ("T", 0, ("cond", "body")),
+    "If": ("Tin", 1, ("then_branch", "else_branch")),
+    "StatelessIf": ("Tin", 1, ("then_branch", "else_branch")),
+}
+# Attributes that describe the resource inputs or outputs, stale once they carry values.
+_STALE_ATTRS = ("_output_shapes", "_read_only_resource_inputs", "_input_shapes")
+
+
+def _normal_ref(ref: str, in_function: bool) -> str:
+    """A tensor reference in one spelling: `node:index` in a graph (`node` is output 0);
+    function bodies spell `arg` or `node:output_name:index` already."""
+    if in_function or ":" in ref:
+        return ref
+    return f"{ref}:0"
+
+
+class _ValueRewriter:
+    """Makes variables flow as values through a GraphDef and its function library.
+
+    Starting from the variable nodes (turned into placeholders of their values by
+    `_as_value_graph`), it follows each variable through the ops that pass it on
+    and retypes them: ReadVariableOp becomes Identity; Identity, the v1 control
+    flow ops and their Ref forms take the value's type; a function call, While or
+    If (v2 control flow and the StatefulPartitionedCall of TF2 exports) gets a copy
+    of its functions whose arguments are values, retyped the same way inside
+    (recursively), and passes values on through its outputs where the functions
+    return them (a While's loop variables). Any other use of a resource variable
+    (an assignment, a gather on the resource, ...) is refused; a ref variable's
+    other consumers take its value as they did.
+    """
+
+    def __init__(self, library: function_pb2.FunctionDefLibrary, ref_owners: set[str]):
+        self.library = library
+        self.ref_owners = ref_owners
+        self.functions = {f.signature.name: f for f in library.function}
+        self.copies: dict[tuple, tuple[str, dict[int, int]]] = {}
+        self.originals: dict[str, str] = {}  # copy name -> the function it copies
+
+    def rewrite(
+        self, nodes, starts: list[tuple[str, int, str]], in_function: bool
+    ) -> tuple[dict[str, int], set[str]]:
+        """Retypes `nodes` (a graph's or a function's) from the value references `starts`
+        [(reference, dtype, variable name)]. Returns ({reference: dtype} of what now
+        carries values, names of the ReadVariableOps that became Identity)."""
+        consumers: dict[str, list[tuple[Any, int]]] = {}
+        for node in nodes:
+            for position, name in enumerate(node.input):
+                if not name.startswith("^"):
+                    key = _normal_ref(name, in_function)
+                    consumers.setdefault(key, []).append((node, position))
+        values: dict[str, int] = {}
+        reads: set[str] = set()
+        calls: dict[str, tuple[Any, dict[int, int], str]] = {}
+        done: dict[str, dict[int, int]] = {}
+        pending = list(starts)
+        while pending:
+            while pending:
+                ref, dtype, owner = pending.pop()
+                if ref in values:
+                    continue
+                values[ref] = dtype
+                for node, position in consumers.get(ref, []):
+                    pending.extend(
+                        self._consume(node, position, dtype, owner, in_function, calls, reads)
+                    )
+            for name, (node, positions, owner) in calls.items():
+                if done.get(name) == positions:
+                    continue
+                done[name] = dict(positions)
+                for index, dtype in self._retype_call(node, positions, owner).items():
+                    ref = f"{node.name}:output:{index}" if in_function else f"{node.name}:{index}"
+                    pending.append((ref, dtype, owner))
+        return values, reads
+
+    def _consume(self, node, position, dtype, owner, in_function, calls, reads) -> list[tuple]:
+        """Retypes `node`, whose input `position` now carries a value; returns the
+        references it passes the value on to."""
+        if node.op == "ReadVariableOp":
+            node.op = "Identity"
+            del node.attr["dtype"]
+            node.attr["T"].type = dtype
+            reads.add(node.name)
+            return []
+        if node.op in _PASS_THROUGH:
+            if node.attr["T"].type not in (dtype + _REF_OFFSET, _RESOURCE):
+                return []  # e.g. the `/read` Identity of a ref variable: plain already
+            node.op = _PASS_THROUGH[node.op]
+            node.attr["T"].type = dtype
+            if in_function:
+                return [(f"{node.name}:output:0", dtype, owner)]
+            outputs = 2 if node.op == "Switch" else 1
+            return [(f"{node.name}:{index}", dtype, owner) for index in range(outputs)]
+        if node.op in _FUNCTION_OPS:
+            first = _FUNCTION_OPS[node.op][1]
+            if position < first:
+                raise InputError(f"variable {owner} is the condition of {node.op} op {node.name}")
+            calls.setdefault(node.name, (node, {}, owner))[1][position - first] = dtype
+            return []
+        if owner in self.ref_owners:
+            return []  # a ref variable read in place: the op takes the value
+        raise InputError(
+            f"variable {owner} is used by a {node.op} op ({node.name}); delf-tf reads release "
+            "variables through ReadVariableOp, Identity, control flow and function calls only"
+        )
+
+    def _retype_call(self, node, positions: dict[int, int], owner: str) -> dict[int, int]:
+        """Points a call, While or If node at copies of its functions whose arguments
+        `positions` are values; returns {output index: dtype} of the outputs that now
+        carry values."""
+        types_attr, _, function_attrs = _FUNCTION_OPS[node.op]
+        for index, dtype in positions.items():
+            node.attr[types_attr].list.type[index] = dtype
+        outputs: dict[int, int] | None = None
+        for attr in function_attrs:
+            original = node.attr[attr].func.name
+            original = self.originals.get(original, original)
+            name, returned = self._copy(original, positions, owner)
+            node.attr[attr].func.name = name
+            if attr == "cond":
+                continue  # a While's condition returns the boolean only
+            if outputs is not None and returned != outputs:
+                raise InputError(f"{node.op} op {node.name}: its branches return different types")
+            outputs = returned
+        outputs = outputs or {}
+        is_loop = node.op in ("While", "StatelessWhile")
+        if is_loop and outputs != positions:
+            raise InputError(f"{node.op} op {node.name}: variable {owner} is not loop-invariant")
+        if not is_loop:
+            for index, dtype in outputs.items():
+                node.attr["Tout"].list.type[index] = dtype
+        if "output_shapes" in node.attr:
+            for index in outputs:
+                shape = node.attr["output_shapes"].list.shape[index]
+                shape.Clear()
+                shape.unknown_rank = True
+        for attr in _STALE_ATTRS:
+            node.attr.pop(attr, None)
+        return outputs
+
+    def _copy(self, name: str, positions: dict[int, int], owner: str) -> tuple[str, dict]:
+        """(the name of a copy of function `name` whose arguments `positions` are values,
+        {output index: dtype} of its outputs that return values)."""
+        key = (name, tuple(sorted(positions.items())))
+        if key in self.copies:
+            return self.copies[key]
+        source = self.functions.get(name)
+        if source is None:
+            raise InputError(f"variable {owner} flows into function {name}, not in the graph")
+        function = function_pb2.FunctionDef()
+        function.CopyFrom(source)
+        copy_name = f"{name}_delf_values_{len(self.copies)}"
+        function.signature.name = copy_name
+        for attr in _STALE_ATTRS:
+            function.attr.pop(attr, None)
+        starts = []
+        for index, dtype in positions.items():
+            argument = function.signature.input_arg[index]
+            if argument.type != _RESOURCE:
+                raise InputError(
+                    f"variable {owner} flows into argument {argument.name} of function "
+                    f"{name}, which is not a resource"
+                )
+            argument.type = dtype
+            if index in function.arg_attr:
+                for attr in ("_output_shapes", "_handle_dtypes", "_handle_shapes"):
+                    function.arg_attr[index].attr.pop(attr, None)
+            if index in function.resource_arg_unique_id:
+                del function.resource_arg_unique_id[index]
+            starts.append((argument.name, dtype, owner))
+        for node in function.node_def:
+            for attr in _STALE_ATTRS:
+                node.attr.pop(attr, None)
+        self.copies[key] = (copy_name, {})  # recursive calls see the name
+        self.originals[copy_name] = name
+        values, reads = self.rewrite(function.node_def, starts, in_function=True)
+        # A ReadVariableOp's output is `value`, an Identity's is `output`.
+        renamed = {f"{read}:value:0": f"{read}:output:0" for read in reads}
+        for node in function.node_def:
+            for position, ref in enumerate(node.input):
+                if ref in renamed:
+                    node.input[position] = renamed[ref]
+        returned = {}
+        for index, argument in enumerate(function.signature.output_arg):
+            ref = function.ret[argument.name]
+            if ref in renamed:
+                function.ret[argument.name] = renamed[ref]
+            elif ref in values:
+                argument.type = values[ref]
+                returned[index] = values[ref]
+        self.library.function.append(function)
+        self.functions[copy_name] = function
+        self.copies[key] = (copy_name, returned)
+        return copy_name, returned
 
 
 def _as_value_graph(
     graph_def: tf.compat.v1.GraphDef, owners: dict[str, str]
 ) -> tf.compat.v1.GraphDef:
-    """A copy where every variable is a float placeholder of its value.
+    """A copy where every variable is a placeholder of its value.
 
     Variable nodes (`owners`: name -> op) become placeholders of the variable's
-    dtype; the ref or resource types on the pass-through ops after them (Enter,
-    Identity, Switch, Merge and their Ref forms) become plain types, and each
-    ReadVariableOp becomes an Identity. The graph then reads no variable inside
-    its loops (no stateful op there), so it can run inside tf.function branches
-    and loops, and the values come from the caller. Device and colocation pins
-    and recorded output shapes are dropped.
+    dtype; the ops the variable flows through are retyped by `_ValueRewriter`
+    (ReadVariableOp -> Identity; pass-through and control flow ops, function
+    calls, While and If with copies of their functions). The graph then reads no
+    variable inside its loops (no stateful op there), so it can run inside
+    tf.function branches and loops, and the values come from the caller. Device
+    and colocation pins and recorded output shapes are dropped.
     """
     result = tf.compat.v1.GraphDef()
     result.CopyFrom(graph_def)
-    consumers: dict[str, list] = {}
     for node in result.node:
         node.device = ""
         for attr in ("_class", "_output_shapes"):  # pins and shapes of the old types
             if attr in node.attr:
                 del node.attr[attr]
-        for name in node.input:
-            if not name.startswith("^"):
-                consumers.setdefault(name.split(":")[0], []).append(node)
     by_name = {node.name: node for node in result.node}
-    for owner, op in owners.items():
+    starts = []
+    for owner in owners:
         node = by_name[owner]
         dtype = node.attr["dtype"].type
         shape = tf.compat.v1.AttrValue()
@@ -110,30 +311,9 @@ def _as_value_graph(
         node.name, node.op = owner, "Placeholder"
         node.attr["dtype"].type = dtype
         node.attr["shape"].CopyFrom(shape)
-        pending, seen = list(consumers.get(owner, [])), {owner}
-        while pending:
-            consumer = pending.pop()
-            if consumer.name in seen:
-                continue
-            seen.add(consumer.name)
-            if consumer.op == "ReadVariableOp":
-                consumer.op = "Identity"
-                del consumer.attr["dtype"]
-                consumer.attr["T"].type = dtype
-            elif consumer.op in _PASS_THROUGH:
-                if consumer.attr["T"].type not in (
-                    dtype + _REF_OFFSET,
-                    tf.resource.as_datatype_enum,
-                ):
-                    continue  # e.g. the `/read` Identity of a ref variable: plain already
-                consumer.op = _PASS_THROUGH[consumer.op]
-                consumer.attr["T"].type = dtype
-                pending.extend(consumers.get(consumer.name, []))
-            elif op in _RESOURCE_VARIABLE_OPS:
-                raise InputError(
-                    f"variable {owner} is used by a {consumer.op} op ({consumer.name}); delf-tf "
-                    "reads release variables through ReadVariableOp only"
-                )
+        starts.append((f"{owner}:0", dtype, owner))
+    ref_owners = {owner for owner, op in owners.items() if op in _REF_VARIABLE_OPS}
+    _ValueRewriter(result.library, ref_owners).rewrite(result.node, starts, in_function=False)
     return result
 
 

@@ -35,17 +35,21 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def releases(tmp_path_factory):
     """Synthetic release folders: DELF (ref variables + pca/), DELG (resource variables),
-    and a DELG release under a name the project does not know."""
+    a DELG release under a name the project does not know, and a DELG release made the
+    way the reference's TF2 exporter makes one (a tf.function called from a TF1 graph:
+    StatefulPartitionedCall, v2 While and If, nested function calls)."""
     root = tmp_path_factory.mktemp("releases")
     folders = {
         "delf": root / "delf_gld_20190411",
         "delg": root / "r50delg_gld_20200814",
         "unknown": root / "my_own_delg",
+        "function": root / "tf2_export" / "r50delg_gld_20200814",
     }
     build_many_in_subprocess(
         [
             (folders["delf"], "delf", "tiny", 0, False),
             (folders["delg"], "delg", "tiny", 1, True),
+            (folders["function"], "delg", "tiny", 2, True, "function"),
         ]
     )
     shutil.copytree(folders["delg"], folders["unknown"])  # the same graph, a name not known
@@ -148,6 +152,29 @@ def test_delg_release_extracts_what_the_reference_extractor_computes(
     assert ours.descriptors.shape[1] == 128 and ours.global_descriptor.shape == (2048,)
     np.testing.assert_allclose(np.linalg.norm(ours.global_descriptor), 1.0, atol=1e-6)
     assert ours.keypoints[:, 0].max() > 256  # original-image pixels, not resized ones
+
+
+def test_function_call_release_extracts_what_the_reference_extractor_computes(releases, photo):
+    """Variables flowing into StatefulPartitionedCall, library functions, v2 While and If:
+    what the reference's prune accepts, ReleaseNetwork runs, with the same numbers."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from delf_tf.extraction.extractor import build_extractor
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((releases["function"] / "saved_model.pb").read_bytes())
+    graph = saved_model.meta_graphs[0].graph_def
+    top_ops = {node.op for node in graph.node}
+    function_ops = {node.op for f in graph.library.function for node in f.node_def}
+    assert "StatefulPartitionedCall" in top_ops and "Enter" not in top_ops
+    assert {"While", "If", "StatefulPartitionedCall"} <= function_ops
+    threshold = median_score_threshold(releases["function"], photo)
+    overrides = {"max_image_size": 256, "score_threshold": threshold}
+    extractor = build_extractor(model=releases["function"], overrides=overrides)
+    ours = extractor.extract(photo)
+    expected = reference_extract(releases["function"], extractor.config).extract(photo)
+    assert_same_features(ours, expected)
+    assert ours.global_descriptor.shape == (2048,)
 
 
 def test_delf_release_applies_its_pca_as_the_reference_does(releases, photo):
