@@ -47,7 +47,24 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         None,
         NEIGHBOR_BACKENDS,
         "k-NN structure of the votes ranking; auto (default for a new index): exact FAISS "
-        "search up to 50 000 descriptors, IVF-PQ beyond; kdtree/brute are built at load",
+        "search up to 50 000 descriptors, IVF-PQ beyond; kdtree/brute are built at load; "
+        "milvus: the votes ranking's descriptors AND the global descriptors go into "
+        "Milvus collections at --milvus_uri (ASMK stays FAISS); default: the index's",
+        **define,
+    )
+    flags.DEFINE_string(
+        "milvus_uri",
+        None,
+        "with --backend=milvus: a Milvus Lite file (PATH.db, embedded, one process at a "
+        "time) or a Milvus server URL (http://host:19530); default with --append: the "
+        "index's",
+        **define,
+    )
+    flags.DEFINE_string(
+        "features_uri",
+        None,
+        "with --backend=milvus: where search workers read --features' store (a copy at "
+        "gs://BUCKET/features, read through tf.io.gfile); default: --features",
         **define,
     )
     flags.DEFINE_integer(
@@ -105,8 +122,18 @@ def _write(flag_values, store, output: Path, index_types) -> int:
     else:
         index = Index.from_store(store, flag_values.images)
         added = index.num_images
+    milvus = flag_values.backend == "milvus" or any(
+        header.get("backend") == "milvus" for header in index.structures.values()
+    )
+    if flag_values.milvus_uri and not milvus:
+        raise InputError("--milvus_uri needs --backend=milvus (or an index built with it)")
     report = index.build_structures(
         backend=flag_values.backend,
+        milvus_uri=flag_values.milvus_uri,
+        milvus_prefix=milvus_prefix(output) if milvus else None,
+        stores={store.identity: flag_values.features_uri or str(Path(store.root).resolve())}
+        if milvus
+        else None,
         votes=None if index_types is None else "votes" in index_types,
         asmk=None if index_types is None else "asmk" in index_types,
         codebook_size=flag_values.codebook_size,
@@ -127,3 +154,12 @@ def _write(flag_values, store, output: Path, index_types) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def milvus_prefix(output: Path) -> str:
+    """The Milvus collection prefix of the index at `output` (one per index folder, so
+    a rerun after a kill finds and drops what the killed run left)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(output.resolve()).encode("utf-8")).hexdigest()
+    return f"delf_{digest[:12]}"

@@ -90,32 +90,38 @@ class LocalFeatures:
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | BinaryIO,
         max_features: int | None = None,
         max_dim: int | None = None,
         max_global_dim: int | None = None,
+        where: str | None = None,
     ) -> LocalFeatures:
-        """Reads a `.npz` of `save`; FeatureFileError (one line naming the file) for
-        anything else: not a regular file (a fifo is never opened), a member that is
-        not a float array, shapes that disagree, NaN or infinite values, or more than
-        `max_features` rows / `max_dim` columns / `max_global_dim` global dimensions
-        (default FALLBACK_MAX_FEATURES / FALLBACK_MAX_DIM). Those bounds are checked on the `.npy` headers and the zip
-        members' declared sizes, before any array is inflated: a small file that
-        claims gigabytes costs nothing."""
-        path = Path(path)
+        """Reads a `.npz` of `save` from a path or a seekable binary file (`where` names
+        it in errors); FeatureFileError (one line naming the file) for anything else:
+        not a regular file (a fifo is never opened), a member that is not a float array,
+        shapes that disagree, NaN or infinite values, or more than `max_features` rows /
+        `max_dim` columns / `max_global_dim` global dimensions (default
+        FALLBACK_MAX_FEATURES / FALLBACK_MAX_DIM). Those bounds are checked on the `.npy`
+        headers and the zip members' declared sizes, before any array is inflated: a
+        small file that claims gigabytes costs nothing."""
+        source = path if hasattr(path, "read") else Path(path)
+        path = where or source
         max_features = max_features or FALLBACK_MAX_FEATURES
         max_dim = max_dim or FALLBACK_MAX_DIM
         max_global_dim = max_global_dim or FALLBACK_MAX_DIM
+        if isinstance(source, Path):
+            try:
+                mode = os.stat(source).st_mode
+            except OSError as error:
+                raise FeatureFileError(f"{path}: cannot read ({error.strerror})") from error
+            if not stat.S_ISREG(mode):
+                raise FeatureFileError(f"{path}: not a regular file ({_kind(mode)})")
         try:
-            mode = os.stat(path).st_mode
-        except OSError as error:
-            raise FeatureFileError(f"{path}: cannot read ({error.strerror})") from error
-        if not stat.S_ISREG(mode):
-            raise FeatureFileError(f"{path}: not a regular file ({_kind(mode)})")
-        try:
-            with zipfile.ZipFile(path) as archive:
+            with zipfile.ZipFile(source) as archive:
                 _check_members(path, archive, max_features, max_dim, max_global_dim)
-            with np.load(path, allow_pickle=False) as data:
+            if not isinstance(source, Path):
+                source.seek(0)
+            with np.load(source, allow_pickle=False) as data:
                 missing = [name for name in FIELDS if name not in data.files]
                 if missing:
                     raise FeatureFileError(f"{path}: missing array(s) {missing}")
