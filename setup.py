@@ -31,8 +31,18 @@ setup(
         "prometheus-client",
     ],
     extras_require={
+        # The Milvus back end of first-stage retrieval (Milvus Lite: embedded, no server).
+        "milvus": ["pymilvus", "milvus-lite"],
         # jax[cpu]: tests/model/test_backends.py builds every architecture on JAX too.
-        "dev": ["pytest", "pytest-xdist", "ruff", "selenium", "jax[cpu]"],
+        "dev": [
+            "pytest",
+            "pytest-xdist",
+            "ruff",
+            "selenium",
+            "jax[cpu]",
+            "pymilvus",
+            "milvus-lite",
+        ],
     },
     entry_points={"console_scripts": ["delf=delf_tf.cli:run_main"]},
 )

@@ -19,6 +19,19 @@ by RANSAC inliers exactly as `delf search` does (`Searcher.search`, top 10):
   votes-ivfpq-hnsw k-NN votes, IVF-PQ, HNSW coarse quantizer
   asmk             ASMK* (default codebook size for the data)
   global           inner product of global descriptors
+  votes-ivfpq-ondisk  k-NN votes, IVF-PQ built by streaming: trained on a sample,
+                   added in shards of `--shard_rows` (one FAISS file each, skipped
+                   when present: resumable), merged into on-disk inverted lists
+                   (`faiss.contrib.ondisk.merge_ondisk`) and searched memory-mapped,
+                   so neither the build nor the search holds the codes in RAM. The
+                   issue-22 10^8 run (100k x 1000) uses it; NOT YET RUN at that size
+                   (estimated 1.5-3.5 h on 2 cores), only checked at small sizes.
+  votes-milvus     k-NN votes, the k-NN search in a Milvus Lite collection (FLAT)
+  global-milvus    the global ranking in a Milvus Lite collection (FLAT)
+Milvus Lite runs inside this process (a gRPC server on threads), so the row's RSS
+growth is Lite's memory for the collection. Its rows re-rank from the index arrays
+(the synthetic index has no feature store; retrieval.py measures the store path);
+build_seconds is the insert + flush time.
 Measured: build seconds, bytes per image and per descriptor of the structure,
 query latency p50/p95 (initial ranking and total with re-ranking), recall@1 of
 the planted image, for votes-* the sampled k-NN recall@10 against exact search,
@@ -85,6 +98,9 @@ flags.DEFINE_integer("exact_queries", 5, "queries the exact baseline answers")
 flags.DEFINE_integer("shortlist", 100, "images re-ranked by RANSAC")
 flags.DEFINE_string("work_dir", None, "folder for the memory-mapped arrays (default: a temp dir)")
 flags.DEFINE_integer("seed", 0, "seed of the synthetic data")
+flags.DEFINE_integer(
+    "shard_rows", 10_000_000, "votes-ivfpq-ondisk: descriptors per shard of the streaming build"
+)
 
 AFFINE = np.array([[0.8, -0.2, 40.0], [0.15, 0.85, -10.0], [0.0, 0.0, 1.0]])
 CHUNK = 1_000_000
@@ -189,6 +205,24 @@ def build(name: str, index: Index, folder: Path):
         size = structure.memory_bytes()
         extra["codebook_size"] = structure.codebook_size
         extra["words_per_image"] = round(structure.num_entries / index.num_images, 1)
+    elif name == "votes-ivfpq-ondisk":
+        structure, parameters, size = build_ondisk(index, folder, FLAGS.shard_rows)
+        kwargs, ranking = {"neighbors": structure}, "votes"
+        extra["parameters"] = parameters.to_dict()
+        extra["shard_rows"] = FLAGS.shard_rows
+    elif name.endswith("-milvus"):
+        from delf_tf.retrieval.structures import MILVUS_STRUCTURES, BuildOptions
+
+        kind = "neighbors" if name.startswith("votes") else "global"
+        options = BuildOptions(
+            backend="milvus", milvus_uri=str(folder / "milvus.db"), milvus_prefix="bench"
+        )
+        structure = MILVUS_STRUCTURES[kind].build(index, options, []).value
+        structure.reads_store = False  # no store here: re-rank from the index arrays
+        kwargs = {"neighbors" if kind == "neighbors" else "global_ranker": structure}
+        ranking = "votes" if kind == "neighbors" else "global"
+        size = sum(f.stat().st_size for f in (folder / "milvus.db").rglob("*") if f.is_file())
+        extra["disk_bytes"] = size
     elif name == "global":
         structure = GlobalRanker.build(index.global_descriptors)
         kwargs, ranking = {"global_ranker": structure}, "global"
@@ -197,6 +231,54 @@ def build(name: str, index: Index, folder: Path):
     else:
         raise ValueError(f"unknown ranking row {name!r}")
     return kwargs, ranking, time.perf_counter() - start, size, extra
+
+
+def build_ondisk(index: Index, folder: Path, shard_rows: int):
+    """IVF-PQ over the index's descriptors, built in shards and merged on disk (resumable:
+    the trained file and each shard are written under a temporary name and renamed, and
+    a rerun skips those present). Returns (searcher structure, parameters, bytes on disk).
+    """
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    count, dim = index.num_descriptors, index.dim
+    parameters = ivfpq_parameters(count, dim, "hnsw" if count >= 30_000_000 else "flat")
+    work = folder / "ondisk"
+    work.mkdir(exist_ok=True)
+
+    def publish(target: Path, faiss_index) -> None:
+        temporary = target.with_suffix(".partial")
+        faiss.write_index(faiss_index, str(temporary))
+        temporary.rename(target)
+
+    trained = work / "trained.faiss"
+    if not trained.exists():
+        publish(trained, IvfPqNeighbors.train(index.descriptors, parameters, add=False)._index)
+    shards = []
+    for number, start in enumerate(range(0, count, shard_rows)):
+        shard = work / f"shard_{number:05d}.faiss"
+        shards.append(str(shard))
+        if shard.exists():
+            continue
+        part = faiss.read_index(str(trained))
+        if parameters.quantizer == "hnsw":
+            faiss.downcast_index(part.quantizer).hnsw.efSearch = 32
+        stop = min(count, start + shard_rows)
+        for first in range(start, stop, 1 << 20):
+            last = min(stop, first + (1 << 20))
+            rows = np.ascontiguousarray(index.descriptors[first:last], dtype=np.float32)
+            part.add_with_ids(rows, np.arange(first, last, dtype=np.int64))
+        publish(shard, part)
+        del part
+    merged, data = work / "merged.faiss", work / "merged.ivfdata"
+    if not merged.exists():
+        empty = faiss.read_index(str(trained))
+        data.unlink(missing_ok=True)
+        merge_ondisk(empty, shards, str(data))
+        publish(merged, empty)
+    loaded = faiss.read_index(str(merged), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_MMAP)
+    size = merged.stat().st_size + data.stat().st_size
+    return IvfPqNeighbors(loaded, index.descriptors, parameters, read_only=True), parameters, size
 
 
 def run_row(name: str, index: Index, queries, truths, folder: Path, count: int) -> dict:

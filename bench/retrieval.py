@@ -17,6 +17,11 @@ Every ranking is a row (`--rankings`), over the same index and query features:
   global            inner product of a stand-in global descriptor: the project has
                     no DELG model, so each image's global descriptor is the
                     L2-normalised mean of its local descriptors (labelled as such)
+  votes-milvus      votes with the k-NN search in a Milvus Lite collection; the
+                    shortlist's features read from the store through tf.io.gfile
+  global-milvus     the global ranking in a Milvus Lite collection (same reading)
+Milvus rows report `map_minus_faiss`: their mAP minus the FAISS row's (votes-exact,
+global), which the Milvus back end must match within 0.005.
 Prints one JSON object with mAP, mP@k, time per query per row, each row's mAP
 minus exact voting's, and the DELF / SIFT ratios of exact voting.
 """
@@ -106,10 +111,19 @@ def stand_in_global(features: LocalFeatures) -> np.ndarray:
     return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
 
-def structures(name: str, index: Index) -> tuple[str, dict, float, float]:
-    """(ranking, Searcher structure kwargs, build seconds, structure bytes per image)."""
+def structures(name: str, index: Index, milvus: dict) -> tuple[str, dict, float, float]:
+    """(ranking, Searcher structure kwargs, build seconds, structure bytes per image).
+
+    milvus: BuildOptions fields of the Milvus rows (uri, prefix, stores)."""
     start = time.perf_counter()
-    if name == "votes-exact":
+    if name.endswith("-milvus"):
+        from delf_tf.retrieval.structures import MILVUS_STRUCTURES, BuildOptions
+
+        kind = "neighbors" if name.startswith("votes") else "global"
+        built = MILVUS_STRUCTURES[kind].build(index, BuildOptions(backend="milvus", **milvus), [])
+        key = "neighbors" if kind == "neighbors" else "global_ranker"
+        found = (name.split("-")[0], {key: built.value}, 0)
+    elif name == "votes-exact":
         found = ("votes", {"neighbors": FlatNeighbors(index.descriptors)}, 0)
     elif name.startswith("votes-ivfpq"):
         quantizer = "hnsw" if name.endswith("hnsw") else "flat"
@@ -164,7 +178,12 @@ def run_pipeline(name, extractor, dataset, images: Path, work: Path, rankings) -
     dataset_ids = [image_id_from_key(record.key) for record in index.images]
     rows = {}
     for row in rankings:
-        ranking, kwargs, seconds, bytes_per_image = structures(row, index)
+        milvus = {
+            "milvus_uri": str(work / "milvus.db"),
+            "milvus_prefix": f"bench_{name}",
+            "stores": {store.identity: str(store.root)},
+        }
+        ranking, kwargs, seconds, bytes_per_image = structures(row, index, milvus)
         config = RetrievalConfig(ranking=ranking, rerank_matches=FLAGS.rerank_matches)
         searcher = Searcher(index, config, **kwargs)
         rank = engine_rank_fn(CachedExtractor(), searcher)
@@ -193,6 +212,13 @@ def run_pipeline(name, extractor, dataset, images: Path, work: Path, rankings) -
             "structure_bytes_per_image": round(bytes_per_image, 1),
             "query_search_seconds_median": round(float(np.median(search_seconds)), 3),
         }
+    for row, faiss_row in (("votes-milvus", "votes-exact"), ("global-milvus", "global")):
+        if row in rows and faiss_row in rows:
+            setups = rows[row]["setups"]
+            rows[row]["map_minus_faiss"] = {
+                setup: round(setups[setup]["mAP"] - rows[faiss_row]["setups"][setup]["mAP"], 4)
+                for setup in setups
+            }
     exact = rows.get("votes-exact")
     if exact is not None:
         setup = next(iter(exact["setups"]))

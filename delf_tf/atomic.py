@@ -244,11 +244,18 @@ def fsync_directory(folder: str | os.PathLike) -> None:
     _fsync_path(folder, getattr(os, "O_DIRECTORY", 0))
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[BinaryIO], None], exclusive: bool = False
+) -> None:
     """Calls `write(handle)` on a temporary file beside `path`, then renames it over `path`.
 
     A crash or exception leaves any previous `path` untouched and no partial file;
     the temporary file of a killed process is removed by the next writer.
+    exclusive: create `path` only if it does not exist (FileExistsError otherwise),
+    whole or not at all: the complete temporary file is hard-linked to `path`
+    (link() fails on an existing name, as open(O_CREAT | O_EXCL) does); on a file
+    system without hard links, `path` is created with O_EXCL and the bytes copied.
+    Of two processes creating one path at once, exactly one succeeds.
     """
     path = Path(path)
     folder = path.parent
@@ -274,7 +281,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        if exclusive:
+            _link_exclusive(temporary, path)
+            os.unlink(temporary)
+        else:
+            os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -284,19 +295,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         _written[os.path.abspath(folder)] = os.stat(folder).st_mtime_ns
 
 
+def _link_exclusive(temporary: Path, path: Path) -> None:
+    """Creates `path` with the content of `temporary`; FileExistsError if it exists."""
+    try:
+        os.link(temporary, path)
+        return
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    descriptor = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(temporary.read_bytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def is_remote(path: str | os.PathLike) -> bool:
     """A path of a TensorFlow file system other than the local disk (gs://, s3://, ram://)."""
     return "://" in os.fspath(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
     """Writes `data` at a local path (`atomic_write`) or a remote one (`is_remote`).
 
     A remote file is one tf.io.gfile object upload, which becomes visible only when
     complete (GCS): whole or not at all as well. TensorFlow is imported only then.
+    exclusive (local paths only; a remote store is not locked either, see
+    delf_tf.locks): FileExistsError when `path` exists, see `atomic_write`.
     """
     if not is_remote(path):
-        atomic_write(path, lambda handle: handle.write(data))
+        atomic_write(path, lambda handle: handle.write(data), exclusive=exclusive)
         return
     import tensorflow as tf
 
@@ -306,9 +335,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         handle.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, exclusive: bool = False) -> None:
     """`atomic_write_bytes` of UTF-8 text (local or remote)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), exclusive=exclusive)
 
 
 # --- directories ------------------------------------------------------------------------
@@ -338,6 +367,13 @@ def _backups(final: Path) -> list[tuple[Path, re.Match]]:
     return found
 
 
+def link_target(final: str | os.PathLike) -> Path:
+    """`final`, or where it points when it is a symbolic link (chains resolved): a
+    directory swap replaces the link's target, never the link itself."""
+    final = Path(final)
+    return Path(os.path.realpath(final)) if final.is_symlink() else final
+
+
 def recover_staged_directory(final: str | os.PathLike) -> None:
     """Repairs the state a crash during a swap of `final` (see `staged_directory`) left.
 
@@ -347,8 +383,9 @@ def recover_staged_directory(final: str | os.PathLike) -> None:
       running writer of this host in that window is waited for (a few seconds).
     - `final` present and a killed writer's backup too: a crash after the swap,
       before the backup was removed; the backup is removed.
+    A symbolic link `final` stands for its target (see `link_target`).
     """
-    final = Path(final)
+    final = link_target(final)
     backups = _backups(final)
     if not backups:
         return
@@ -394,9 +431,10 @@ def staged_directory(final: str | os.PathLike, replace: bool = True) -> Iterator
     `final` or at its backup (`recover_staged_directory` restores it). With
     replace=False an existing `final` raises FileExistsError instead (before and
     after the content is made). On an exception the staging folder is removed and
-    `final` is left as it was.
+    `final` is left as it was. When `final` is a symbolic link (`current -> idx_v2`),
+    its target is replaced, atomically as above, and the link stays as it is.
     """
-    final = Path(final)
+    final = link_target(final)
     folder = final.parent
     folder.mkdir(parents=True, exist_ok=True)
     recover_staged_directory(final)

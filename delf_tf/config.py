@@ -369,7 +369,7 @@ RANSAC_METHODS = ("vectorized", "skimage")
 # "auto", "flat", "ivfpq" and "ivfpq-hnsw" are FAISS structures that `delf index`
 # builds once and saves in the index; "kdtree" (the DELF reference's choice) and
 # "brute" (tests) are built in memory when an index is loaded.
-NEIGHBOR_BACKENDS = ("auto", "flat", "ivfpq", "ivfpq-hnsw", "kdtree", "brute")
+NEIGHBOR_BACKENDS = ("auto", "flat", "ivfpq", "ivfpq-hnsw", "kdtree", "brute", "milvus")
 # Older name of "ivfpq", still accepted.
 _BACKEND_ALIASES = {"faiss-ivfpq": "ivfpq"}
 # How the whole collection is ranked before local verification re-ranks the top.
@@ -403,6 +403,8 @@ class RetrievalConfig(JsonConfig):
         indexes, IVF-PQ beyond a size, see `delf_tf.matching.neighbors.choose_backend`).
         At search: "auto" uses the saved structure; "flat", "kdtree" and "brute"
         (exact) can replace it; "ivfpq"/"ivfpq-hnsw" must be the saved one.
+        "milvus" (`delf index --milvus_uri`): Milvus collections hold the votes
+        ranking's descriptors and the global descriptors (both rankings).
       ranking: "votes" (k-NN votes over all local descriptors), "asmk" (ASMK*
         aggregated binary residuals, needs an index built with ASMK), "global"
         (inner product of global descriptors, needs an index of DELG features) or

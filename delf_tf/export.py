@@ -61,6 +61,7 @@ from delf_tf.extraction.image_bytes import (
 )
 from delf_tf.extraction.pca import PcaParams
 from delf_tf.images import DEFAULT_MAX_PIXELS, encode_png
+from delf_tf.locks import writer_lock
 from delf_tf.model.delf import DelfModel
 from delf_tf.serving.saved_model_proto import graph_ops, uses_xla
 
@@ -178,6 +179,13 @@ def export_saved_model(
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise InputError(f"invalid model name {model_name!r}")
     model_dir = Path(export_base) / model_name
+    # One exporter per model folder (`<model_name>.lock` beside it, delf_tf.locks), so
+    # two exports never pick the same next version.
+    with writer_lock(model_dir):
+        return _export(extraction, model_dir, version, max_pixels)
+
+
+def _export(extraction: ExtractionModule, model_dir: Path, version, max_pixels: int) -> Path:
     if version is None:
         version = next_version(model_dir)
     if version < 1:

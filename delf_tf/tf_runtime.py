@@ -68,7 +68,7 @@ def quiet_library_loggers() -> None:
     """
     if os.environ.get(VERBOSE_ENV) == "1":
         return
-    for name in ("faiss.loader", "tensorflow"):
+    for name in ("faiss.loader", "tensorflow", "milvus_lite"):
         logging.getLogger(name).setLevel(logging.WARNING)
     absl_logger = logging.getLogger("absl")
     if _not_library_info not in absl_logger.filters:

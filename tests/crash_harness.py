@@ -44,6 +44,8 @@ STATE_SYSCALLS = (
     "rename",
     "renameat",
     "renameat2",
+    "link",
+    "linkat",
     "unlink",
     "unlinkat",
     "mkdir",
@@ -448,6 +450,85 @@ class IndexScenario(Scenario):
         np.testing.assert_array_equal(descriptors, reference[1])
 
 
+class MilvusIndexScenario(IndexScenario):
+    """`delf index --append` of an index whose rankings live in Milvus Lite (a .db folder
+    beside it): after a kill, index.json names complete collections; after the rerun,
+    exactly the collections it names are left (the killed run's are dropped)."""
+
+    def __init__(self):
+        super().__init__(append=True)
+        self.name = "index --append (milvus)"
+
+    def prepare(self, work: Path) -> None:
+        from delf_tf.commands.index import milvus_prefix
+        from delf_tf.retrieval import Index
+        from delf_tf.retrieval.structures import milvus
+
+        work.mkdir(parents=True)
+        first = write_store(work / "store1", ["a.jpg", "b.jpg", "sub/c.jpg"], seed=0)
+        write_store(work / "store2", ["d.jpg", ".e.jpg"], seed=1)
+        index = Index.from_store(first, progress=False)
+        index.build_structures(
+            backend="milvus",
+            milvus_uri=str(work / "milvus.db"),
+            milvus_prefix=milvus_prefix(work / "index"),
+            stores={first.identity: str(first.root)},
+            recall=False,
+            progress=False,
+        )
+        index.save(work / "index")
+        milvus.release(milvus.location(str(work / "milvus.db")))  # the command opens it
+
+    def reference(self, work: Path):
+        return super().reference(work), self._milvus_state(work, final=True)
+
+    def _milvus_state(self, work: Path, final: bool):
+        """Top-1 of each image as a query, by votes, through the index's collection;
+        with `final`, the prefix must hold only the collections index.json names."""
+        from delf_tf.config import RetrievalConfig
+        from delf_tf.features import FeatureStore
+        from delf_tf.retrieval import Index
+        from delf_tf.retrieval.search import Searcher
+        from delf_tf.retrieval.structures import milvus
+
+        index = Index.load(work / "index")
+        uri = index.structures["neighbors"]["uri"]
+        try:
+            searcher = Searcher(index, RetrievalConfig(ranking="votes"))
+            assert len(searcher.neighbors) == index.num_descriptors
+            top = []
+            for name in ("store1", "store2"):
+                store = FeatureStore.open(work / name)
+                for key in store.stored_keys():
+                    ranking = searcher.initial(store.load(key))
+                    top.append(index.images[int(ranking.ids[0])].key if ranking.ids.size else None)
+            if final:
+                prefix = index.structures["neighbors"]["prefix"]
+                named = {header["collection"] for header in index.structures.values()}
+                found = {
+                    name
+                    for name in milvus.client(uri).list_collections()
+                    if name.startswith(prefix)
+                }
+                assert found == named, f"collections {sorted(found)}, index.json names {named}"
+            return top
+        finally:
+            milvus.release(uri)
+
+    def check_after_crash(self, work: Path, reference) -> str:
+        state = super().check_after_crash(work, reference[0])
+        top = self._milvus_state(work, final=False)
+        if state == "new":
+            assert top == reference[1], (top, reference[1])
+        else:  # the previous index: its three images find themselves
+            assert top[:3] == ["a.jpg", "b.jpg", "sub/c.jpg"], top
+        return state
+
+    def check_after_rerun(self, work: Path, reference) -> None:
+        super().check_after_rerun(work, reference[0])
+        assert self._milvus_state(work, final=True) == reference[1]
+
+
 class FitPcaScenario(Scenario):
     """`delf fit-pca` replacing an existing PCA file."""
 
@@ -562,6 +643,7 @@ SCENARIOS = {
     "extract-2": lambda: ExtractScenario(images=2),  # crashes between two images too
     "index": lambda: IndexScenario(append=False),
     "index-append": lambda: IndexScenario(append=True),
+    "index-append-milvus": MilvusIndexScenario,
     "fit-pca": FitPcaScenario,
     "export": ExportScenario,
 }

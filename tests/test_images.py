@@ -115,3 +115,55 @@ def test_list_images_is_recursive_and_sorted(tmp_path):
         "b/2.JPG",
     ]
     assert list_images(tmp_path / "a.png") == [tmp_path / "a.png"]
+
+
+def test_file_reads_are_bounded_and_sniffed(tmp_path, monkeypatch):
+    """A 6 GB sparse `.jpg` is refused from its size, a non-image from its first bytes
+    (neither read whole), a fifo without waiting on it."""
+    import os
+    import time
+
+    import delf_tf.images as images
+
+    sparse = tmp_path / "huge.jpg"
+    with open(sparse, "wb") as handle:
+        handle.truncate(6 << 30)  # sparse: takes no disk space
+    reads = []
+    real_fdopen = os.fdopen
+
+    class Counting:  # counts the bytes read through the handle
+        def __init__(self, *arguments):
+            self.handle = real_fdopen(*arguments)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def read(self, size=-1):
+            data = self.handle.read(size)
+            reads.append(len(data))
+            return data
+
+    monkeypatch.setattr(images.os, "fdopen", Counting)
+    start = time.monotonic()
+    with pytest.raises(ImageError, match=r"huge\.jpg: 6442450944 bytes, over the limit"):
+        load_image(sparse)
+    assert time.monotonic() - start < 1.0 and sum(reads) == 0
+    zeros = tmp_path / "zeros.jpg"
+    with open(zeros, "wb") as handle:
+        handle.truncate(100 << 20)
+    with pytest.raises(ImageError, match=r"zeros\.jpg: not an image"):
+        load_image(zeros)
+    assert sum(reads) == 16  # the header only
+    monkeypatch.undo()
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match=r"pipe\.jpg: not a regular file"):
+        load_image(fifo)
+    small = tmp_path / "small.png"
+    small.write_bytes(encode(Image.fromarray(RGB), "PNG"))
+    with pytest.raises(ImageError, match="over the limit of 100 bytes"):
+        images.read_image_file(small, max_bytes=100)
+    assert load_image(small).shape == RGB.shape

@@ -342,3 +342,14 @@ def deprecated(old: str, new: str) -> None:
 def note(message: str) -> None:
     """A human-readable note on stderr (stdout carries only the JSON summary)."""
     print(f"note: {message}", file=sys.stderr)
+
+
+def define_lock_flag(flag_values: flags.FlagValues) -> None:
+    """--wait_for_lock, for every command that writes an index or a store (delf_tf.locks)."""
+    flags.DEFINE_bool(
+        "wait_for_lock",
+        False,
+        "when another delf process writes the same index or store (it holds "
+        "<dir>.lock), wait for it instead of stopping with an error",
+        flag_values=flag_values,
+    )

@@ -36,7 +36,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues) -> int:
+    from delf_tf.commands.common import check_output_path
+    from delf_tf.errors import InputError
     from delf_tf.releases.convert import convert_release, save_converted
+
+    if not flag_values.output_file.endswith(".keras"):  # before the release is read
+        raise InputError(f"--output_file={flag_values.output_file}: must end in .keras")
+    check_output_path("output_file", flag_values.output_file)
 
     conversion = convert_release(flag_values.model, size=flag_values.size)
     path = save_converted(conversion, flag_values.output_file)

@@ -16,6 +16,7 @@ from absl import flags
 
 from delf_tf.commands.common import (
     define_extractor_flags,
+    define_lock_flag,
     extraction_precision,
     extractor_from_flags,
     warn_if_untrained,
@@ -45,6 +46,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["images", "output_dir"], **define)
     define_extractor_flags(flag_values)
     define_beam_flags(flag_values)
+    define_lock_flag(flag_values)
 
 
 def run(flag_values: flags.FlagValues) -> int:
@@ -52,7 +54,7 @@ def run(flag_values: flags.FlagValues) -> int:
     if flag_values.runner:
         return run_beam(flag_values)
     from delf_tf.errors import EXIT_OK, EXIT_PARTIAL
-    from delf_tf.extraction.folder import extract_to_store
+    from delf_tf.extraction.folder import OutputFullError, extract_to_store
 
     def report(failure) -> None:  # repr(): a newline in a file name cannot forge a line
         print(f"skipped: {failure.path!r}: {failure.reason}", file=sys.stderr, flush=True)
@@ -60,14 +62,19 @@ def run(flag_values: flags.FlagValues) -> int:
     extractor = extractor_from_flags(flag_values)
     warn_if_untrained(extractor)
     formats = {None: None, "npz": ("npz",), "delf": ("delf",), "both": ("npz", "delf")}
-    store, summary = extract_to_store(
-        extractor,
-        flag_values.images,
-        flag_values.output_dir,
-        formats=formats[flag_values.format],
-        on_failure=report,
-        overwrite=flag_values.overwrite,
-    )
+    try:
+        store, summary = extract_to_store(
+            extractor,
+            flag_values.images,
+            flag_values.output_dir,
+            formats=formats[flag_values.format],
+            on_failure=report,
+            overwrite=flag_values.overwrite,
+            wait_for_lock=flag_values.wait_for_lock,
+        )
+    except OutputFullError as error:  # disk full: the summary of what was saved, then exit 1
+        print(json.dumps({"output_dir": str(error.store.root), **error.summary.to_dict()}))
+        raise
     if summary.zero_features:
         print(
             f"note: {len(summary.zero_features)} of {summary.extracted} images have "

@@ -141,16 +141,22 @@ def run_beam(flag_values: flags.FlagValues) -> int:
 
 
 def _run(flag_values, beam_pipeline, export_dir, runner, beam_args, batch_size) -> int:
+    from delf_tf.locks import writer_lock
+
     formats = _FORMATS[flag_values["format"].value] if "format" in flag_values else None
-    summary, report = beam_pipeline.run_extraction(
-        flag_values.images,
-        flag_values.output_dir,
-        export_dir,
-        runner,
-        beam_args,
-        batch_size=batch_size,
-        formats=formats,
-    )
+    wait = "wait_for_lock" in flag_values and flag_values.wait_for_lock
+    # The launching process holds the store's writer lock for the whole pipeline (its
+    # workers write under it); a remote store (gs://) cannot be locked and is exempt.
+    with writer_lock(flag_values.output_dir, wait=wait):
+        summary, report = beam_pipeline.run_extraction(
+            flag_values.images,
+            flag_values.output_dir,
+            export_dir,
+            runner,
+            beam_args,
+            batch_size=batch_size,
+            formats=formats,
+        )
     for path, reason in summary.failed:
         print(f"skipped: {path!r}: {reason}", file=sys.stderr)
     print(

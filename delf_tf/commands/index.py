@@ -9,6 +9,7 @@ from pathlib import Path
 
 from absl import flags
 
+from delf_tf.commands.common import define_lock_flag
 from delf_tf.config import NEIGHBOR_BACKENDS
 
 INDEX_TYPES = ("votes", "asmk")
@@ -46,7 +47,24 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         None,
         NEIGHBOR_BACKENDS,
         "k-NN structure of the votes ranking; auto (default for a new index): exact FAISS "
-        "search up to 50 000 descriptors, IVF-PQ beyond; kdtree/brute are built at load",
+        "search up to 50 000 descriptors, IVF-PQ beyond; kdtree/brute are built at load; "
+        "milvus: the votes ranking's descriptors AND the global descriptors go into "
+        "Milvus collections at --milvus_uri (ASMK stays FAISS); default: the index's",
+        **define,
+    )
+    flags.DEFINE_string(
+        "milvus_uri",
+        None,
+        "with --backend=milvus: a Milvus Lite file (PATH.db, embedded, one process at a "
+        "time) or a Milvus server URL (http://host:19530); default with --append: the "
+        "index's",
+        **define,
+    )
+    flags.DEFINE_string(
+        "features_uri",
+        None,
+        "with --backend=milvus: where search workers read --features' store (a copy at "
+        "gs://BUCKET/features, read through tf.io.gfile); default: --features",
         **define,
     )
     flags.DEFINE_integer(
@@ -62,15 +80,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "measure the sampled recall@10 of an approximate k-NN structure against exact search",
         **define,
     )
+    define_lock_flag(flag_values)
     flags.mark_flags_as_required(["features", "output_dir"], **define)
 
 
 def run(flag_values: flags.FlagValues) -> int:
-    from delf_tf.atomic import recover_staged_directory
     from delf_tf.errors import InputError
-    from delf_tf.features import fingerprint as fingerprints
     from delf_tf.features.store import FeatureStore
-    from delf_tf.retrieval.index import HEADER, Index
+    from delf_tf.locks import writer_lock
 
     output = Path(flag_values.output_dir)
     index_types = flag_values.index_type
@@ -82,6 +99,18 @@ def run(flag_values: flags.FlagValues) -> int:
     store = FeatureStore.open(flag_values.features)
     if next(store.stored_keys(), None) is None:
         raise InputError(f"{store.root}: an empty feature store (run `delf extract` into it)")
+    # One writer per index: the read of an existing index (--append) and the swap of
+    # the new one happen under the lock, so no concurrent writer's update is lost.
+    with writer_lock(output, wait=flag_values.wait_for_lock):
+        return _write(flag_values, store, output, index_types)
+
+
+def _write(flag_values, store, output: Path, index_types) -> int:
+    from delf_tf.atomic import recover_staged_directory
+    from delf_tf.errors import InputError
+    from delf_tf.features import fingerprint as fingerprints
+    from delf_tf.retrieval.index import HEADER, Index
+
     # First of all: a run killed while swapping the index folder may have left the
     # previous index under its backup name; nothing may be decided before it is back.
     recover_staged_directory(output)
@@ -93,8 +122,18 @@ def run(flag_values: flags.FlagValues) -> int:
     else:
         index = Index.from_store(store, flag_values.images)
         added = index.num_images
+    milvus = flag_values.backend == "milvus" or any(
+        header.get("backend") == "milvus" for header in index.structures.values()
+    )
+    if flag_values.milvus_uri and not milvus:
+        raise InputError("--milvus_uri needs --backend=milvus (or an index built with it)")
     report = index.build_structures(
         backend=flag_values.backend,
+        milvus_uri=flag_values.milvus_uri,
+        milvus_prefix=milvus_prefix(output) if milvus else None,
+        stores={store.identity: flag_values.features_uri or str(Path(store.root).resolve())}
+        if milvus
+        else None,
         votes=None if index_types is None else "votes" in index_types,
         asmk=None if index_types is None else "asmk" in index_types,
         codebook_size=flag_values.codebook_size,
@@ -115,3 +154,12 @@ def run(flag_values: flags.FlagValues) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def milvus_prefix(output: Path) -> str:
+    """The Milvus collection prefix of the index at `output` (one per index folder, so
+    a rerun after a kill finds and drops what the killed run left)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(output.resolve()).encode("utf-8")).hexdigest()
+    return f"delf_{digest[:12]}"

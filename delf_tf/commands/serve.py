@@ -75,6 +75,31 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         **define,
     )
     flags.DEFINE_integer(
+        "max_request_pixels",
+        _DEFAULTS.request.max_request_pixels,
+        "most decoded pixels of all the images of one request together (from the "
+        "headers, before decoding; INVALID_ARGUMENT / 400 beyond)",
+        lower_bound=1,
+        **define,
+    )
+    flags.DEFINE_float(
+        "max_aspect_ratio",
+        _DEFAULTS.request.max_aspect_ratio,
+        "images whose long side is more than this many times the short side are refused "
+        "(INVALID_ARGUMENT / 400)",
+        lower_bound=1.0,
+        **define,
+    )
+    flags.DEFINE_integer(
+        "max_server_pixels",
+        _DEFAULTS.max_server_pixels,
+        "most decoded pixels of all running requests together: a request that does not "
+        "fit waits for others, then gets RESOURCE_EXHAUSTED / 429; bounds the server's "
+        "memory (see serving/README.md)",
+        lower_bound=1,
+        **define,
+    )
+    flags.DEFINE_integer(
         "grpc_max_threads",
         _DEFAULTS.grpc_threads,
         "concurrent gRPC requests",
@@ -217,7 +242,12 @@ def run(flag_values: flags.FlagValues) -> int:
         raise InputError(str(error)) from None
     limits = ServerLimits(
         max_request_bytes=flag_values.max_request_bytes,
-        request=RequestLimits(max_batch_size=flag_values.max_batch_size),
+        request=RequestLimits(
+            max_batch_size=flag_values.max_batch_size,
+            max_request_pixels=flag_values.max_request_pixels,
+            max_aspect_ratio=flag_values.max_aspect_ratio,
+        ),
+        max_server_pixels=flag_values.max_server_pixels,
         grpc_threads=flag_values.grpc_max_threads,
         rest_threads=flag_values.rest_api_num_threads,
         rest_max_connections=flag_values.rest_api_max_connections,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -19,7 +20,8 @@ from delf_tf.atomic import atomic_write_text
 from delf_tf.errors import DelfError, InputError
 from delf_tf.extraction.extractor import Extractor
 from delf_tf.features.store import FAILURES, FeatureStore
-from delf_tf.images import decode_image, scan_images
+from delf_tf.images import decode_image, read_image_file, scan_images
+from delf_tf.locks import writer_lock
 
 # Errors of the output's file system, not of one image: the run stops (exit 1).
 RUN_WIDE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -27,6 +29,27 @@ RUN_WIDE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 # (not DelfError / OSError), before any image succeeded, is a broken extractor or
 # server rather than bad images: the run stops with that error.
 BROKEN_EXTRACTOR_AFTER = 5
+
+
+class OutputFullError(DelfError):
+    """The store's file system refused a write for the whole run (disk full, quota,
+    read-only): the run stops. The message names the file; `summary` (with `store`)
+    says what was saved before, for the command's JSON summary."""
+
+    def __init__(self, message: str, store: FeatureStore, summary: ExtractionSummary):
+        super().__init__(message)
+        self.store = store
+        self.summary = summary
+
+
+def _output_full(error: OSError, store: FeatureStore, key: str, summary) -> OutputFullError:
+    where = error.filename or store.path(key)
+    return OutputFullError(
+        f"{where}: {error.strerror or error}; the run stopped after {summary.extracted} "
+        "image(s) saved (they stay, and a rerun resumes after them)",
+        store,
+        summary,
+    )
 
 
 class Failure(NamedTuple):
@@ -116,6 +139,7 @@ def extract_to_store(
     formats: tuple[str, ...] | None = None,
     on_failure: Callable[[Failure], None] | None = None,
     overwrite: bool = False,
+    wait_for_lock: bool = False,
 ) -> tuple[FeatureStore, ExtractionSummary]:
     """Extracts every image under `images` (a file or a folder, recursive) into `output`.
 
@@ -134,8 +158,16 @@ def extract_to_store(
     and in failures.jsonl (stage "features") with `zero_features_reason`.
     An existing store of other extraction settings is refused (StoreMismatchError)
     unless `overwrite`, which deletes its features first; an input without any
-    image file is an InputError.
+    image file is an InputError. The run holds the store's writer lock (`delf_tf.locks`):
+    another writer of `output` raises LockedError, or is waited for (wait_for_lock).
     """
+    with writer_lock(output, wait=wait_for_lock):
+        return _extract_to_store(
+            extractor, images, output, progress, formats, on_failure, overwrite
+        )
+
+
+def _extract_to_store(extractor, images, output, progress, formats, on_failure, overwrite):
     report = on_failure or (lambda f: logging.warning("skipped %r: %s", f.path, f.reason))
     root = Path(images)
     paths, skipped = scan_images(root)
@@ -156,10 +188,20 @@ def extract_to_store(
     for path, reason in skipped:
         fail(path, reason, "scan")
     extract_encoded = getattr(extractor, "extract_encoded", None)
-    if extract_encoded is not None:
-        _extract_encoded(extract_encoded, paths, root, store, summary, fail, progress)
-    else:
-        _extract_decoded(extractor, paths, root, store, summary, fail, progress)
+    try:
+        if extract_encoded is not None:
+            _extract_encoded(extract_encoded, paths, root, store, summary, fail, progress)
+        else:
+            _extract_decoded(extractor, paths, root, store, summary, fail, progress)
+    except OutputFullError:
+        with contextlib.suppress(OSError):  # the disk is full: it may not fit either
+            _write_failures(store, summary, description)
+        raise
+    _write_failures(store, summary, description)
+    return store, summary
+
+
+def _write_failures(store: FeatureStore, summary: ExtractionSummary, description) -> None:
     failures_path = store.root / FAILURES
     if summary.zero_features:
         reason = zero_features_reason(description)
@@ -171,7 +213,6 @@ def extract_to_store(
         summary.failures_file = str(failures_path)
     else:
         failures_path.unlink(missing_ok=True)
-    return store, summary
 
 
 def _count(summary: ExtractionSummary, path: Path, features) -> None:
@@ -192,7 +233,7 @@ def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> 
                 summary.skipped_existing += 1
                 continue
             stage = "read"
-            data = path.read_bytes()
+            data = read_image_file(path)
             stage = "decode"
             image = decode_image(data, name=str(path))
             stage = "extract"
@@ -203,7 +244,7 @@ def _extract_decoded(extractor, paths, root, store, summary, fail, progress) -> 
             store.save(key, features)
         except OSError as error:
             if stage == "write" and error.errno in RUN_WIDE_ERRNOS:
-                raise
+                raise _output_full(error, store, key, summary) from error
             fail(path, error.strerror or str(error), stage)
             continue
         except DelfError as error:
@@ -251,7 +292,7 @@ def _extract_encoded(extract_encoded, paths, root, store, summary, fail, progres
                 store.save(key, result)
             except OSError as error:
                 if error.errno in RUN_WIDE_ERRNOS:
-                    raise
+                    raise _output_full(error, store, key, summary) from error
                 fail(path, error.strerror or str(error), "write")
                 continue
             _count(summary, path, result)
@@ -263,9 +304,12 @@ def _extract_encoded(extract_encoded, paths, root, store, summary, fail, progres
             if key in store:
                 summary.skipped_existing += 1
                 continue
-            pending.append((path, key, path.read_bytes()))
+            pending.append((path, key, read_image_file(path)))
         except OSError as error:
             fail(path, error.strerror or str(error), "read")
+            continue
+        except DelfError as error:
+            fail(path, str(error), "read")
             continue
         if len(pending) >= batch_size:
             flush()

@@ -37,11 +37,13 @@ import io
 import json
 import os
 import re
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from absl import logging
 
 from delf_tf.atomic import (
@@ -57,7 +59,12 @@ from delf_tf.config import PER_HOST_FIELDS
 from delf_tf.errors import FingerprintMismatchError, InputError
 from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.delf_io import local_features_from_delf, local_features_to_delf
-from delf_tf.features.local_features import LocalFeatures
+from delf_tf.features.local_features import (
+    FALLBACK_MAX_DIM,
+    FALLBACK_MAX_FEATURES,
+    FeatureFileError,
+    LocalFeatures,
+)
 from delf_tf.formats import delf_file
 
 FORMAT_VERSION = 1
@@ -168,18 +175,49 @@ class FeatureStore:
         """
         root = Path(root)
         if (root / MANIFEST).exists():
-            store = cls.open(root, formats)
-            if overwrite:
-                store.delete_features()
-            else:
-                check_same_extractor(root, store.manifest, fingerprint, description)
-                clean_stale_tree(root)  # temporaries of a killed earlier writer
-                return store
+            if not overwrite:
+                return cls._open_same(root, fingerprint, description, formats)
+            cls.open(root, formats).delete_features()
+            replace = True
+        else:
+            replace = False
         manifest = new_manifest(fingerprint, description, formats)
         store = cls(root, manifest, formats)  # validates formats before anything is written
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        try:  # exclusive: of two creators starting together, one makes the store
+            atomic_write_text(root / MANIFEST, text, exclusive=not replace)
+        except FileExistsError:
+            return cls._open_same(root, fingerprint, description, formats)
         return store
+
+    @classmethod
+    def _open_same(
+        cls,
+        root: Path,
+        fingerprint: str,
+        description: dict[str, Any],
+        formats: tuple[str, ...] | None,
+    ) -> FeatureStore:
+        """The existing store at `root`; StoreMismatchError unless it was made by the same
+        extractor with the same settings."""
+        store = cls.open(root, formats)
+        check_same_extractor(root, store.manifest, fingerprint, description)
+        clean_stale_tree(root)  # temporaries of a killed earlier writer
+        return store
+
+    def bounds(self) -> tuple[int | None, int | None, int | None]:
+        """(max features, descriptor dimension, global descriptor dimension) of one
+        image from the manifest's extractor settings; None where it does not say (then
+        `LocalFeatures.load`'s fallbacks apply)."""
+        extractor = self.manifest.get("extractor") or {}
+        config = extractor.get("extraction_config")
+        values = (
+            config.get("max_features") if isinstance(config, dict) else None,
+            extractor.get("descriptor_dim"),
+            extractor.get("global_dim"),
+        )
+        return tuple(value if _positive_int(value) else None for value in values)
 
     def _stem(self, key: str) -> str:
         return _stem(key)
@@ -234,12 +272,21 @@ class FeatureStore:
     def load(self, key: str) -> LocalFeatures:
         """LocalFeatures of `key`; from .delf files with the .delg_global attached if any."""
         if "npz" in self.formats:
-            return LocalFeatures.load(self.path(key))
-        features = local_features_from_delf(self._delf_path(key))
+            return LocalFeatures.load(self.path(key), *self.bounds())
+        # .delf files: the file size bounds what parsing it costs; checked before reading.
+        count, dim, global_dim = self.bounds()
+        count, dim = count or FALLBACK_MAX_FEATURES, dim or FALLBACK_MAX_DIM
+        path = self._delf_path(key)
+        _check_feature_file(path, _DELF_SLACK + count * (dim + 8) * 4 * 2)
+        features = local_features_from_delf(path)
         global_path = self.root / (self._stem(key) + GLOBAL_SUFFIX)
         if global_path.is_file():
+            _check_feature_file(global_path, _DELF_SLACK + 8 * (global_dim or FALLBACK_MAX_DIM))
             descriptor = delf_file.read_global_descriptor(global_path)
             features = dataclasses.replace(features, global_descriptor=descriptor)
+        for name, array in features.arrays().items():
+            if not np.all(np.isfinite(array)):
+                raise FeatureFileError(f"{path}: {name} holds NaN or infinite values")
         return features
 
     def delete_features(self) -> None:
@@ -253,12 +300,15 @@ class FeatureStore:
 
     def stored_keys(self) -> Iterator[str]:
         """Keys of all stored images, sorted (dot-named images included: temporary files
-        never end in a store suffix, see delf_tf.atomic)."""
+        never end in a store suffix, see delf_tf.atomic). Entries with a store suffix
+        that are not regular files (a fifo, a dangling link, an empty folder) are keys
+        too: `load` refuses them with a one-line FeatureFileError rather than letting
+        them vanish silently."""
         suffixes = (SUFFIX,) if "npz" in self.formats else DELF_SUFFIXES
         keys = set()
         for suffix in suffixes:
             for path in self.root.rglob("*" + suffix):
-                if path.is_file():
+                if path.is_file() or _misplaced(path):
                     keys.add(self._key_of(path.relative_to(self.root).as_posix()[: -len(suffix)]))
         yield from sorted(keys)
 
@@ -299,6 +349,62 @@ def _holds_delf_files(root: Path) -> bool:
     return any(path.suffix in DELF_SUFFIXES and path.is_file() for path in root.rglob("*"))
 
 
+_DELF_SLACK = 1 << 16  # protobuf framing and the header fields of a .delf file
+
+
+def _check_feature_file(path: Path, limit: int) -> None:
+    """FeatureFileError unless `path` is a regular file of at most `limit` bytes."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise FeatureFileError(f"{path}: cannot read ({error.strerror})") from error
+    if not stat.S_ISREG(status.st_mode):
+        raise FeatureFileError(f"{path}: not a regular file")
+    if status.st_size > limit:
+        raise FeatureFileError(
+            f"{path}: {status.st_size} bytes, more than the store's max_features x "
+            f"descriptor dimension allow ({limit})"
+        )
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _misplaced(path: Path) -> bool:
+    """An entry with a store suffix that is no feature file: not a regular file and not
+    a folder of images' features (a folder named *.npz that holds none)."""
+    if not path.is_dir():
+        return True  # a fifo, socket, device or dangling link
+    try:
+        return not any(path.iterdir())
+    except OSError:
+        return True
+
+
+# field -> (allowed JSON types, what the message says)
+_MANIFEST_FIELDS = {
+    "format_version": ((int,), "an integer"),
+    "fingerprint": ((str, type(None)), "a string"),
+    "extractor": ((dict,), "an object"),
+    "store_id": ((str,), "a string"),
+    "formats": ((list,), "a list"),
+}
+
+
+def check_manifest(path: Path | str, manifest: object) -> None:
+    """InputError (one line) unless `manifest` is a JSON object whose known fields have
+    their types: a tampered manifest must not reach code that trusts it."""
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    for name, (types, text) in _MANIFEST_FIELDS.items():
+        if name in manifest and not isinstance(manifest[name], types):
+            raise InputError(f"{path}: {name!r} must be {text}, got {manifest[name]!r:.40}")
+    formats = manifest.get("formats") or []
+    if not all(isinstance(item, str) for item in formats):
+        raise InputError(f"{path}: 'formats' must be a list of strings")
+
+
 def _stem(key: str) -> str:
     """The store path of `key` without suffix: the key, its file name shortened
     when too long (see the module docstring)."""
@@ -326,10 +432,9 @@ def _parse_manifest(path: str | os.PathLike, data: bytes) -> dict[str, Any]:
     """A manifest's bytes -> dict; InputError when unreadable or of another format version."""
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # UTF-8, JSON, an integer too long to convert
         raise InputError(f"{path}: unreadable manifest ({error})") from error
-    if not isinstance(manifest, dict):
-        raise InputError(f"{path}: unreadable manifest (not a JSON object)")
+    check_manifest(path, manifest)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(
             f"{path}: format_version {manifest.get('format_version')!r}, "

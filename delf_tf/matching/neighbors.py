@@ -514,6 +514,13 @@ def build_neighbors(descriptors: np.ndarray, backend: str = "auto", **options) -
         if options:
             parameters = dataclasses.replace(parameters, **options)
         return IvfPqNeighbors.train(descriptors, parameters)
+    if backend == "milvus":  # a collection saved by `delf index`, not built here
+        from delf_tf.errors import InputError
+
+        raise InputError(
+            "--backend=milvus names the Milvus collections of an index (`delf index "
+            "--backend=milvus --milvus_uri=...`); here use flat, kdtree, brute or ivfpq"
+        )
     raise ConfigError(f"unknown nearest-neighbour backend {backend!r}; known: {NEIGHBOR_BACKENDS}")
 
 

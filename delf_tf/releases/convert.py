@@ -473,7 +473,7 @@ def save_converted(conversion: Conversion, output_file: str | os.PathLike) -> Pa
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model.keras"
         conversion.model.save(local)
-        atomic_write_bytes(str(output), local.read_bytes())
+        atomic_write_bytes(output, local.read_bytes())
     return output
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from delf_tf.errors import InputError
 from delf_tf.features.local_features import LocalFeatures
-from delf_tf.images import IMAGE_SUFFIXES, ImageError, list_images, load_image
+from delf_tf.images import IMAGE_SUFFIXES, ImageError, load_image, scan_images
 from delf_tf.retrieval.search import Searcher, SearchResult
 
 
@@ -87,11 +87,15 @@ def read_queries(spec: str | os.PathLike) -> list[str]:
     """Query image paths: the images under a folder (sorted), or a text file's lines.
 
     A list file has one path per line (relative paths are relative to the file's
-    folder); blank lines and lines starting with # are skipped.
+    folder); blank lines and lines starting with # are skipped. In a folder, the
+    paths the scan skips (a fifo, a dangling link, a folder named *.jpg: see
+    `scan_images`) are queries too, so each gets its error line in the results file
+    and counts as failed, as `delf extract` counts them.
     """
     path = Path(spec)
     if path.is_dir():
-        return [str(p) for p in list_images(path)]
+        images, skipped = scan_images(path)
+        return [str(p) for p in sorted(images + [where for where, _ in skipped])]
     if not path.is_file():
         raise QueryListError(f"{path}: the queries are neither a folder nor a list file")
     if path.suffix.lower() in IMAGE_SUFFIXES:

@@ -68,7 +68,7 @@ from delf_tf.retrieval.index_files import (
     read_json,
     read_records,
 )
-from delf_tf.retrieval.structures import STRUCTURES, base
+from delf_tf.retrieval.structures import base, class_for, structure_type
 from delf_tf.retrieval.structures.base import (
     BuildOptions,
     IndexChangedError,
@@ -156,7 +156,8 @@ class Index:
         self.path = path
         self.global_descriptors = global_descriptors
         self._structures: dict[str, SearchStructure] = {
-            name: STRUCTURES[name](dict(header)) for name, header in (structures or {}).items()
+            name: structure_type(name, header)(dict(header))
+            for name, header in (structures or {}).items()
         }
         # The generation of index.json this was read from or saved as (None: in memory).
         self.generation: int | None = None
@@ -367,6 +368,9 @@ class Index:
         progress: bool = True,
         global_ivf_min_images: int = IVF_MIN_IMAGES,
         others: tuple[str, ...] = (),
+        milvus_uri: str | None = None,
+        milvus_prefix: str | None = None,
+        stores: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Builds, or extends without retraining, the search structures; returns a report.
 
@@ -384,13 +388,24 @@ class Index:
           many images on (exact ranking below).
         others: names of further registered structures (`structures.STRUCTURES`,
           e.g. an external back end) to build; those the index has are extended.
+        milvus_uri, milvus_prefix, stores: backend "milvus" puts the votes and the
+          global rankings into Milvus collections (`structures/milvus.py`).
 
         Returns {"neighbors": {...}, "asmk": {...}, "global": {...}, "notes": [...]}:
         per structure what was done ("built", "extended", "retrained", "kept") and
         its header; notes are sentences for the user. What each structure does is
         its module's (`delf_tf.retrieval.structures`).
         """
-        options = BuildOptions(backend, codebook_size, recall, progress, global_ivf_min_images)
+        options = BuildOptions(
+            backend,
+            codebook_size,
+            recall,
+            progress,
+            global_ivf_min_images,
+            milvus_uri,
+            milvus_prefix,
+            stores,
+        )
         notes: list[str] = []
         report: dict[str, Any] = {"notes": notes}
         if votes is None:
@@ -407,8 +422,11 @@ class Index:
                 self._structures.pop(name, None)
                 continue
             current = self._structures.get(name)
+            kind = class_for(name, backend, current)
+            if current is not None and type(current) is not kind:
+                current = None  # from FAISS to Milvus or back: built anew
             if current is None:
-                structure, action = STRUCTURES[name].build(self, options, notes), "built"
+                structure, action = kind.build(self, options, notes), "built"
             else:
                 structure, action = current.append(self, options, notes)
             self._structures[name] = structure
@@ -514,6 +532,7 @@ class Index:
         self._check_structures_cover()
         recover_staged_directory(path)
         generation = (read_generation(path) or 0) + 1
+        previous = _saved_structures(path)
         with staged_directory(path) as staging:
             for name, array in self._arrays().items():
                 dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
@@ -529,6 +548,13 @@ class Index:
         for structure in self._structures.values():
             structure.fresh = False
             structure.value = None if structure.loaded() else structure.value
+        # External structures (Milvus) drop what no header names any more.
+        for name in sorted(set(previous) | set(self._structures)):
+            new, old = self._structures.get(name), previous.get(name)
+            if new is not None and new.external:
+                new.published(old)
+            elif old is not None and old.external:
+                old.retired()
 
     def _check_structures_cover(self) -> None:
         for name, structure in self._structures.items():
@@ -643,6 +669,17 @@ class Index:
             ),
         )
         return True
+
+
+def _saved_structures(path: Path) -> dict[str, SearchStructure]:
+    """The structures index.json at `path` names now ({} where there is none or it is
+    unreadable): what a save replaces."""
+    try:
+        header = read_json(path / HEADER, f"{path}: not an index")
+        structures = check_header(header, path / HEADER)
+    except (IndexFormatError, OSError):
+        return {}
+    return {name: structure_type(name, entry)(dict(entry)) for name, entry in structures.items()}
 
 
 def _store_dim(store: FeatureStore) -> int:

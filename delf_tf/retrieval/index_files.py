@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from delf_tf.retrieval.structures import STRUCTURES, base
+from delf_tf.retrieval.structures import STRUCTURES, base, structure_type
 from delf_tf.retrieval.structures.base import IndexFormatError
 
 FORMAT_VERSION = 1
@@ -141,7 +141,7 @@ def check_header(header: Any, path: Path) -> dict[str, dict[str, Any]]:
             raise IndexFormatError(
                 f"{path}: unknown search structure {name!r}; known {sorted(STRUCTURES)}"
             )
-        STRUCTURES[name].check_header(entry, f"{path}: structures.{name}")
+        structure_type(name, entry).check_header(entry, f"{path}: structures.{name}")
     return structures
 
 

@@ -17,6 +17,11 @@ their initial order. "auto" picks global when the index has global
 descriptors, else asmk when it was built, else votes.
 
 Structures are loaded from the index (memory-mapped), never trained here.
+
+The local features of the shortlist (for matching and RANSAC) come from the index's
+arrays (`IndexRows`), or, with the Milvus back end, from the feature store the index
+was built from, read through `tf.io.gfile` a bounded number of files at a time
+(`StoreRows`): a search worker then holds no collection of its own.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from absl import logging
 from delf_tf.config import RetrievalConfig
 from delf_tf.errors import InputError
 from delf_tf.features.local_features import LocalFeatures
+from delf_tf.features.remote import StoreReader
 from delf_tf.matching.neighbors import (
     AUTO_EXACT_MAX_DESCRIPTORS,
     EXACT_BACKENDS,
@@ -126,9 +132,12 @@ class Searcher:
         asmk: AsmkIndex | None = None,
         global_ranker: GlobalRanker | None = None,
         threads: int | None = None,
+        stores: dict[str, str] | None = None,
     ):
         """`neighbors`, `asmk`, `global_ranker`: structures to use instead of the
-        index's saved ones (benchmarks compare several over one index).
+        index's saved ones (benchmarks compare several over one index). `stores`:
+        {store id: location} replacing those a Milvus structure recorded (a store
+        copied to gs://, tests on ram://).
 
         `threads`: RANSAC verifications run at once, in a pool the Searcher owns and
         every query (and thread) using it shares; default `default_threads()`; 1
@@ -165,6 +174,16 @@ class Searcher:
                     "from a model without a global head); use --ranking=votes or asmk"
                 )
             self.structure = GlobalStructure.wrap(self.global_ranker)
+        self._reader: StoreReader | None = None
+        value = self.structure.value
+        if getattr(value, "reads_store", False):
+            self._reader = StoreReader({**value.stores, **(stores or {})}, index.fingerprint)
+
+    def rows(self) -> IndexRows | StoreRows:
+        """Where one query's shortlist features come from (a fresh cache per query)."""
+        if self._reader is None:
+            return IndexRows(self.index)
+        return StoreRows(self.index, self._reader)
 
     def _votes_structure(self) -> NeighborIndex:
         """The saved k-NN structure, or an exact one that needs no training."""
@@ -217,6 +236,8 @@ class Searcher:
         images = self._image_ids[database_rows]
         candidates = np.argsort(-votes, kind="stable")[:shortlist]
         candidates = candidates[votes[candidates] > 0]
+        source = self.rows()
+        source.prefetch(candidates)
         order = np.argsort(images, kind="stable")
         starts = np.searchsorted(images[order], candidates, side="left")
         ends = np.searchsorted(images[order], candidates, side="right")
@@ -226,11 +247,12 @@ class Searcher:
             # Inliers <= votes: candidates come by falling votes (see `_verify_in_order`).
             for image_id, start, end in zip(candidates, starts, ends, strict=True):
                 rows = order[start:end]
+                local = database_rows[rows] - int(offsets[image_id])
                 matches = Matches(
                     query.keypoints[query_rows[rows]],
-                    np.asarray(self.index.keypoints[database_rows[rows]]),
+                    source.keypoints(int(image_id))[local],
                     query_rows[rows],
-                    database_rows[rows] - int(offsets[image_id]),
+                    local,
                 )
                 yield int(votes[image_id]), int(image_id), matches, float(votes[image_id])
 
@@ -268,7 +290,9 @@ class Searcher:
             return self._verify_votes(query, initial.voted, top_k, shortlist)
         return self._verify_ranked(query, initial.ids, initial.scores, top_k, shortlist)
 
-    def shortlist_matches(self, query: LocalFeatures, image_ids) -> list[Matches]:
+    def shortlist_matches(
+        self, query: LocalFeatures, image_ids, source: IndexRows | StoreRows | None = None
+    ) -> list[Matches]:
         """Putative matches of the votes rule, restricted to `image_ids` (one per image).
 
         The `neighbors` nearest descriptors of every query descriptor among the
@@ -280,11 +304,13 @@ class Searcher:
         sizes = offsets[ids + 1] - offsets[ids]
         if len(query) == 0 or not sizes.sum():
             return [_no_matches() for _ in ids]
-        rows = np.repeat(offsets[ids] - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
+        source = source or self.rows()
+        source.prefetch(ids)
+        starts = np.cumsum(sizes) - sizes  # of each image's rows in `database`
         # Each image's rows are contiguous: slices copy them sequentially.
-        database = np.concatenate(
-            [self.index.descriptors[offsets[i] : offsets[i + 1]] for i in ids]
-        ).astype(np.float32, copy=False)
+        database = np.concatenate([source.descriptors(int(i)) for i in ids]).astype(
+            np.float32, copy=False
+        )
         _, found = bounded_knn(
             query.descriptors, database, self.config.neighbors, self.config.distance_bound
         )
@@ -300,13 +326,13 @@ class Searcher:
         out = []
         for position, image_id in enumerate(ids):
             picked = order[bounds[position] : bounds[position + 1]]
-            database_rows = rows[local[picked]]
+            in_image = (local[picked] - starts[position]).astype(np.int64)
             out.append(
                 Matches(
                     query.keypoints[query_rows[picked]],
-                    np.asarray(self.index.keypoints[database_rows]),
+                    source.keypoints(int(image_id))[in_image],
                     query_rows[picked].astype(np.int64),
-                    (database_rows - offsets[image_id]).astype(np.int64),
+                    in_image,
                 )
             )
         return out
@@ -319,22 +345,26 @@ class Searcher:
         """
         return self.match_images(query, [image_id])[0]
 
-    def match_images(self, query: LocalFeatures, image_ids) -> list[Matches]:
+    def match_images(
+        self, query: LocalFeatures, image_ids, source: IndexRows | StoreRows | None = None
+    ) -> list[Matches]:
         """`match_image` for many images: one matrix product per ~_MATCH_BLOCK database rows."""
         out: list[Matches] = []
         ids = [int(i) for i in image_ids]
+        source = source or self.rows()
+        source.prefetch(ids)
         start = 0
         while start < len(ids):
             stop, rows = start, 0
             while stop < len(ids) and (stop == start or rows < _MATCH_BLOCK):
                 rows += self.index.offsets[ids[stop] + 1] - self.index.offsets[ids[stop]]
                 stop += 1
-            out += self._match_block(query, ids[start:stop])
+            out += self._match_block(query, ids[start:stop], source)
             start = stop
         return out
 
-    def _match_block(self, query: LocalFeatures, ids: list[int]) -> list[Matches]:
-        blocks = [self.index.image_descriptors(i) for i in ids]
+    def _match_block(self, query: LocalFeatures, ids: list[int], source) -> list[Matches]:
+        blocks = [source.descriptors(i) for i in ids]
         sizes = [len(block) for block in blocks]
         if len(query) == 0 or not sum(sizes):
             return [_no_matches() for _ in ids]
@@ -355,7 +385,7 @@ class Searcher:
             out.append(
                 Matches(
                     query.keypoints[query_rows],
-                    self.index.image_keypoints(image_id)[database_rows],
+                    source.keypoints(image_id)[database_rows],
                     query_rows.astype(np.int64),
                     database_rows,
                 )
@@ -376,10 +406,11 @@ class Searcher:
         Inliers <= putative matches, so images are verified by falling match count
         and the loop stops once no remaining image can enter the top k.
         """
+        source = self.rows()
         if self.config.rerank_matches == "knn":
-            matches = self.shortlist_matches(query, ids[:shortlist])
+            matches = self.shortlist_matches(query, ids[:shortlist], source)
         else:
-            matches = self.match_images(query, ids[:shortlist])
+            matches = self.match_images(query, ids[:shortlist], source)
         candidates = [
             (int(image_id), float(score), found)
             for image_id, score, found in zip(
@@ -493,6 +524,54 @@ _POOL_LOCK = threading.Lock()
 def default_threads() -> int:
     """Verification threads by default: the CPUs this process may use, at most 4."""
     return max(1, min(MAX_DEFAULT_THREADS, len(os.sched_getaffinity(0))))
+
+
+class IndexRows:
+    """Shortlist features from the index's own (memory-mapped) arrays."""
+
+    def __init__(self, index: Index):
+        self.index = index
+
+    def prefetch(self, image_ids) -> None:
+        """Nothing to fetch: the arrays are paged in on demand."""
+
+    def keypoints(self, image_id: int) -> np.ndarray:
+        """float32 [n, 2] keypoints of one database image."""
+        return self.index.image_keypoints(image_id)
+
+    def descriptors(self, image_id: int) -> np.ndarray:
+        """float32 [n, D] descriptors of one database image."""
+        return self.index.image_descriptors(image_id)
+
+
+class StoreRows(IndexRows):
+    """Shortlist features read from the feature store through `tf.io.gfile` (Milvus back
+    end), `StoreReader.concurrency` files at a time; kept for one query."""
+
+    def __init__(self, index: Index, reader: StoreReader):
+        super().__init__(index)
+        self.reader = reader
+        self._features: dict[int, LocalFeatures] = {}
+
+    def prefetch(self, image_ids) -> None:
+        wanted = [i for i in dict.fromkeys(int(i) for i in image_ids) if i not in self._features]
+        records = [self.index.images[i] for i in wanted]
+        fetched = self.reader.fetch((record.store, record.key) for record in records)
+        for image_id, record, features in zip(wanted, records, fetched, strict=True):
+            if len(features) != record.num_features:
+                raise IndexFormatError(
+                    f"{record.key}: the feature store holds {len(features)} features, the "
+                    f"index {record.num_features}: the store changed since `delf index`"
+                )
+            self._features[image_id] = features
+
+    def keypoints(self, image_id: int) -> np.ndarray:
+        self.prefetch([image_id])
+        return np.asarray(self._features[image_id].keypoints, np.float32)
+
+    def descriptors(self, image_id: int) -> np.ndarray:
+        self.prefetch([image_id])
+        return np.asarray(self._features[image_id].descriptors, np.float32)
 
 
 # Database rows compared with a query in one matrix product when re-ranking.

@@ -9,6 +9,9 @@ import dataclasses
 
 from delf_tf.errors import ConfigError, InputError
 
+# Pillow's decompression-bomb bound (delf_tf.images.DEFAULT_MAX_PIXELS): one largest image.
+DEFAULT_MAX_REQUEST_PIXELS = 89_478_485
+
 
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
@@ -21,6 +24,10 @@ class RequestLimits:
     max_features: `extract_image`'s `max_features` in 1..max_features.
     max_tensor_bytes: the decoded size of one input TensorProto (a few bytes of
       protobuf can declare a huge tensor filled with one repeated value).
+    max_request_pixels: the decoded pixels of all the images of one request together
+      (serving_default: from the headers, before decoding) [--max_request_pixels].
+    max_aspect_ratio: long side / short side of each image [--max_aspect_ratio].
+    (See delf_tf.serving.memory.)
     """
 
     max_batch_size: int = 32
@@ -28,9 +35,14 @@ class RequestLimits:
     max_scale: float = 4.0
     max_features: int = 10_000
     max_tensor_bytes: int = 1 << 30
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    max_aspect_ratio: float = 1000.0
 
     def __post_init__(self):
-        if self.max_batch_size < 1 or self.max_scales < 1 or self.max_features < 1:
+        if (
+            min(self.max_batch_size, self.max_scales, self.max_features) < 1
+            or min(self.max_request_pixels, self.max_aspect_ratio) < 1
+        ):
             raise ConfigError(f"request limits must be >= 1: {self}")
 
 
@@ -55,6 +67,9 @@ class ServerLimits:
       [--rest_api_timeout_in_ms / 1000].
     shutdown_grace: seconds running requests get to finish on stop
       [--shutdown_grace_seconds].
+    max_server_pixels: decoded pixels of all running requests together; a request
+      that does not fit waits (up to rest_timeout, or its gRPC deadline), then gets
+      RESOURCE_EXHAUSTED [--max_server_pixels]. Worst-case memory: serving/README.md.
     """
 
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -66,6 +81,7 @@ class ServerLimits:
     rest_idle_timeout: float = 30.0
     rest_timeout: float = 30.0
     shutdown_grace: float = 10.0
+    max_server_pixels: int = 2 * DEFAULT_MAX_REQUEST_PIXELS
 
 
 def parse_channel_arguments(text: str) -> dict[str, int | str]:

@@ -30,6 +30,7 @@ import json
 import re
 import signal
 import threading
+import urllib.parse
 from concurrent import futures
 
 import grpc
@@ -45,6 +46,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from delf_tf.contract import IMAGE_SIGNATURE
 from delf_tf.errors import DelfError
 from delf_tf.serving import rest_json, search_api
 from delf_tf.serving.errors import HTTP_STATUS, ServingError
@@ -52,6 +54,13 @@ from delf_tf.serving.http_front import HttpFrontEnd, error_body
 from delf_tf.serving.limits import (
     RequestLimits,
     ServerLimits,
+)
+from delf_tf.serving.memory import (
+    TRIM_AFTER_BYTES,
+    PixelBudget,
+    check_pixels,
+    configure_allocator,
+    release_memory_soon,
 )
 from delf_tf.serving.repository import (
     DEFAULT_SIGNATURE,
@@ -76,8 +85,11 @@ def predict(
     repository: ModelRepository,
     request: predict_pb2.PredictRequest,
     limits: RequestLimits | None = None,
+    budget: PixelBudget | None = None,
+    wait_seconds: float | None = None,
 ):
-    """PredictRequest -> PredictResponse (raises ServingError)."""
+    """PredictRequest -> PredictResponse (raises ServingError). budget: the server's
+    pixel budget, waited for up to wait_seconds (delf_tf.serving.memory)."""
     limits = limits or RequestLimits()
     spec = request.model_spec
     if spec.version_label:
@@ -88,11 +100,17 @@ def predict(
     signature = spec.signature_name or DEFAULT_SIGNATURE
     for key, proto in request.inputs.items():
         check_tensor_proto(key, proto, signature, limits)  # before decoding anything
+    image = request.inputs.get("image") if signature == IMAGE_SIGNATURE else None
+    if image is not None and len(image.tensor_shape.dim) == 3:  # its pixels, before decoding
+        size = [dim.size for dim in image.tensor_shape.dim[:2]]
+        check_pixels(np.array([size]), limits.max_request_pixels, limits.max_aspect_ratio)
     try:
         inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
     except (TypeError, ValueError) as error:
         raise ServingError("INVALID_ARGUMENT", f"malformed input TensorProto ({error})") from error
-    outputs = servable.predict(signature, inputs, list(request.output_filter), limits)
+    outputs = servable.predict(
+        signature, inputs, list(request.output_filter), limits, budget, wait_seconds
+    )
     response = predict_pb2.PredictResponse()
     response.model_spec.name = spec.name
     response.model_spec.version.value = servable.version
@@ -156,11 +174,16 @@ def model_status(
 
 class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(
-        self, repository: ModelRepository, limits: RequestLimits, search: SearchService | None
+        self,
+        repository: ModelRepository,
+        limits: RequestLimits,
+        search: SearchService | None,
+        budget: PixelBudget | None = None,
     ):
         self.repository = repository
         self.limits = limits
         self.search = search
+        self.budget = budget
 
     def _searches(self, request) -> bool:
         return self.search is not None and request.model_spec.name == self.search.name
@@ -175,7 +198,13 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 self.limits,
                 context.time_remaining(),
             )
-        return _answer(context, predict, self.repository, request, self.limits)
+        wait = context.time_remaining()  # the client's deadline, else the budget's own wait
+        arguments = (self.repository, request, self.limits, self.budget, wait)
+        try:
+            return _answer(context, predict, *arguments)
+        finally:
+            if request.ByteSize() >= TRIM_AFTER_BYTES:
+                release_memory_soon()
 
     def GetModelMetadata(self, request, context):  # noqa: N802
         if self._searches(request):
@@ -219,11 +248,13 @@ class RestApi:
         limits: RequestLimits,
         search: SearchService | None = None,
         ready=lambda: True,
+        budget: PixelBudget | None = None,
     ):
         self.repository = repository
         self.limits = limits
         self.search = search
         self.web = None if search is None else search_api.SearchWeb(search, limits, ready)
+        self.budget = budget
 
     def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes):
         try:
@@ -242,6 +273,9 @@ class RestApi:
         except Exception as error:  # keep serving
             logging.exception("internal error")
             status, answer = 500, {"error": f"{type(error).__name__}: {error}"}
+        finally:
+            if len(body) >= TRIM_AFTER_BYTES:
+                release_memory_soon()
         return status, json.dumps(answer, default=_json_default).encode("utf-8")
 
     def _answer(self, method: str, target: str, body: bytes):
@@ -254,7 +288,7 @@ class RestApi:
         allowed = "POST" if action.startswith(":") else "GET"
         if method != allowed:
             raise ServingError("INVALID_ARGUMENT", f"{method} is not allowed on {target[:200]}")
-        name = match["name"]
+        name = _model_name(match["name"])
         version = None
         if match["version"]:
             version = int(match["version"][:40])
@@ -323,18 +357,28 @@ class RestApi:
             raise ServingError("INVALID_ARGUMENT", str(error)) from error
         except RecursionError as error:
             raise ServingError("INVALID_ARGUMENT", "JSON tensor nested too deeply") from error
-        outputs = servable.predict(signature_name, inputs, None, self.limits)
+        outputs = servable.predict(signature_name, inputs, None, self.limits, self.budget)
         try:
             return rest_json.format_response(outputs, row_format)
         except rest_json.JsonTensorError as error:
             raise ServingError("INVALID_ARGUMENT", str(error)) from error
 
 
+def _model_name(raw: str) -> str:
+    """The model name of a REST path: its bytes (the front end reads the request line as
+    Latin-1, one character per byte) as UTF-8, percent-escapes decoded as UTF-8 too."""
+    try:
+        return urllib.parse.unquote(raw.encode("latin-1").decode("utf-8"), errors="strict")
+    except UnicodeError as error:
+        raise ServingError("INVALID_ARGUMENT", "the model name in the path is not UTF-8") from error
+
+
 def _parse_json(body: bytes):
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {error}") from error
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        message = " ".join(str(error).split())[:200]
+        raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {message}") from error
     except RecursionError as error:
         raise ServingError("INVALID_ARGUMENT", "JSON Parse error: nested too deeply") from error
 
@@ -419,8 +463,10 @@ class LocalServer:
         return self.limits.max_request_bytes
 
     def start(self) -> LocalServer:
+        configure_allocator()  # large blocks go back to the system when freed
         self.repository.refresh()
         limits = self.limits
+        budget = PixelBudget(limits.max_server_pixels, wait_seconds=limits.rest_timeout)
         if self.grpc_port is not None:
             self._grpc = grpc.server(
                 futures.ThreadPoolExecutor(
@@ -430,7 +476,8 @@ class LocalServer:
                 maximum_concurrent_rpcs=8 * limits.grpc_threads,
             )
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-                _PredictionService(self.repository, limits.request, self.search), self._grpc
+                _PredictionService(self.repository, limits.request, self.search, budget),
+                self._grpc,
             )
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
                 _ModelService(self.repository, self.search), self._grpc
@@ -450,6 +497,7 @@ class LocalServer:
                     limits.request,
                     self.search,
                     ready=lambda: not self._stopping.is_set(),
+                    budget=budget,
                 ),
                 max_body_bytes=limits.max_request_bytes,
                 threads=limits.rest_threads,

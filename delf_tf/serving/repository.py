@@ -19,7 +19,9 @@ answers with TF Serving's status codes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import threading
@@ -34,6 +36,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from delf_tf.contract import (
+    EXPORT_INFO_ASSET,
     IMAGE_SIGNATURE,
     SAVED_MODEL_FILE,
     SERVING_SIGNATURE,
@@ -42,7 +45,8 @@ from delf_tf.contract import (
 )
 from delf_tf.errors import InputError
 from delf_tf.serving.errors import ServingError
-from delf_tf.serving.limits import RequestLimits
+from delf_tf.serving.limits import DEFAULT_MAX_REQUEST_PIXELS, RequestLimits
+from delf_tf.serving.memory import PixelBudget, check_pixels, image_sizes
 from delf_tf.serving.saved_model_proto import read_saved_model_proto
 
 DEFAULT_SIGNATURE = SERVING_SIGNATURE
@@ -183,6 +187,7 @@ class ServableVersion:
         self.signature_defs.pop("__saved_model_init_op", None)
         self._loaded = tf.saved_model.load(str(path))
         self._functions = dict(self._loaded.signatures)
+        self.max_image_pixels = _export_max_pixels(path)
 
     def warm_up(self) -> int:
         """Replays `assets.extra/tf_serving_warmup_requests` (as TF Serving does); returns count."""
@@ -206,6 +211,8 @@ class ServableVersion:
         inputs: dict[str, np.ndarray],
         output_filter: list[str] | None = None,
         limits: RequestLimits | None = None,
+        budget: PixelBudget | None = None,
+        wait_seconds: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs a signature; ServingError (INVALID_ARGUMENT, FAILED_PRECONDITION) for bad requests.
 
@@ -234,8 +241,11 @@ class ServableVersion:
                 "INVALID_ARGUMENT",
                 f"input size does not match signature: missing but required: {{{','.join(missing)}}}",
             )
+        pixels = 0
         if limits is not None:
             check_request(signature_name, arrays, limits)
+            sizes = image_sizes(signature_name, arrays, self.max_image_pixels)
+            pixels = check_pixels(sizes, limits.max_request_pixels, limits.max_aspect_ratio)
         arguments = {
             key: tf.constant(array, dtype=tf.as_dtype(signature.inputs[key].dtype))
             for key, array in arrays.items()
@@ -250,12 +260,25 @@ class ServableVersion:
                     f"output tensor alias not found in signature: {alias} Outputs expected to be "
                     f"in the set {{{','.join(sorted(signature.outputs))}}}.",
                 )
-        try:
-            outputs = self._functions[signature_name](**arguments)
-        except tf.errors.OpError as error:
-            code = _STATUS_NAMES.get(error.error_code, "UNKNOWN")
-            raise ServingError(code, error.message) from error
-        return {alias: outputs[alias].numpy() for alias in names}
+        held = budget.hold(pixels, wait_seconds) if budget else contextlib.nullcontext()
+        with held:  # the server's pixel budget (delf_tf.serving.memory)
+            try:
+                outputs = self._functions[signature_name](**arguments)
+            except tf.errors.OpError as error:
+                code = _STATUS_NAMES.get(error.error_code, "UNKNOWN")
+                raise ServingError(code, error.message) from error
+            return {alias: outputs[alias].numpy() for alias in names}
+
+
+def _export_max_pixels(path: Path) -> int:
+    """The export's per-image pixel bound (`delf export` records it), else Pillow's."""
+    try:
+        info = json.loads((path / "assets" / EXPORT_INFO_ASSET).read_text(encoding="utf-8"))
+        value = info.get("max_pixels")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    is_int = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return value if is_int else DEFAULT_MAX_REQUEST_PIXELS
 
 
 # TF error codes are the canonical status codes: 3 -> INVALID_ARGUMENT, ...

@@ -149,6 +149,10 @@ def semantic_cases(w) -> dict[str, tuple[list[str], dict[str, str]]]:
                 "nprobe": "0",
             },
         ),
+        "convert": (
+            [f"--model={w / 'no_models'}", f"--output_file={w / 'converted.keras'}"],
+            {"model": missing, "output_file": under_file + ".keras"},
+        ),
         "match": (
             [f"--image1={w / 'images' / 'a.png'}", f"--image2={w / 'images' / 'b.png'}", *model],
             {

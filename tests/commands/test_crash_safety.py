@@ -88,15 +88,23 @@ def choose(*kinds: str, every: tuple[str, ...] = ("rename",)):
 SAMPLES = {
     "index-append": choose("rename", "write", "fsync", "unlinkat", "rmdir"),
     "index": choose("rename", "write", "unlinkat"),
+    # Milvus Lite: the renames are hit in Lite's own threads (strace counts per
+    # thread: their renames come first), i.e. killed in the middle of filling the new
+    # collections; unlinkat: after the swap, the old collections not dropped yet.
+    "index-append-milvus": choose("rename", "unlinkat"),
     "fit-pca": choose("rename", "write", "fsync"),
 }
+# Milvus Lite writes from its own threads: a kill may land in one of them (another
+# valid crash point); every run must still be killed and pass the checks.
+MAY_MOVE = {"index-append-milvus"}
 # Commands with TensorFlow take several seconds per run: one fixed point each, the
 # rename that publishes the result, with no traced clean run (the hit is checked).
-# extract (one image): rename 1 publishes manifest.json, rename 2 the .npz.
+# extract (one image): a link() publishes manifest.json (created exclusively), rename 1
+# the .npz.
 # export: renames 1-5 are TensorFlow's own inside the staging folder (variables,
 # saved_model.pb, fingerprint.pb), rename 6 publishes the version folder.
 FIXED = {
-    "extract": (("rename", 2), ".npz"),
+    "extract": (("rename", 1), ".npz"),
     "export": (("rename", 6), "/models/delf/1"),
 }
 
@@ -110,7 +118,7 @@ def test_killed_at_sampled_crash_points_then_rerun(name, tmp_path):
     scenario = SCENARIOS[name]()
     result = sweep(scenario, tmp_path, choose=SAMPLES[name], rerun=in_process(scenario))
     assert result["run"] >= 3 and result["killed"] == result["run"], result
-    assert result["moved"] == 0, result["results"]
+    assert name in MAY_MOVE or result["moved"] == 0, result["results"]
 
 
 @pytest.mark.parametrize("name", list(FIXED))

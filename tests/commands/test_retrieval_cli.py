@@ -1,6 +1,7 @@
 """`delf index`, `delf search` and `delf match` end to end, in process."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -94,17 +95,21 @@ def test_index_append_search_and_errors(folders, extractor, capsys, fast):
     queries.mkdir()
     (queries / "a_query.png").write_bytes((root / "query.png").read_bytes())
     (queries / "b_broken.jpg").write_bytes((root / "broken.jpg").read_bytes())
+    os.mkfifo(queries / "c_pipe.jpg")  # skipped paths are failed queries, as in extract
+    (queries / "d_dangling.png").symlink_to(root / "nowhere.png")
     results = root / "results.jsonl"
     batch = ["delf", "search", f"--index={index}", f"--images={queries}", *fast]
     assert main([*batch, f"--output_file={results}", "--top_k=2"]) == 3
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (summary["answered"], summary["failed"], summary["ranking"]) == (2, 1, "votes")
+    assert (summary["answered"], summary["failed"], summary["ranking"]) == (4, 3, "votes")
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert lines[0]["results"][0]["key"] == "astronaut.png" and "b_broken.jpg" in lines[1]["error"]
+    assert "not a regular file" in lines[2]["error"] and "c_pipe.jpg" in lines[2]["query"]
+    assert "d_dangling.png" in lines[3]["query"] and "cannot read" in lines[3]["error"]
     assert main([*batch, f"--output_file={results}"]) == 3  # resumed: nothing left to do
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (summary["answered"], summary["skipped"], summary["failed"]) == (0, 2, 1)
-    assert len(results.read_text().splitlines()) == 2
+    assert (summary["answered"], summary["skipped"], summary["failed"]) == (0, 4, 3)
+    assert len(results.read_text().splitlines()) == 4
     assert main([*search, f"--queries={queries}"]) == 1  # two query inputs
     assert "give the query images once" in capsys.readouterr().err
 

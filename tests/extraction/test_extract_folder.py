@@ -74,3 +74,38 @@ def test_an_extractor_that_fails_on_every_image_stops_the_run(tmp_path):
         write(tmp_path / "images" / f"{number}.png", width=17)
     with pytest.raises(RuntimeError, match="fell over"):
         extract_to_store(StandIn(fail_width=17), tmp_path / "images", tmp_path / "out", False)
+
+
+def test_disk_full_names_the_file_and_prints_what_was_saved(tmp_path, monkeypatch, capsys):
+    """ENOSPC stops the run with one line naming the file; the JSON summary of what was
+    saved is printed first, and a rerun resumes after it."""
+    import errno
+
+    import delf_tf.commands.extract as extract_command
+    from delf_tf.cli import main
+
+    for name in "abcd":
+        write(tmp_path / "images" / f"{name}.png")
+    real_save = FeatureStore.save
+
+    def save(self, key, features):
+        if key == "c.png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(self, key, features)
+
+    monkeypatch.setattr(FeatureStore, "save", save)
+    monkeypatch.setattr(extract_command, "extractor_from_flags", lambda flags: StandIn())
+    monkeypatch.setattr(extract_command, "warn_if_untrained", lambda extractor: None)
+    out = tmp_path / "out"
+    arguments = ["delf", "extract", f"--images={tmp_path / 'images'}", f"--output_dir={out}"]
+    assert main(arguments) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert (summary["images"], summary["extracted"]) == (4, 2)
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith(f"delf extract: error: {out / 'c.png.npz'}: No space left on device")
+    assert "2 image(s) saved" in error
+    monkeypatch.setattr(FeatureStore, "save", real_save)
+    assert main(arguments) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["extracted"], summary["skipped_existing"]) == (2, 2)

@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -217,6 +218,8 @@ def test_malformed_rest_requests_get_4xx_json(local_server, request_bytes, statu
         b'{"inputs": {"image_bytes": {"b64": ""}, "extra": 1}}',
         b"\xff\xfe\x00garbage",
         b'"just a string"',
+        b'{"instances": [' + b"9" * 100_000 + b"]}",  # an integer too long to convert
+        b'{"instances": [' + b"9" * 4000 + b"]}",  # converts, but overflows every dtype
     ],
 )
 def test_malformed_json_bodies_get_400(local_server, body):
@@ -224,6 +227,16 @@ def test_malformed_json_bodies_get_400(local_server, body):
     status, _, answer, _ = raw_http(local_server.addresses()["rest"], request, check_closed=False)
     assert status == 400, answer
     assert answer["error"]
+
+
+def test_utf8_model_name_is_decoded_as_utf8(local_server):
+    name = "modèle-日本"
+    for path in (name.encode("utf-8"), urllib.parse.quote(name).encode("ascii")):
+        request = b"GET /v1/models/" + path + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+        status, _, answer, _ = raw_http(
+            local_server.addresses()["rest"], request, check_closed=False
+        )
+        assert status == 404 and name in answer["error"], answer
 
 
 def test_rest_still_serves_after_hostile_requests(local_server, astronaut_small):

@@ -86,6 +86,10 @@ class BuildOptions:
       index's. codebook_size: ASMK words (None: keep / derive). recall: measure the
       sampled recall of an approximate k-NN structure. global_ivf_min_images: the
       global ranking gets an IVF structure from this many images on.
+    milvus_uri: with backend "milvus": a Milvus Lite ".db" file or a server URL (None
+      keeps the index's). milvus_prefix: its collections' name prefix (None: the
+      index's, or a random one). stores: {store id: location} of the feature stores
+      the index reads, recorded for the search workers (`structures.milvus`).
     """
 
     backend: str | None = None
@@ -93,6 +97,9 @@ class BuildOptions:
     recall: bool = True
     progress: bool = True
     global_ivf_min_images: int = IVF_MIN_IMAGES
+    milvus_uri: str | None = None
+    milvus_prefix: str | None = None
+    stores: dict[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +214,19 @@ class SearchStructure(abc.ABC):
     def loaded(self) -> bool:
         """Whether `value` reads its own files (reloaded after a save moved them)."""
         return bool(getattr(self.value, "read_only", False))
+
+    # --- external structures: after the directory swap --------------------------------
+
+    def published(self, previous: SearchStructure | None) -> None:
+        """Called once the directory swap made this header current; `previous`: the
+        replaced generation's structure of the same name. An external structure drops
+        the locations no header names any more (nothing to do for files)."""
+        return None
+
+    def retired(self) -> None:
+        """Called after the swap for a previous generation's external structure that the
+        new index no longer has: its location is dropped."""
+        return None
 
 
 # --- helpers of every structure -------------------------------------------------------

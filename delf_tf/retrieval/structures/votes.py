@@ -55,7 +55,7 @@ RECALL_DISTANCE = 0.8
 # Back-end names an index.json may record ("auto" only as "requested").
 # IVF-PQ codes are 8 bits: each sub-quantizer learns 256 centroids from as many points.
 PQ_CENTROIDS = 256
-KINDS = tuple(name for name in NEIGHBOR_BACKENDS if name != "auto")
+KINDS = tuple(name for name in NEIGHBOR_BACKENDS if name not in ("auto", "milvus"))
 
 
 class VotesStructure(SearchStructure):

@@ -1,0 +1,480 @@
+"""First-stage retrieval on Milvus: header "neighbors" or "global" with backend "milvus".
+
+`delf index --backend=milvus --milvus_uri=PATH_OR_URL` puts the votes ranking's
+local descriptors and (DELG) the global descriptors into Milvus collections instead
+of FAISS files. A URI ending in ".db" is Milvus Lite, the embedded engine (a folder
+of this machine, opened in this process); anything else is a Milvus server or
+cluster (`http://host:19530`) reached through the same `pymilvus.MilvusClient`.
+
+  local  (votes): one row per database descriptor: "row" (INT64 primary key, the
+         index's descriptor row), "image" (INT64), "vector" (FLOAT_VECTOR [D]);
+         metric IP over the unit-norm descriptors (checked when built), turned
+         into the squared L2 distance FAISS returns (|q|^2 + 1 - 2 q.d), so the
+         votes are counted by `structures.votes.vote`, the FAISS path's own code.
+         (IP, not L2: Milvus Lite's exact L2 materialises a [queries, rows, D]
+         difference array, 16 GB for 100 queries over 10^6 rows; IP is one product.)
+  global: one row per image: "image" (INT64 primary key), "vector" [G]; metric IP.
+
+The structure is `external`: it owns no file of the index directory; its header
+records "uri", "collection", "prefix", the fingerprint and the stores it read. Every
+save that changes it writes a new collection, `<prefix>_<local|global>_<token>`, and
+names it in the new index.json; after the directory swap (`published`) every other
+collection of the prefix is dropped: the previous generation's, and any a killed
+writer left. A kill at any instant therefore leaves index.json naming a complete
+collection (it was filled and flushed before the swap), and readers of the previous
+generation see `IndexChangedError` once theirs is dropped (they load the index
+again). Appending copies the whole collection into the new one (O(collection) per
+append, as the index's own arrays are; a cluster would add a partition instead).
+
+ASMK* stays FAISS-only: its inverted file is keyed by visual word and scores an
+image by a selective kernel over aggregated binary residuals per (image, word);
+Milvus offers k-NN over vectors, so ASMK* would be one filtered Hamming search per
+query word (hundreds per query) and the kernel summed client-side: no first stage.
+
+Search workers read the shortlist's local features for RANSAC from the feature
+store through `tf.io.gfile` (`delf_tf.features.remote`), not from the index's
+arrays: `reads_store` on the loaded objects tells the `Searcher`.
+"""
+
+from __future__ import annotations
+
+import logging as logging_module
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from absl import logging
+
+from delf_tf.errors import InputError
+from delf_tf.matching.neighbors import _bounded, _empty
+from delf_tf.retrieval.structures.base import (
+    BuildOptions,
+    Collection,
+    IndexChangedError,
+    IndexFormatError,
+    Ranking,
+    SearchStructure,
+)
+
+if TYPE_CHECKING:
+    from delf_tf.config import RetrievalConfig
+    from delf_tf.features.local_features import LocalFeatures
+
+BACKEND = "milvus"
+VECTOR, ROW, IMAGE = "vector", "row", "image"
+FINGERPRINT_PROPERTY = "delf.fingerprint"
+# Index type of the vector field: exact on Milvus Lite; a cluster may use IVF/HNSW.
+INDEX_TYPE = "FLAT"
+# Rows per insert call, query vectors per search call (Milvus Lite's exact search holds
+# a float32 [batch, rows] array: 256 MB per 10^6 rows at 64).
+INSERT_BATCH = 10_000
+SEARCH_BATCH = 64
+# Milvus returns at most this many results per query vector (its topk limit).
+MAX_LIMIT = 16_384
+# Images the global ranking asks for (as FAISS's IVF global structure: the exact FAISS
+# ranking returns every image; only the first `shortlist` are verified).
+GLOBAL_CANDIDATES = 1000
+# Database descriptors must be unit-norm within this (IP stands for L2).
+UNIT_TOLERANCE = 1e-3
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def location(uri: str) -> str:
+    """The URI recorded in the index: a Milvus Lite ".db" path made absolute, a URL kept."""
+    if "://" in uri or not uri.endswith(".db"):
+        if "://" not in uri:
+            raise InputError(
+                f"--milvus_uri={uri}: a Milvus Lite file ends in .db; a server is a URL "
+                "(http://host:19530)"
+            )
+        return uri
+    return str(Path(uri).resolve())
+
+
+def client(uri: str) -> Any:
+    """The process's one `MilvusClient` of `uri` (Milvus Lite starts on first use)."""
+    with _clients_lock:
+        found = _clients.get(uri)
+        if found is not None:
+            return found
+        try:
+            from pymilvus import MilvusClient
+        except ImportError as error:
+            raise InputError(
+                "the milvus back end needs pymilvus (pip install 'delf-tf[milvus]')"
+            ) from error
+        if _is_lite(uri):
+            _quiet_lite()
+        try:
+            found = MilvusClient(uri)
+        except Exception as error:  # pymilvus raises its own family, and OSError
+            hint = (
+                "; Milvus Lite serves one process at a time: is another delf command or a "
+                "search service using this file? (a Milvus server takes many)"
+                if _is_lite(uri)
+                else ""
+            )
+            raise IndexFormatError(
+                f"{uri}: cannot open Milvus ({_one_line(error)}){hint}"
+            ) from error
+        _clients[uri] = found
+        return found
+
+
+def release(uri: str) -> None:
+    """Closes the process's client of `uri`; Milvus Lite's file lock is given back."""
+    with _clients_lock:
+        found = _clients.pop(uri, None)
+    if found is not None:
+        found.close()
+    if _is_lite(uri):
+        from milvus_lite import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+
+
+def _quiet_lite() -> None:
+    """Milvus Lite's routine lines off stderr: its INFO lines (start, segment indexes) and
+    the in-process gRPC server's traceback for the AllocTimestamp call pymilvus probes
+    and Lite does not implement (the client carries on). DELF_TF_LOGS=1 keeps them."""
+    from delf_tf.tf_runtime import VERBOSE_ENV, quiet_library_loggers
+
+    quiet_library_loggers()
+    if os.environ.get(VERBOSE_ENV) != "1":
+        server = logging_module.getLogger("grpc._server")
+        if _not_unimplemented not in server.filters:
+            server.addFilter(_not_unimplemented)
+
+
+def _not_unimplemented(record) -> bool:
+    return "Method not implemented" not in record.getMessage()
+
+
+def _is_lite(uri: str) -> bool:
+    return uri.endswith(".db") and "://" not in uri
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(getattr(error, "message", None) or error).split())[:300]
+
+
+class MilvusNeighbors:
+    """The votes ranking's k-NN over a Milvus collection (a `NeighborIndex`).
+
+    `search` returns what `FlatNeighbors.search` does: ([Q, k] distances, [Q, k]
+    descriptor rows, MISSING beyond `max_distance`), from Milvus's squared L2.
+    """
+
+    name = BACKEND
+    reads_store = True
+
+    def __init__(self, milvus: Any, collection: str, count: int, stores: dict[str, str]):
+        self._client, self.collection, self._count = milvus, collection, count
+        self.stores = stores
+
+    def __len__(self) -> int:
+        return self._count
+
+    def memory_bytes(self) -> int:
+        return 0  # in Milvus, not in this process
+
+    def search(self, queries: np.ndarray, k: int, max_distance: float):
+        queries = np.ascontiguousarray(queries, np.float32)
+        if self._count == 0 or len(queries) == 0:
+            return _empty(len(queries), k)
+        kk = min(k, self._count, MAX_LIMIT)
+        squared = np.full((len(queries), kk), np.inf, np.float32)
+        nearest = np.full((len(queries), kk), -1, np.int64)
+        norms = np.einsum("ij,ij->i", queries, queries)
+        for start in range(0, len(queries), SEARCH_BATCH):
+            batch = queries[start : start + SEARCH_BATCH]
+            found = _search(self._client, self.collection, batch, kk, "IP")
+            for offset, hits in enumerate(found):
+                size, row = len(hits.ids), start + offset
+                nearest[row, :size] = hits.ids
+                squared[row, :size] = norms[row] + 1.0 - 2.0 * np.asarray(hits.distances)
+        return _bounded(squared, nearest, k, max_distance)
+
+
+class MilvusGlobalRanker:
+    """The global ranking over a Milvus collection (what `GlobalRanker.rank` returns)."""
+
+    kind = BACKEND
+    reads_store = True
+
+    def __init__(self, milvus: Any, collection: str, count: int, dim: int, stores):
+        self._client, self.collection, self._count, self.dim = milvus, collection, count, dim
+        self.stores = stores
+
+    def rank(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids int64 [R], inner products float32 [R]), best first; R <= 1000."""
+        query = np.asarray(query, np.float32).reshape(1, -1)
+        if query.shape[1] != self.dim:
+            raise ValueError(
+                f"query global descriptor is {query.shape[1]}-D, the index holds {self.dim}-D"
+            )
+        if self._count == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        limit = min(self._count, GLOBAL_CANDIDATES)
+        [hits] = _search(self._client, self.collection, query, limit, "IP")
+        ids = np.asarray(hits.ids, np.int64)
+        scores = np.asarray(hits.distances, np.float32)
+        order = np.lexsort((ids, -scores))  # ties by image id, as the exact ranking's stable sort
+        return ids[order], scores[order]
+
+
+def _search(milvus: Any, collection: str, vectors: np.ndarray, limit: int, metric: str):
+    try:
+        return milvus.search(
+            collection, data=vectors, limit=limit, search_params={"metric_type": metric}
+        )
+    except Exception as error:
+        detail = _one_line(error)
+        if "not exist" in detail or "not found" in detail:
+            raise IndexChangedError(
+                f"Milvus collection {collection} no longer exists: the index was replaced "
+                "since it was loaded; load it again"
+            ) from error
+        raise IndexFormatError(
+            f"Milvus collection {collection}: search failed ({detail})"
+        ) from error
+
+
+class _MilvusStructure(SearchStructure):
+    """What the local and the global Milvus structures share (header, life cycle)."""
+
+    external = True
+    part: str  # "local" or "global": the collection name's middle
+
+    @classmethod
+    def check_header(cls, header: Any, where: str) -> None:
+        super().check_header(header, where)
+        if header.get("backend") != BACKEND:
+            raise IndexFormatError(f"{where}.backend: expected {BACKEND!r}")
+        for field in ("collection", "prefix"):
+            if not (isinstance(header.get(field), str) and _NAME.fullmatch(header[field])):
+                raise IndexFormatError(f"{where}.{field}: expected a Milvus collection name")
+        stores = header.get("stores", {})
+        if not isinstance(stores, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in stores.items()
+        ):
+            raise IndexFormatError(f"{where}.stores: expected {{store id: location}}")
+
+    # --- building ---------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, collection: Collection, options: BuildOptions, notes: list[str]):
+        if not options.milvus_uri:
+            raise InputError("--backend=milvus needs --milvus_uri (a .db file or a server URL)")
+        prefix = options.milvus_prefix or f"delf_{uuid.uuid4().hex[:12]}"
+        return cls._filled(collection, location(options.milvus_uri), prefix, options, {}, notes)
+
+    def append(self, collection: Collection, options: BuildOptions, notes: list[str]):
+        uri = location(options.milvus_uri) if options.milvus_uri else self.header["uri"]
+        if (
+            uri == self.header["uri"]
+            and self.header.get(self.covers) == getattr(collection, self.covers)
+            and self.header.get("fingerprint") == collection.fingerprint
+        ):
+            stores = {**self.header.get("stores", {}), **(options.stores or {})}
+            if stores == self.header.get("stores", {}):
+                return self, "kept"
+            return type(self)({**self.header, "stores": stores}, self.value, True), "kept"
+        prefix = options.milvus_prefix or self.header["prefix"]
+        made = self._filled(collection, uri, prefix, options, self.header.get("stores", {}), notes)
+        return made, "extended"
+
+    @classmethod
+    def _filled(cls, collection, uri, prefix, options, stores, notes):
+        """A new collection of this generation holding every row of `collection`."""
+        from pymilvus import DataType
+
+        milvus = client(uri)
+        name = f"{prefix}_{cls.part}_{uuid.uuid4().hex[:8]}"
+        vectors, ids, extra = cls._rows(collection)
+        schema = milvus.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(cls.key, DataType.INT64, is_primary=True)
+        if extra is not None:
+            schema.add_field(IMAGE, DataType.INT64)
+        schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=int(vectors.shape[1]))
+        index_params = milvus.prepare_index_params()
+        index_params.add_index(field_name=VECTOR, index_type=INDEX_TYPE, metric_type=cls.metric)
+        try:
+            milvus.create_collection(name, schema=schema, index_params=index_params)
+            milvus.alter_collection_properties(
+                name, properties={FINGERPRINT_PROPERTY: collection.fingerprint or ""}
+            )
+            for start in range(0, len(vectors), INSERT_BATCH):
+                stop = min(start + INSERT_BATCH, len(vectors))
+                block = np.asarray(vectors[start:stop], np.float32)
+                rows = [
+                    {cls.key: int(ids[i]), VECTOR: block[i - start]}
+                    | ({IMAGE: int(extra[i])} if extra is not None else {})
+                    for i in range(start, stop)
+                ]
+                milvus.insert(name, rows)
+            milvus.flush(name)  # durable before index.json names it
+        except Exception as error:
+            raise IndexFormatError(
+                f"{uri}: writing Milvus collection {name} failed ({_one_line(error)})"
+            ) from error
+        notes.append(f"milvus: {len(vectors)} rows into collection {name} at {uri}")
+        header = {
+            "backend": BACKEND,
+            "kind": BACKEND,
+            "uri": uri,
+            "collection": name,
+            "prefix": prefix,
+            "fingerprint": collection.fingerprint,
+            cls.covers: int(len(vectors)),
+            "dim": int(vectors.shape[1]),
+            "metric": cls.metric,
+            "index_type": INDEX_TYPE,
+            "stores": {**stores, **(options.stores or {})},
+        }
+        structure = cls(header, None, fresh=True)
+        structure.value = structure._object(milvus)
+        return structure
+
+    # --- disk -------------------------------------------------------------------------
+
+    def save(self, staging, source) -> None:
+        """Nothing to write: the collection was filled and flushed when it was made."""
+
+    def loaded(self) -> bool:
+        return False  # the collection stays where it is across the directory swap
+
+    def load(self, collection: Collection, mmap: bool = True):
+        header, uri, name = self.header, self.header["uri"], self.header["collection"]
+        milvus = client(uri)
+        try:
+            present = milvus.has_collection(name)
+            if present:
+                rows = int(milvus.get_collection_stats(name)["row_count"])
+                properties = milvus.describe_collection(name).get("properties") or {}
+        except Exception as error:
+            raise IndexFormatError(f"{uri}: Milvus unreachable ({_one_line(error)})") from error
+        if not present:
+            collection.check_unchanged()  # dropped by a newer generation: IndexChangedError
+            raise IndexFormatError(
+                f"{collection.path or 'index'}: Milvus collection {name} is missing at {uri}; "
+                "rebuild it with `delf index --backend=milvus`"
+            )
+        found = properties.get(FINGERPRINT_PROPERTY) or None
+        if found != collection.fingerprint:
+            raise IndexFormatError(
+                f"{uri}: Milvus collection {name} was built from features of extractor "
+                f"{(found or '(none)')[:12]}, the index holds "
+                f"{(collection.fingerprint or '(none)')[:12]}; rebuild it with `delf index`"
+            )
+        expected = getattr(collection, self.covers)
+        if rows != expected or header.get(self.covers) != expected:
+            raise IndexFormatError(
+                f"{uri}: Milvus collection {name} holds {rows} rows, the index has {expected}"
+            )
+        try:
+            milvus.load_collection(name)
+        except Exception as error:
+            raise IndexFormatError(f"{uri}: cannot load {name} ({_one_line(error)})") from error
+        return self._object(milvus)
+
+    # --- generations --------------------------------------------------------------------
+
+    def published(self, previous: SearchStructure | None) -> None:
+        """After the swap: drops the other collections of this prefix and part (the
+        previous generation's, a killed writer's); a previous header of another
+        location or prefix is retired."""
+        self._sweep(keep=self.header["collection"])
+        if isinstance(previous, _MilvusStructure) and (
+            previous.header["uri"],
+            previous.header["prefix"],
+        ) != (self.header["uri"], self.header["prefix"]):
+            previous.retired()
+
+    def retired(self) -> None:
+        """No index names this prefix's collections any more: all of them are dropped."""
+        self._sweep(keep=None)
+
+    def _sweep(self, keep: str | None) -> None:
+        doomed: list[str] = []
+        try:
+            milvus = client(self.header["uri"])
+            start = f"{self.header['prefix']}_{self.part}_"
+            doomed = [n for n in milvus.list_collections() if n.startswith(start) and n != keep]
+            for name in doomed:
+                milvus.drop_collection(name)
+        except Exception as error:  # published already: a leftover is dropped next time
+            logging.warning("milvus: could not drop %s (%s)", doomed, _one_line(error))
+
+
+class MilvusVotesStructure(_MilvusStructure):
+    """The votes ranking's descriptors in Milvus (value: `MilvusNeighbors`)."""
+
+    name = "neighbors"
+    covers = "num_descriptors"
+    part, key, metric = "local", ROW, "IP"
+
+    @staticmethod
+    def _rows(collection: Collection):
+        descriptors = collection.descriptors
+        for start in range(0, len(descriptors), 1 << 20):
+            block = np.asarray(descriptors[start : start + (1 << 20)], np.float32)
+            squared = np.einsum("ij,ij->i", block, block)
+            worst = int(np.argmax(np.abs(squared - 1.0))) if squared.size else 0
+            if squared.size and abs(float(squared[worst]) - 1.0) > UNIT_TOLERANCE:
+                raise InputError(
+                    "the milvus back end ranks unit-norm local descriptors (inner product "
+                    f"for L2); descriptor {start + worst} has squared norm "
+                    f"{float(squared[worst]):.4f}"
+                )
+        ids = np.arange(collection.num_descriptors, dtype=np.int64)
+        return collection.descriptors, ids, np.asarray(collection.image_ids)
+
+    def _object(self, milvus: Any) -> MilvusNeighbors:
+        count = self.header["num_descriptors"]
+        return MilvusNeighbors(milvus, self.header["collection"], count, self.header["stores"])
+
+    def search(
+        self, collection: Collection, query: LocalFeatures, config: RetrievalConfig
+    ) -> Ranking:
+        from delf_tf.retrieval.structures.votes import VotesStructure
+
+        return VotesStructure.wrap(self.value).search(collection, query, config)
+
+
+class MilvusGlobalStructure(_MilvusStructure):
+    """The global ranking's descriptors in Milvus (value: `MilvusGlobalRanker`)."""
+
+    name = "global"
+    covers = "num_images"
+    part, key, metric = "global", IMAGE, "IP"
+
+    @staticmethod
+    def _rows(collection: Collection):
+        descriptors = collection.global_descriptors
+        return descriptors, np.arange(len(descriptors), dtype=np.int64), None
+
+    def _object(self, milvus: Any) -> MilvusGlobalRanker:
+        header = self.header
+        return MilvusGlobalRanker(
+            milvus, header["collection"], header["num_images"], header["dim"], header["stores"]
+        )
+
+    def search(
+        self, collection: Collection, query: LocalFeatures, config: RetrievalConfig
+    ) -> Ranking:
+        from delf_tf.retrieval.structures.global_descriptors import GlobalStructure
+
+        return GlobalStructure.wrap(self.value).search(collection, query, config)
+
+
+def is_milvus(header: Any) -> bool:
+    """Whether an index.json structure header is a Milvus one."""
+    return isinstance(header, dict) and header.get("backend") == BACKEND
