@@ -125,8 +125,9 @@ def _write(flag_values, store, output: Path, index_types) -> int:
     milvus = flag_values.backend == "milvus" or any(
         header.get("backend") == "milvus" for header in index.structures.values()
     )
-    if flag_values.milvus_uri and not milvus:
-        raise InputError("--milvus_uri needs --backend=milvus (or an index built with it)")
+    for flag in ("milvus_uri", "features_uri"):
+        if getattr(flag_values, flag) and not milvus:
+            raise InputError(f"--{flag} needs --backend=milvus (or an index built with it)")
     report = index.build_structures(
         backend=flag_values.backend,
         milvus_uri=flag_values.milvus_uri,

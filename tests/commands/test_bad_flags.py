@@ -128,6 +128,8 @@ def semantic_cases(w) -> dict[str, tuple[list[str], dict[str, str]]]:
                 "images": missing,
                 "index_type": "nonsense",
                 "codebook_size": "4096",
+                "milvus_uri": str(w / "collections.db"),  # without --backend=milvus
+                "features_uri": "gs://bucket/features",  # likewise
             },
         ),
         "search": (
