@@ -218,7 +218,15 @@ def _env():
     }
 
 
-def test_sigkill_then_restart_resumes_from_last_checkpoint(image_folder, tmp_path):
+@pytest.mark.parametrize(
+    "model_flags",
+    [
+        ["--stage=attention", *SMALL_MODEL_FLAGS],
+        ["--stage=joint", "--architecture=delg_resnet50", "--backbone=tiny"],
+    ],
+    ids=["delf_attention", "delg"],
+)
+def test_sigkill_then_restart_resumes_from_last_checkpoint(image_folder, tmp_path, model_flags):
     model_dir = tmp_path / "run"
     args = [
         sys.executable,
@@ -227,9 +235,8 @@ def test_sigkill_then_restart_resumes_from_last_checkpoint(image_folder, tmp_pat
         "train",
         f"--train_data={image_folder}",
         f"--model_dir={model_dir}",
-        "--stage=attention",
         "--weights=random",
-        *SMALL_MODEL_FLAGS,
+        *model_flags,
         "--batch_size=6",
         "--image_size=64",
         "--checkpoint_every=2",
