@@ -227,6 +227,7 @@ class Trainer:
         if latest is None:
             return 0
         _check_same_stage(self.config.model_dir, self.config.stage)
+        _check_same_architecture(self.config.model_dir, self.model_config.architecture)
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(self.step.numpy())
         logging.info("restored %s at step %d", latest, step)
@@ -524,6 +525,19 @@ def _adopt_architecture(config: ModelConfig, source: ReferenceModel) -> ModelCon
         backbone=source.config.backbone,
         feature_depth=source.config.feature_depth,
     )
+
+
+def _check_same_architecture(model_dir: str, architecture: str) -> None:
+    path = os.path.join(model_dir, MODEL_CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as handle:
+        previous = ModelConfig.from_json(handle.read(), source=path).architecture
+    if previous != architecture:
+        raise InputError(
+            f"{model_dir} holds checkpoints of architecture {previous!r}, not "
+            f"{architecture!r}: use a new --model_dir"
+        )
 
 
 def _weights_arg(weights: str):

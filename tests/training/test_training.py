@@ -377,6 +377,11 @@ def test_delg_trains_global_attention_and_reconstruction_jointly(image_folder, t
     again = resumed.run()
     assert (again.start_step, again.final_step) == (30, 32)
     assert losses(again.history, "loss/global")[-1] < 0.5
+    # The paper's model cannot resume DELG's checkpoints: refused in one line.
+    from delf_tf.errors import InputError
+
+    with pytest.raises(InputError, match="architecture 'delg_resnet50'"):
+        Trainer(config.replace(max_steps=34), SMALL_MODEL).restore()
 
 
 def test_delg_refuses_other_stages_and_imagenet_weights(image_folder, tmp_path):
