@@ -218,6 +218,7 @@ def _env():
     }
 
 
+@pytest.mark.heavy
 def test_sigkill_then_restart_resumes_from_last_checkpoint(image_folder, tmp_path):
     model_dir = tmp_path / "run"
     args = [
@@ -296,6 +297,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.heavy
 def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path):
     config = tiny_config(
         image_folder, tmp_path, stage="attention", strategy="mirrored", initial_lr=0.1, max_steps=16
