@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-.PHONY: install demo test test-fast lint format clean strace chromium
+.PHONY: install demo test test-heavy test-fast lint format clean strace chromium
 
 install: $(STAMP)
 
@@ -23,12 +23,18 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/delf demo --output_dir=demo_output
 
+# The suite within 5 minutes on 2 cores; the tests marked crash or heavy (whole-process
+# robustness: strace kills, soak, multi-process Beam, kill-and-resume training, ...)
+# run in `make test-heavy`, which CI (.ci/run) runs after this.
 test: $(STAMP) strace chromium
-	$(PYTEST) tests
+	$(PYTEST) -m "not crash and not heavy" tests
+
+test-heavy: $(STAMP) strace chromium
+	$(PYTEST) -m "crash or heavy" tests
 
 # Everything but the tests marked slow (those that need ResNet50 itself).
 test-fast: $(STAMP) strace chromium
-	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m "not slow and not crash and not heavy" tests
 
 # The crash tests (tests/commands/test_crash_safety.py) kill commands with strace's fault
 # injection: installed here when missing (as root, with apt-get); without it those

@@ -62,6 +62,7 @@ def run_delf(argv: list[str]) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_multi_process_pipeline_resumes_and_matches_in_process(
     photos, exported_model, tmp_path, monkeypatch
@@ -173,6 +174,7 @@ def test_remote_file_system_and_a_glob_in_memory(photos, exported_model):
             np.testing.assert_array_equal(arrays[name], array, err_msg=name)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_a_model_that_is_not_an_export_is_exported_first(photos, model_config_file, tmp_path):
     from delf_tf.config import ExtractionConfig, ModelConfig

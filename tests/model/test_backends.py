@@ -54,6 +54,7 @@ JAX_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.heavy
 def test_each_architecture_builds_on_jax_with_tensorflows_outputs(tmp_path):
     from delf_tf.model.delf import build_delf_model
     from delf_tf.model.reference_nets import build_reference_model

@@ -371,6 +371,7 @@ SLOW_SERVER = textwrap.dedent(
 )
 
 
+@pytest.mark.heavy
 def test_sigterm_lets_running_requests_finish(exported_model, astronaut_small, tmp_path):
     grpc_port, rest_port = free_port(), free_port()
     marker = tmp_path / "in_flight"

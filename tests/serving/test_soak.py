@@ -1,9 +1,12 @@
 """A short soak of `delf serve` (issue 12): good traffic stays correct and fast while bad
 requests and 100 stalled connections hit the server; bench/soak.py runs the 2-minute one."""
 
+import pytest
+
 from delf_tf.testing.soak import run_soak
 
 
+@pytest.mark.heavy
 def test_soak_good_requests_survive_hostile_traffic(exported_model):
     result = run_soak(exported_model.parent, seconds=5, baseline_seconds=3, stalled=100)
     baseline, load = result["baseline"], result["load"]

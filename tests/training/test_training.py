@@ -218,6 +218,7 @@ def _env():
     }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "model_flags",
     [
@@ -303,6 +304,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.heavy
 def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path):
     config = tiny_config(
         image_folder, tmp_path, stage="attention", strategy="mirrored", initial_lr=0.1, max_steps=16
