@@ -408,6 +408,7 @@ def test_resnet_v1_50_trains_with_a_descriptor_classifier(image_folder, tmp_path
     assert descriptor[-2:].mean() < descriptor[0], descriptor
 
 
+@pytest.mark.heavy
 def test_delg_mixed_precision_trains_and_saves_float32(image_folder, tmp_path):
     import keras
 
