@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Any
 
 import keras
 import numpy as np
@@ -498,13 +499,18 @@ def train(config: TrainingConfig, model_config: ModelConfig | None = None) -> Tr
     return Trainer(config, model_config).run()
 
 
-def _check_same_stage(model_dir: str, stage: str) -> None:
-    path = os.path.join(model_dir, TRAINING_CONFIG_FILE)
+def _recorded(model_dir: str, file: str, config_class: type, field: str) -> Any:
+    """The `field` of the config that an earlier run recorded in model_dir (None: none)."""
+    path = os.path.join(model_dir, file)
     if not tf.io.gfile.exists(path):
-        return
+        return None
     with tf.io.gfile.GFile(path) as handle:
-        previous = TrainingConfig.from_json(handle.read(), source=path).stage
-    if previous != stage:
+        return getattr(config_class.from_json(handle.read(), source=path), field)
+
+
+def _check_same_stage(model_dir: str, stage: str) -> None:
+    previous = _recorded(model_dir, TRAINING_CONFIG_FILE, TrainingConfig, "stage")
+    if previous not in (None, stage):
         raise InputError(
             f"{model_dir} holds checkpoints of stage {previous!r}, not {stage!r}: use a new "
             f"--model_dir and --init_from={os.path.join(model_dir, MODEL_FILE)}"
@@ -528,12 +534,8 @@ def _adopt_architecture(config: ModelConfig, source: ReferenceModel) -> ModelCon
 
 
 def _check_same_architecture(model_dir: str, architecture: str) -> None:
-    path = os.path.join(model_dir, MODEL_CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as handle:
-        previous = ModelConfig.from_json(handle.read(), source=path).architecture
-    if previous != architecture:
+    previous = _recorded(model_dir, MODEL_CONFIG_FILE, ModelConfig, "architecture")
+    if previous not in (None, architecture):
         raise InputError(
             f"{model_dir} holds checkpoints of architecture {previous!r}, not "
             f"{architecture!r}: use a new --model_dir"
