@@ -425,3 +425,24 @@ def test_delg_mixed_precision_trains_and_saves_float32(image_folder, tmp_path):
     saved = keras.saving.load_model(result.model_path)
     outputs = saved(np.zeros((1, 64, 64, 3), np.float32))
     assert {str(value.dtype) for value in outputs.values()} == {"<dtype: 'float32'>"}
+
+
+def test_a_model_dir_of_another_stage_or_architecture_is_refused(tmp_path):
+    """Resuming a --model_dir that an earlier run recorded with another stage or
+    architecture is one line naming what it holds; the same ones pass."""
+    from delf_tf.errors import InputError
+    from delf_tf.training import trainer
+
+    (tmp_path / trainer.TRAINING_CONFIG_FILE).write_text(
+        TrainingConfig(stage="descriptor").to_json()
+    )
+    (tmp_path / trainer.MODEL_CONFIG_FILE).write_text(
+        ModelConfig(backbone="tiny", architecture="delf").to_json()
+    )
+    trainer._check_same_stage(str(tmp_path), "descriptor")
+    trainer._check_same_architecture(str(tmp_path), "delf")
+    with pytest.raises(InputError, match="checkpoints of stage 'descriptor', not 'attention'"):
+        trainer._check_same_stage(str(tmp_path), "attention")
+    with pytest.raises(InputError, match="architecture 'delf', not 'delg_resnet50'"):
+        trainer._check_same_architecture(str(tmp_path), "delg_resnet50")
+    trainer._check_same_stage(str(tmp_path / "fresh"), "attention")  # nothing recorded
