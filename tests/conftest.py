@@ -59,6 +59,18 @@ def extractor(delf_model, small_config):
     return InProcessExtractor.from_model(delf_model, small_config)
 
 
+def skimage_photo(name: str, size: int = 128) -> np.ndarray:
+    """uint8 [h, w, 3] RGB: scikit-image's `name` photo with its long side resized to
+    `size` (Pillow's default filter)."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
+    factor = size / max(picture.size)
+    return np.asarray(
+        picture.resize((round(picture.width * factor), round(picture.height * factor)))
+    )
+
+
 @pytest.fixture(scope="session")
 def astronaut_small():
     """uint8 [128, 128, 3] RGB photograph from scikit-image."""

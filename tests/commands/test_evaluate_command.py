@@ -3,22 +3,13 @@
 import csv
 import json
 
-import numpy as np
-import skimage.data
+from conftest import skimage_photo as photo
 from PIL import Image
 
 from delf_tf.cli import main
 from delf_tf.extraction.folder import extract_to_store
 from delf_tf.retrieval import Index
 from delf_tf.retrieval.queries import cropped, rotated, scaled
-
-
-def photo(name: str, size: int = 128) -> np.ndarray:
-    picture = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
-    factor = size / max(picture.size)
-    return np.asarray(
-        picture.resize((round(picture.width * factor), round(picture.height * factor)))
-    )
 
 
 def test_evaluate_json_dataset(tmp_path, extractor, small_config, model_config_file, capsys):

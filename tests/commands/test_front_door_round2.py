@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
+from conftest import skimage_photo as photo
 from PIL import Image
 
 from delf_tf.cli import main
@@ -23,13 +23,6 @@ from delf_tf.retrieval import Index
 from delf_tf.retrieval.queries import rotated, scaled
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def photo(name: str, size: int = 128) -> np.ndarray:
-    picture = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
-    factor = size / max(picture.size)
-    size = (round(picture.width * factor), round(picture.height * factor))
-    return np.asarray(picture.resize(size))
 
 
 @pytest.fixture()

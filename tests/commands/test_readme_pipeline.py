@@ -13,9 +13,8 @@ import re
 import shlex
 from pathlib import Path
 
-import numpy as np
 import pytest
-import skimage.data
+from conftest import skimage_photo as photo
 from PIL import Image
 
 import delf_tf
@@ -23,13 +22,6 @@ from delf_tf.cli import main
 from delf_tf.retrieval.queries import cropped, rotated, scaled
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def photo(name: str, size: int = 128) -> np.ndarray:
-    picture = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
-    factor = size / max(picture.size)
-    size = (round(picture.width * factor), round(picture.height * factor))
-    return np.asarray(picture.resize(size))
 
 
 @pytest.fixture()
