@@ -130,6 +130,19 @@ def memory_phase(model_dir: Path) -> dict:
     answers: list[dict] = []
     lock = threading.Lock()
 
+    def record(name: str, status: object, start: float, text: str) -> None:
+        """One answer: its status, seconds since `start` and the server's RSS after it."""
+        with lock:
+            answers.append(
+                {
+                    "request": name,
+                    "status": status,
+                    "seconds": round(time.monotonic() - start, 2),
+                    "rss_mb_after": round(_hwm_and_rss(pid)[1] / (1 << 20)),
+                    "answer": text,
+                }
+            )
+
     def rest(name: str, body: bytes) -> None:
         start = time.monotonic()
         connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=600)
@@ -139,17 +152,7 @@ def memory_phase(model_dir: Path) -> dict:
             status, text = answer.status, answer.read()[:160].decode("utf-8", "replace")
         finally:
             connection.close()
-        with lock:
-            seconds = round(time.monotonic() - start, 2)
-            answers.append(
-                {
-                    "request": name,
-                    "status": status,
-                    "seconds": seconds,
-                    "rss_mb_after": round(_hwm_and_rss(pid)[1] / (1 << 20)),
-                    "answer": text,
-                }
-            )
+        record(name, status, start, text)
 
     def grpc_image(name: str, shape: tuple[int, int]) -> None:
         request = predict_pb2.PredictRequest()
@@ -165,17 +168,7 @@ def memory_phase(model_dir: Path) -> dict:
                 status, text = "OK", ""
             except grpc.RpcError as error:
                 status, text = error.code().name, (error.details() or "")[:160]
-        with lock:
-            seconds = round(time.monotonic() - start, 2)
-            answers.append(
-                {
-                    "request": name,
-                    "status": status,
-                    "seconds": seconds,
-                    "rss_mb_after": round(_hwm_and_rss(pid)[1] / (1 << 20)),
-                    "answer": text,
-                }
-            )
+        record(name, status, start, text)
 
     def together(*calls) -> None:
         threads = [threading.Thread(target=call, args=args) for call, *args in calls]
