@@ -37,3 +37,11 @@ class FingerprintMismatchError(DelfError):
     Raised for a feature store or an index written by another extractor, and (as
     `delf_tf.serving.errors.ServedModelChangedError`) when a served model changes.
     """
+
+
+class WorkerLostError(DelfError):
+    """A worker of a multi-worker training stopped (crashed, killed, preempted).
+
+    The others cannot go on alone: every worker is started again, with the same
+    flags, and the run resumes from the chief's newest checkpoint.
+    """

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -53,16 +55,31 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "chief" or (task_type == "worker" and task_id == 0)
 
 
-def write_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
-    """model_dir on the chief; a private scratch folder on the other workers.
-
-    Every worker must take part in a multi-worker checkpoint save, but only the
-    chief's copy is kept.
-    """
-    if is_chief(strategy):
-        return model_dir
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """One line for the log: the strategy, its replicas and this process's role."""
+    text = f"{type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s) in sync"
     task_type, task_id = task_info(strategy)
-    return os.path.join(model_dir, ".workers", f"{task_type}_{task_id}")
+    if task_type is not None:
+        role = "chief" if is_chief(strategy) else "not the chief"
+        text += f", task {task_type}:{task_id} ({role})"
+    return text
+
+
+@contextlib.contextmanager
+def scratch_dir(strategy: tf.distribute.Strategy):
+    """A private local temporary folder for a non-chief worker's copy of a save, removed after.
+
+    Under MultiWorkerMirroredStrategy every worker must take part in a checkpoint
+    save (it may run collective ops), but only the chief's copy, in model_dir, is
+    kept: the others write theirs here (TF's convention), so nothing of theirs
+    reaches model_dir and nothing is left behind.
+    """
+    task_type, task_id = task_info(strategy)
+    path = tempfile.mkdtemp(prefix=f"delf-train-{task_type}{task_id}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def mixed_precision_policy(strategy: tf.distribute.Strategy) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from delf_tf.atomic import atomic_write_text
 from delf_tf.config import ModelConfig, TrainingConfig
-from delf_tf.errors import InputError
+from delf_tf.errors import InputError, WorkerLostError
 from delf_tf.model import DelfModel, build_delf_model
 from delf_tf.model.backbone import WeightsError
 from delf_tf.model.reference_nets import ReferenceModel, build_reference_model
@@ -97,6 +98,17 @@ def configure_stage(model: DelfModel, stage: str) -> None:
     model.attention_classifier.trainable = attention
 
 
+def moving_statistics(model: keras.Model) -> list[keras.Variable]:
+    """moving_mean and moving_variance of `model`'s batch norms that train (a frozen batch
+    norm runs in inference mode and leaves them as they are)."""
+    return [
+        variable
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+        for variable in (layer.moving_mean, layer.moving_variance)
+    ]
+
+
 def learning_rate_schedule(
     config: TrainingConfig,
 ) -> keras.optimizers.schedules.LearningRateSchedule:
@@ -134,7 +146,7 @@ class Trainer:
                 f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas"
             )
         self.is_chief = distribute.is_chief(self.strategy)
-        self.write_dir = distribute.write_dir(config.model_dir, self.strategy)
+        logging.info("strategy: %s", distribute.describe(self.strategy))
         self.train_source = data.resolve_source(config.train_data, config)
         self.val_source = (
             data.resolve_source(
@@ -190,6 +202,7 @@ class Trainer:
                 load_init_weights(self.model, self.init_source, path=config.init_from)
             if not self.reference:
                 configure_stage(self.model, config.stage)
+            self._moving_statistics = moving_statistics(self.model)
             self._variables = self.model.trainable_variables + (
                 self.heads.trainable_variables if self.heads is not None else []
             )
@@ -211,19 +224,34 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, step=self.step, **heads
         )
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint,
-            directory=os.path.join(self.write_dir, CHECKPOINT_DIR),
-            # Other workers' copies are scratch: keep one.
-            max_to_keep=config.keep_checkpoints if self.is_chief else 1,
+        # Only the chief keeps checkpoints (in model_dir); see save_checkpoint.
+        self.manager = (
+            tf.train.CheckpointManager(
+                self.checkpoint,
+                directory=os.path.join(config.model_dir, CHECKPOINT_DIR),
+                max_to_keep=config.keep_checkpoints,
+            )
+            if self.is_chief
+            else None
         )
         self._train_step = tf.function(self._distributed_train_step)
         self._eval_step = tf.function(self._distributed_eval_step)
         self._preview = tf.function(self._distributed_preview)
 
+    def save_checkpoint(self, step: int) -> None:
+        """Saves checkpoint `step`: into model_dir/checkpoints on the chief; on any other
+        worker (which must take part in the save too) into a scratch folder, removed after."""
+        if self.manager is not None:
+            self.manager.save(checkpoint_number=step)
+            return
+        with distribute.scratch_dir(self.strategy) as scratch:
+            tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save(
+                checkpoint_number=step
+            )
+
     def restore(self) -> int:
         """Restores the newest checkpoint of model_dir, if any; returns the step."""
-        # Every worker restores the chief's newest checkpoint.
+        # Every worker restores the chief's newest checkpoint (model_dir is shared).
         latest = tf.train.latest_checkpoint(os.path.join(self.config.model_dir, CHECKPOINT_DIR))
         if latest is None:
             return 0
@@ -263,10 +291,29 @@ class Trainer:
         # The Keras optimizer sums the replicas' gradients again: hand it 1/replicas each.
         gradients = [g / replicas for g in gradients]
         self.optimizer.apply(gradients, self._variables)
+        self._sync_moving_statistics()
         metrics["loss/regularization"] = regularization
         metrics["loss/total"] = total
         metrics["gradient_norm"] = norm / scale / replicas
         return metrics
+
+    def _sync_moving_statistics(self) -> None:
+        """Sets every replica's copy of the moving statistics of the batch norms that train
+        to their mean over all replicas.
+
+        Keras 3 creates them with aggregation "none": each replica updates its own copy
+        from its own part of the batch and the copies drift apart (checkpoints and the
+        saved model would hold the first replica's alone; under multi_worker the workers'
+        models would differ). An all-reduce of these few vectors per step keeps them equal.
+        """
+        variables = self._moving_statistics
+        if self.strategy.num_replicas_in_sync == 1 or not variables:
+            return
+        means = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.MEAN, [v.value for v in variables]
+        )
+        for variable, mean in zip(variables, means, strict=True):
+            variable.assign(mean)
 
     def _forward(self, images, labels, training: bool) -> dict:
         """The model's logits (and, for DELG, per-example reconstruction errors)."""
@@ -357,6 +404,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def run(self) -> TrainResult:
+        """Trains up to max_steps (resuming from model_dir's newest checkpoint)."""
+        try:
+            return self._run()
+        except tf.errors.UnavailableError as error:
+            if distribute.task_info(self.strategy)[0] is None:
+                raise
+            raise WorkerLostError(_lost_worker_message(error, self.config.model_dir)) from error
+
+    def _run(self) -> TrainResult:
         config = self.config
         start = self.restore()
         if not config.init_from and not start and config.stage != "descriptor":
@@ -411,7 +467,7 @@ class Trainer:
                 write_scalars(writers["validation"], validation, step)
                 logging.info("validation at step %d %s", step, _format(validation))
             if step % config.checkpoint_every == 0 or step == config.max_steps:
-                self.manager.save(checkpoint_number=step)
+                self.save_checkpoint(step)
         progress.close()
         model_path = os.path.join(config.model_dir, MODEL_FILE)
         if self.is_chief:
@@ -540,6 +596,16 @@ def _check_same_architecture(model_dir: str, architecture: str) -> None:
             f"{model_dir} holds checkpoints of architecture {previous!r}, not "
             f"{architecture!r}: use a new --model_dir"
         )
+
+
+def _lost_worker_message(error: tf.errors.UnavailableError, model_dir: str) -> str:
+    """One line for a multi-worker step that failed because a worker stopped."""
+    tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message)))
+    what = ", ".join(tasks) if tasks else error.message.strip().splitlines()[0][:200]
+    return (
+        f"a worker of the cluster stopped ({what}): start every worker again with the same "
+        f"flags; training resumes from the chief's newest checkpoint in {model_dir}"
+    )
 
 
 def _weights_arg(weights: str):

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL = ModelConfig(backbone="tiny", feature_depth=32, attention_hidden_units=16)
 # The same model as `delf train` flags.
 SMALL_MODEL_FLAGS = ["--backbone=tiny", "--feature_depth=32", "--attention_hidden_units=16"]
+TINY_DELG = ModelConfig(architecture="delg_resnet50", backbone="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -293,24 +294,30 @@ from delf_tf.training.trainer import Trainer
 config = TrainingConfig.from_json(sys.argv[1])
 trainer = Trainer(config, ModelConfig.from_json(sys.argv[2]))
 result = trainer.run()
-variable = trainer.model.attention.weights[0]
-replicas = [v.numpy() for v in trainer.strategy.experimental_local_results(variable.value)]
+variables = trainer.model.weights + (trainer.heads.weights if trainer.heads else [])
+copies = [trainer.strategy.experimental_local_results(v.value) for v in variables]
 print(json.dumps({
     "replicas": trainer.strategy.num_replicas_in_sync,
-    "in_sync": all((r == replicas[0]).all() for r in replicas),
-    "copies": len(replicas),
-    "loss": [h["loss/attention"] for h in result.history],
+    "copies": sorted({len(c) for c in copies}),
+    "out_of_sync": [v.path for v, c in zip(variables, copies)
+                    if not all((r.numpy() == c[0].numpy()).all() for r in c)],
+    "loss": [h[sys.argv[3]] for h in result.history],
 }))
 """
 
 
 @pytest.mark.heavy
-def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path):
+@pytest.mark.parametrize(
+    "model, stage, loss_name",
+    [(SMALL_MODEL, "attention", "loss/attention"), (TINY_DELG, "joint", "loss/global")],
+    ids=["delf_attention", "delg"],
+)
+def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path, model, stage, loss_name):
     config = tiny_config(
-        image_folder, tmp_path, stage="attention", strategy="mirrored", initial_lr=0.1, max_steps=16
+        image_folder, tmp_path, stage=stage, strategy="mirrored", initial_lr=0.1, max_steps=16
     )
     run = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT, config.to_json(), SMALL_MODEL.to_json()],
+        [sys.executable, "-c", MIRRORED_SCRIPT, config.to_json(), model.to_json(), loss_name],
         env=_env(),
         capture_output=True,
         text=True,
@@ -318,9 +325,11 @@ def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2 and out["copies"] == 2 and out["in_sync"]
-    # Each step sees another random rescale of the images, so single-step losses are
-    # noisy (and replica all-reduce order varies): compare the first and last quarters.
+    # Every variable (batch-norm statistics and DELG's class heads included) has one
+    # copy per replica, all equal.
+    assert out["replicas"] == 2 and out["copies"] == [2] and out["out_of_sync"] == []
+    # Each step sees another random crop or rescale of the images, so single-step losses
+    # are noisy (and replica all-reduce order varies): compare the first and last quarters.
     loss = np.asarray(out["loss"])
     assert len(loss) == 16 and np.all(np.isfinite(loss))
     assert loss[-4:].mean() < loss[:4].mean(), loss
@@ -332,9 +341,6 @@ def _event_tags(folder: Path) -> set[str]:
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(value.tag for value in event.summary.value)
     return tags
-
-
-TINY_DELG = ModelConfig(architecture="delg_resnet50", backbone="tiny")
 
 
 def test_delg_trains_global_attention_and_reconstruction_jointly(image_folder, tmp_path):
