@@ -23,6 +23,14 @@ again, even after kill -9, continues from the newest), train/ and validation/
 TensorBoard logs (losses, accuracies, learning rate, attention maps), the
 configs, the label map and, at the end, model.keras (a float32 DelfModel for
 `delf extract --model` and `delf export`).
+
+Under tf.distribute every replica's copy of a variable stays equal: gradients are
+all-reduced, and so are the moving statistics of the batch norms that train. With
+--strategy=multi_worker only the chief (worker 0, or a "chief" task) writes into
+model_dir; the other workers take part in each checkpoint save with a scratch copy
+that is removed (distribute.scratch_dir), and all of them restore the chief's
+newest checkpoint, so model_dir must be a path every worker reads (gs://, NFS). A
+worker that stops ends the others with a WorkerLostError.
 """
 
 from __future__ import annotations
@@ -310,7 +318,7 @@ class Trainer:
         if self.strategy.num_replicas_in_sync == 1 or not variables:
             return
         means = tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.MEAN, [v.value for v in variables]
+            tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables]
         )
         for variable, mean in zip(variables, means, strict=True):
             variable.assign(mean)

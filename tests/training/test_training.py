@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,6 +93,12 @@ def test_attention_stage_trains_head_and_leaves_backbone_unchanged(image_folder,
 
     config = tiny_config(image_folder, tmp_path, stage="attention", initial_lr=0.1)
     trainer = Trainer(config, SMALL_MODEL)
+    # The moving statistics kept equal across replicas are those of the batch norm that
+    # trains (the frozen backbone's stay as they are).
+    assert [v.path for v in trainer._moving_statistics] == [
+        "delf/attention/attn_bn/moving_mean",
+        "delf/attention/attn_bn/moving_variance",
+    ]
     backbone_before = [np.array(w) for w in trainer.model.backbone.weights]
     head_before = [np.array(w) for w in trainer.model.attention.weights]
     result = trainer.run()
@@ -333,6 +340,183 @@ def test_mirrored_strategy_on_two_logical_cpus(image_folder, tmp_path, model, st
     loss = np.asarray(out["loss"])
     assert len(loss) == 16 and np.all(np.isfinite(loss))
     assert loss[-4:].mean() < loss[:4].mean(), loss
+
+
+# A `delf train` worker whose trainer, once run() returns, saves every variable it holds
+# (network, class heads, step) to the .npz named in argv[1]: the test's view of both
+# workers' final state (the non-chief keeps nothing on disk).
+WORKER_SCRIPT = """
+import sys
+import numpy as np
+from delf_tf.cli import main
+from delf_tf.training import trainer as trainer_module
+dump, argv = sys.argv[1], sys.argv[2:]
+run = trainer_module.Trainer.run
+def run_and_dump(self):
+    result = run(self)
+    variables = self.model.weights + (self.heads.weights if self.heads else [])
+    arrays = {v.path: np.array(v) for v in variables}
+    np.savez(dump, step=self.step.numpy(), **arrays)
+    return result
+trainer_module.Trainer.run = run_and_dump
+sys.exit(main(["delf", "train", *argv]))
+"""
+# What a training run leaves in --model_dir: all of it the chief's.
+CHIEF_FILES = {
+    "checkpoints",
+    "train",
+    "validation",
+    "model.keras",
+    "model_config.json",
+    "training_config.json",
+    "label_map.json",
+}
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _start_workers(command, ports, scratch: Path, logs: Path, tag: str):
+    """One process per worker of a loopback cluster; each with its own TMPDIR."""
+    workers = []
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    for index in range(len(ports)):
+        tmpdir = scratch / tag / f"worker{index}"
+        tmpdir.mkdir(parents=True)
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = {**_env(), "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(tmpdir)}
+        out = open(logs / f"{tag}{index}.out", "w")  # noqa: SIM115 (closed with the process)
+        err = open(logs / f"{tag}{index}.err", "w")  # noqa: SIM115
+        workers.append(
+            (subprocess.Popen(command(index), env=env, stdout=out, stderr=err), out, err)
+        )
+    return workers
+
+
+def _tails(logs: Path, tag: str) -> str:
+    return "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(logs.glob(f"{tag}*.err")))
+
+
+def _stop(workers) -> None:
+    for process, out, err in workers:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        out.close()
+        err.close()
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(
+    "model_flags",
+    [
+        ["--stage=attention", *SMALL_MODEL_FLAGS],
+        ["--stage=joint", "--architecture=delg_resnet50", "--backbone=tiny"],
+    ],
+    ids=["delf_attention", "delg"],
+)
+def test_two_workers_train_in_sync_chief_writes_and_resume_after_sigkill(
+    image_folder, tmp_path, model_flags
+):
+    """Two `delf train --strategy=multi_worker` processes on loopback ports: a worker
+    killed with SIGKILL stops the chief (one-line error), both started again resume from
+    the chief's newest checkpoint, end with identical variables, and only the chief wrote
+    into --model_dir (the other worker's checkpoint copies went to a scratch folder,
+    removed)."""
+    model_dir, scratch, logs = tmp_path / "run", tmp_path / "tmp", tmp_path / "logs"
+    scratch.mkdir()
+    logs.mkdir()
+    ports = _free_ports(2)
+    args = [
+        "--strategy=multi_worker",
+        f"--train_data={image_folder}",
+        f"--model_dir={model_dir}",
+        "--weights=random",
+        *model_flags,
+        "--batch_size=6",
+        "--image_size=64",
+        "--checkpoint_every=2",
+        "--log_every=1",
+        "--image_summary_every=0",
+    ]
+    cli = [sys.executable, "-m", "delf_tf.cli", "train", *args]
+    checkpoints = str(model_dir / "checkpoints")
+    first = _start_workers(lambda i: [*cli, "--max_steps=100000"], ports, scratch, logs, "a")
+    (chief, *_), (worker, *_) = first
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and chief.poll() is None and worker.poll() is None:
+            latest = tf.train.latest_checkpoint(checkpoints)
+            if latest and int(latest.rsplit("-", 1)[1]) >= 4:
+                break
+            time.sleep(0.2)
+        assert chief.poll() is None and worker.poll() is None, (
+            "a worker ended before the kill: " + _tails(logs, "a")
+        )
+        os.kill(worker.pid, signal.SIGKILL)
+        # The chief notices the lost worker (heartbeats) and stops by itself.
+        chief.wait(timeout=180)
+    finally:
+        _stop(first)
+    chief_err = (logs / "a0.err").read_text()
+    assert worker.returncode == -signal.SIGKILL
+    assert chief.returncode == 1, chief_err[-3000:]
+    assert "delf train: error: a worker of the cluster stopped" in chief_err
+    killed_at = int(tf.train.latest_checkpoint(checkpoints).rsplit("-", 1)[1])
+    assert killed_at >= 4 and killed_at % 2 == 0
+
+    # Both started again, on the same cluster: they resume at the chief's checkpoint.
+    dumps = [tmp_path / f"worker{i}.npz" for i in range(2)]
+    second = _start_workers(
+        lambda i: [
+            sys.executable,
+            "-c",
+            WORKER_SCRIPT,
+            str(dumps[i]),
+            *args,
+            f"--max_steps={killed_at + 3}",
+        ],
+        ports,
+        scratch,
+        logs,
+        "b",
+    )
+    try:
+        for process, _, _ in second:
+            process.wait(timeout=300)
+    finally:
+        _stop(second)
+    for index, (process, _, _) in enumerate(second):
+        err = (logs / f"b{index}.err").read_text()
+        assert process.returncode == 0, err[-3000:]
+        summary = json.loads((logs / f"b{index}.out").read_text().strip().splitlines()[-1])
+        assert (summary["start_step"], summary["final_step"]) == (killed_at, killed_at + 3)
+        assert f"at step {killed_at}" in err  # "restored ... at step N", on both workers
+        assert ("(chief)" in err) == (index == 0)  # worker 0 is the chief
+
+    # a. Both workers hold the same variables (batch-norm statistics, class heads, step).
+    chief_state, worker_state = (np.load(dump) for dump in dumps)
+    assert int(chief_state["step"]) == killed_at + 3
+    assert sorted(chief_state.files) == sorted(worker_state.files)
+    assert len(chief_state.files) > 10
+    for name in chief_state.files:
+        np.testing.assert_array_equal(chief_state[name], worker_state[name], err_msg=name)
+    # b. Only the chief wrote into model_dir; the other worker's scratch copies are gone.
+    assert {path.name for path in model_dir.iterdir()} == CHIEF_FILES
+    for index in range(2):
+        left = [p.name for p in (scratch / "b" / f"worker{index}").iterdir() if "delf" in p.name]
+        assert left == [], left
+    # c. The chief's checkpoints went on from where the kill left them, to the end.
+    final = tf.train.latest_checkpoint(checkpoints)
+    assert int(final.rsplit("-", 1)[1]) == killed_at + 3
 
 
 def _event_tags(folder: Path) -> set[str]:
