@@ -636,3 +636,21 @@ def test_a_model_dir_of_another_stage_or_architecture_is_refused(tmp_path):
     with pytest.raises(InputError, match="architecture 'delf', not 'delg_resnet50'"):
         trainer._check_same_architecture(str(tmp_path), "delg_resnet50")
     trainer._check_same_stage(str(tmp_path / "fresh"), "attention")  # nothing recorded
+
+
+def test_a_lost_worker_is_named_in_one_line():
+    """The error of a multi-worker step whose peer stopped names the lost task(s)."""
+    from delf_tf.training.trainer import _lost_worker_message
+
+    error = tf.errors.UnavailableError(
+        None,
+        None,
+        "Collective ops is aborted by: Error reported from /job:worker/task:1: The "
+        "following tasks are unhealthy (stopped sending heartbeats):\n"
+        "/job:worker/replica:0/task:1\nThe tasks have crashed.",
+    )
+    message = _lost_worker_message(error, "gs://bucket/run")
+    assert message.startswith("a worker of the cluster stopped (/job:worker/replica:0/task:1)")
+    assert message.endswith("newest checkpoint in gs://bucket/run") and "\n" not in message
+    other = _lost_worker_message(tf.errors.UnavailableError(None, None, "socket closed"), "d")
+    assert other.startswith("a worker of the cluster stopped (socket closed)")
