@@ -29,8 +29,9 @@ all-reduced, and so are the moving statistics of the batch norms that train. Wit
 --strategy=multi_worker only the chief (worker 0, or a "chief" task) writes into
 model_dir; the other workers take part in each checkpoint save with a scratch copy
 that is removed (distribute.scratch_dir), and all of them restore the chief's
-newest checkpoint, so model_dir must be a path every worker reads (gs://, NFS). A
-worker that stops ends the others with a WorkerLostError.
+newest checkpoint, so model_dir must be a path every worker reads (gs://, NFS;
+workers that restore different steps are refused). A worker that stops ends the
+others with a WorkerLostError.
 """
 
 from __future__ import annotations
@@ -261,14 +262,39 @@ class Trainer:
         """Restores the newest checkpoint of model_dir, if any; returns the step."""
         # Every worker restores the chief's newest checkpoint (model_dir is shared).
         latest = tf.train.latest_checkpoint(os.path.join(self.config.model_dir, CHECKPOINT_DIR))
-        if latest is None:
-            return 0
-        _check_same_stage(self.config.model_dir, self.config.stage)
-        _check_same_architecture(self.config.model_dir, self.model_config.architecture)
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-        step = int(self.step.numpy())
-        logging.info("restored %s at step %d", latest, step)
+        step = 0
+        if latest is not None:
+            _check_same_stage(self.config.model_dir, self.config.stage)
+            _check_same_architecture(self.config.model_dir, self.model_config.architecture)
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            step = int(self.step.numpy())
+            logging.info("restored %s at step %d", latest, step)
+        if distribute.task_info(self.strategy)[0] is not None:
+            self._check_same_start(step)
         return step
+
+    def _check_same_start(self, step: int) -> None:
+        """InputError unless every worker restored the same step (a --model_dir that is
+        not one shared path would let the workers' copies of the model differ)."""
+        mean = float(self._mean_over_replicas(tf.constant(step, tf.float64)))
+        if mean != step:
+            raise InputError(
+                f"this worker restored step {step} from {self.config.model_dir}, the "
+                f"workers' mean is {mean:g}: --model_dir must be one path that every "
+                "worker reads (gs://, a shared mount), the chief's"
+            )
+
+    @tf.function
+    def _mean_over_replicas(self, value):
+        """The mean of `value` (float64 []) over all replicas of all workers."""
+        # (all_reduce needs a tensor made on the replica's device: hence the identity.)
+        per_replica = self.strategy.run(
+            lambda v: tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.MEAN, tf.identity(v)
+            ),
+            args=(value,),
+        )
+        return self.strategy.experimental_local_results(per_replica)[0]
 
     # ---------------------------------------------------------------- steps
     def _replica_train_step(self, images, labels, size):

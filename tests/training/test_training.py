@@ -430,7 +430,7 @@ def test_two_workers_train_in_sync_chief_writes_and_resume_after_sigkill(
     killed with SIGKILL stops the chief (one-line error), both started again resume from
     the chief's newest checkpoint, end with identical variables, and only the chief wrote
     into --model_dir (the other worker's checkpoint copies went to a scratch folder,
-    removed)."""
+    removed); workers that restore different steps (a --model_dir not shared) stop."""
     model_dir, scratch, logs = tmp_path / "run", tmp_path / "tmp", tmp_path / "logs"
     scratch.mkdir()
     logs.mkdir()
@@ -517,6 +517,32 @@ def test_two_workers_train_in_sync_chief_writes_and_resume_after_sigkill(
     # c. The chief's checkpoints went on from where the kill left them, to the end.
     final = tf.train.latest_checkpoint(checkpoints)
     assert int(final.rsplit("-", 1)[1]) == killed_at + 3
+
+    # A worker whose --model_dir is not the chief's (nothing to restore) is refused by
+    # both, in one line, before any step.
+    elsewhere = tmp_path / "not_shared"
+    third = _start_workers(
+        lambda i: [
+            *(cli if i == 0 else [a.replace(str(model_dir), str(elsewhere)) for a in cli]),
+            f"--max_steps={killed_at + 6}",
+        ],
+        ports,
+        scratch,
+        logs,
+        "c",
+    )
+    try:
+        for process, _, _ in third:
+            process.wait(timeout=300)
+    finally:
+        _stop(third)
+    for index, (process, _, _) in enumerate(third):
+        err = (logs / f"c{index}.err").read_text()
+        assert process.returncode == 1, err[-3000:]
+        assert f"restored step {(killed_at + 3) if index == 0 else 0} from" in err
+        assert "--model_dir must be one path that every worker reads" in err
+    assert int(tf.train.latest_checkpoint(checkpoints).rsplit("-", 1)[1]) == killed_at + 3
+    assert not elsewhere.exists()
 
 
 def _event_tags(folder: Path) -> set[str]:
