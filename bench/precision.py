@@ -140,6 +140,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def measure(name: str, pair: dict, paths: list[Path], images_dir: Path, work: Path) -> dict:
     """Times both extractors in turns per photo; their fidelity (and mAP with --evaluate)."""
+    import tensorflow as tf
+
     from delf_tf.features.store import FeatureStore
     from delf_tf.images import load_image
 
@@ -154,8 +156,13 @@ def measure(name: str, pair: dict, paths: list[Path], images_dir: Path, work: Pa
     seconds = {precision: [] for precision in pair}
     features = {precision: {} for precision in pair}
     photos = {path: load_image(path) for path in paths}
-    for extractor in pair.values():  # warm-up (tracing), not timed
-        extractor.extract(photos[paths[0]])
+    for precision, extractor in pair.items():  # warm-up (tracing), not timed
+        try:
+            extractor.extract(photos[paths[0]])
+        except tf.errors.OpError as error:  # e.g. no bfloat16 convolution under an ISA cap
+            lines = error.message.splitlines()
+            cause = next((line for line in lines if "exception" in line), lines[-1])
+            return {"model": name, "error": f"{precision}: {cause.strip()[:300]}"}
     for number, path in enumerate(paths):
         key = path.relative_to(images_dir).as_posix()
         order = list(pair) if number % 2 == 0 else list(pair)[::-1]
