@@ -52,6 +52,7 @@ query; see the report for what was run.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -98,6 +99,18 @@ flags.DEFINE_integer("exact_queries", 5, "queries the exact baseline answers")
 flags.DEFINE_integer("shortlist", 100, "images re-ranked by RANSAC")
 flags.DEFINE_string("work_dir", None, "folder for the memory-mapped arrays (default: a temp dir)")
 flags.DEFINE_integer("seed", 0, "seed of the synthetic data")
+flags.DEFINE_bool(
+    "keep_data",
+    False,
+    "keep each size's folder under --work_dir and reuse its arrays on a rerun (the 10^8 run)",
+)
+flags.DEFINE_list(
+    "nprobe_sweep", [], "votes-ivfpq rows: also time the queries and k-NN recall at these nprobe"
+)
+flags.DEFINE_integer("ondisk_nprobe", 32, "votes-ivfpq-ondisk: lists visited per descriptor")
+flags.DEFINE_integer(
+    "recall_samples", None, "database rows used as queries for k-NN recall@10 (default: derived)"
+)
 flags.DEFINE_integer(
     "shard_rows", 10_000_000, "votes-ivfpq-ondisk: descriptors per shard of the streaming build"
 )
@@ -106,12 +119,19 @@ AFFINE = np.array([[0.8, -0.2, 40.0], [0.15, 0.85, -10.0], [0.0, 0.0, 1.0]])
 CHUNK = 1_000_000
 
 
-def rss_bytes() -> int:
+def memory_status() -> dict[str, int]:
+    """Bytes of this process: VmHWM (peak resident), VmRSS, RssAnon, RssFile (/proc)."""
+    fields = {}
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            name = line.split(":")[0]
+            if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                fields[name] = int(line.split()[1]) * 1024
+    return fields
+
+
+def rss_bytes() -> int:
+    return memory_status().get("VmRSS", 0)
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -136,8 +156,17 @@ class Generator:
 
 
 def make_index(images: int, per: int, generator: Generator, folder: Path) -> Index:
-    """An Index whose arrays are memory-mapped files written chunk by chunk."""
+    """An Index whose arrays are memory-mapped files written chunk by chunk.
+
+    With --keep_data, a folder whose `data.json` records the same shape and seed is
+    reused as it is (the marker is written last, so an interrupted generation reruns).
+    """
     total = images * per
+    marker = folder / "data.json"
+    shape = {"images": images, "per_image": per, "dim": FLAGS.dim, "seed": FLAGS.seed}
+    if FLAGS.keep_data and marker.exists() and json.loads(marker.read_text()) == shape:
+        return open_index(images, per, folder)
+    marker.unlink(missing_ok=True)
     descriptors = np.lib.format.open_memmap(
         folder / "descriptors.npy", "w+", np.float32, (total, FLAGS.dim)
     )
@@ -156,7 +185,23 @@ def make_index(images: int, per: int, generator: Generator, folder: Path) -> Ind
         global_descriptors[start:stop] = unit(
             generator.rng.normal(size=(stop - start, FLAGS.global_dim))
         )
-    image_ids = np.repeat(np.arange(images, dtype=np.int32), per)
+    global_descriptors.flush()
+    image_ids = np.lib.format.open_memmap(folder / "image_ids.npy", "w+", np.int32, (total,))
+    for start in range(0, total, CHUNK):
+        stop = min(total, start + CHUNK)
+        image_ids[start:stop] = np.arange(start, stop, dtype=np.int64) // per
+    image_ids.flush()
+    del descriptors, keypoints, global_descriptors, image_ids
+    marker.write_text(json.dumps(shape))
+    return open_index(images, per, folder)
+
+
+def open_index(images: int, per: int, folder: Path) -> Index:
+    """The Index over a folder's memory-mapped arrays (read-only)."""
+    descriptors = np.load(folder / "descriptors.npy", mmap_mode="r")
+    keypoints = np.load(folder / "keypoints.npy", mmap_mode="r")
+    global_descriptors = np.load(folder / "global.npy", mmap_mode="r")
+    image_ids = np.load(folder / "image_ids.npy", mmap_mode="r")
     offsets = np.arange(images + 1, dtype=np.int64) * per
     records = [ImageRecord(f"img{i}", f"img{i}", 640, 480, per) for i in range(images)]
     index = Index(descriptors, keypoints, image_ids, offsets, records, "synthetic")
@@ -191,7 +236,7 @@ def build(name: str, index: Index, folder: Path):
         structure = FlatNeighbors(index.descriptors)
         kwargs, ranking = {"neighbors": structure}, "votes"
         size = 0  # scans descriptors.npy, which every index has anyway
-    elif name.startswith("votes-ivfpq"):
+    elif name in ("votes-ivfpq", "votes-ivfpq-hnsw"):
         quantizer = "hnsw" if name.endswith("hnsw") else "flat"
         parameters = ivfpq_parameters(index.num_descriptors, index.dim, quantizer)
         structure = IvfPqNeighbors.train(index.descriptors, parameters)
@@ -206,10 +251,11 @@ def build(name: str, index: Index, folder: Path):
         extra["codebook_size"] = structure.codebook_size
         extra["words_per_image"] = round(structure.num_entries / index.num_images, 1)
     elif name == "votes-ivfpq-ondisk":
-        structure, parameters, size = build_ondisk(index, folder, FLAGS.shard_rows)
+        structure, parameters, size, timings = build_ondisk(index, folder, FLAGS.shard_rows)
         kwargs, ranking = {"neighbors": structure}, "votes"
         extra["parameters"] = parameters.to_dict()
         extra["shard_rows"] = FLAGS.shard_rows
+        extra["build_step_seconds"] = timings  # summed over interrupted runs
     elif name.endswith("-milvus"):
         from delf_tf.retrieval.structures import MILVUS_STRUCTURES, BuildOptions
 
@@ -236,20 +282,49 @@ def build(name: str, index: Index, folder: Path):
 def build_ondisk(index: Index, folder: Path, shard_rows: int):
     """IVF-PQ over the index's descriptors, built in shards and merged on disk (resumable:
     the trained file and each shard are written under a temporary name and renamed, and
-    a rerun skips those present). Returns (searcher structure, parameters, bytes on disk).
+    a rerun skips those present). Returns (searcher structure, parameters, bytes on disk,
+    seconds per build step).
+
+    FAISS's on-disk inverted lists hold plain codes, not fast-scan's blocks of 32, so
+    this row uses 8-bit PQ (IndexIVFPQ): 2-D sub-vectors, dim / 2 bytes per code plus
+    the 8-byte id (28 B at 40-D). Scanning 8-bit codes costs ~10x fast-scan's per
+    code, so the row takes twice the derived lists (at most 65536) and --ondisk_nprobe.
     """
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
     count, dim = index.num_descriptors, index.dim
-    parameters = ivfpq_parameters(count, dim, "hnsw" if count >= 30_000_000 else "flat")
+    derived = ivfpq_parameters(count, dim)
+    nlist = int(min(65_536, 2 * derived.nlist, max(count // 64, 16)))
+    parameters = dataclasses.replace(
+        derived,
+        nlist=nlist,
+        subquantizers=dim // 2,
+        quantizer="hnsw" if nlist >= 16_384 else "flat",
+        nprobe=min(FLAGS.ondisk_nprobe, nlist),
+        train_size=int(min(count, 64 * nlist)),
+        bits=8,
+    )
     work = folder / "ondisk"
     work.mkdir(exist_ok=True)
 
+    timings_file = work / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    clock = [time.perf_counter()]
+
     def publish(target: Path, faiss_index) -> None:
+        """Writes under a temporary name, renames, and records the step's seconds (a rerun
+        skips published steps, so the recorded seconds add up across interrupted runs)."""
         temporary = target.with_suffix(".partial")
         faiss.write_index(faiss_index, str(temporary))
         temporary.rename(target)
+        now = time.perf_counter()
+        timings[target.stem] = round(now - clock[0], 1)
+        clock[0] = now
+        timings_file.write_text(json.dumps(timings, indent=1))
+        print(
+            f"index_scale: {target.name} in {timings[target.stem]} s", file=sys.stderr, flush=True
+        )
 
     trained = work / "trained.faiss"
     if not trained.exists():
@@ -260,6 +335,7 @@ def build_ondisk(index: Index, folder: Path, shard_rows: int):
         shards.append(str(shard))
         if shard.exists():
             continue
+        clock[0] = time.perf_counter()
         part = faiss.read_index(str(trained))
         if parameters.quantizer == "hnsw":
             faiss.downcast_index(part.quantizer).hnsw.efSearch = 32
@@ -272,13 +348,17 @@ def build_ondisk(index: Index, folder: Path, shard_rows: int):
         del part
     merged, data = work / "merged.faiss", work / "merged.ivfdata"
     if not merged.exists():
+        clock[0] = time.perf_counter()
         empty = faiss.read_index(str(trained))
         data.unlink(missing_ok=True)
         merge_ondisk(empty, shards, str(data))
         publish(merged, empty)
-    loaded = faiss.read_index(str(merged), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_MMAP)
+        for shard in shards:  # merged holds every code now (10^8: ~28 GB of shards)
+            Path(shard).unlink()
+    loaded = faiss.read_index(str(merged), faiss.IO_FLAG_ONDISK_SAME_DIR)
     size = merged.stat().st_size + data.stat().st_size
-    return IvfPqNeighbors(loaded, index.descriptors, parameters, read_only=True), parameters, size
+    structure = IvfPqNeighbors(loaded, index.descriptors, parameters, read_only=True)
+    return structure, parameters, size, timings
 
 
 def run_row(name: str, index: Index, queries, truths, folder: Path, count: int) -> dict:
@@ -286,10 +366,59 @@ def run_row(name: str, index: Index, queries, truths, folder: Path, count: int) 
     before = rss_bytes()
     kwargs, ranking, seconds, size, extra = build(name, index, folder)
     grown = rss_bytes() - before
+    if "build_step_seconds" in extra:
+        seconds = sum(extra["build_step_seconds"].values())
     config = RetrievalConfig(ranking=ranking, shortlist=FLAGS.shortlist, top_k=10)
     searcher = Searcher(index, config, **kwargs)
+    timed = time_queries(searcher, queries[:count], truths[:count])
+    row = {
+        "ranking": name,
+        "build_seconds": round(seconds, 1),
+        "structure_bytes_per_image": round(size / index.num_images, 1),
+        "structure_bytes_per_descriptor": round(size / index.num_descriptors, 2),
+        "rss_growth_bytes_per_image": round(max(grown, 0) / index.num_images, 1),
+        "queries": count,
+        **{key: value for key, value in timed.items() if key != "top1"},
+        # this process after building (or loading) and querying, before the recall check
+        "memory_after_queries": memory_status(),
+        **extra,
+    }
+    if name.startswith("votes-ivfpq"):
+        row.update(recall_rows(searcher, kwargs["neighbors"], index, queries[:count], truths))
+    row["_top1"] = timed["top1"]
+    del searcher, kwargs
+    gc.collect()
+    return row
+
+
+def recall_rows(searcher: Searcher, structure, index: Index, queries, truths) -> dict:
+    """k-NN recall@10 against exact search at the structure's nprobe, and for each
+    --nprobe_sweep value the query times and recall there (exact neighbours once)."""
+    samples = FLAGS.recall_samples
+    exact: dict = {}
+    recall = sampled_recall(structure, index.descriptors, 10, 0.8, samples, exact_cache=exact)
+    row = {"knn_recall_at_10_vs_exact": recall}
+    if not FLAGS.nprobe_sweep:
+        return row
+    default = structure.parameters.nprobe
+    sweep = []
+    for nprobe in (int(n) for n in FLAGS.nprobe_sweep):
+        structure.set_nprobe(nprobe)
+        timed = time_queries(searcher, queries, truths)
+        timed.pop("top1")
+        recall = sampled_recall(structure, index.descriptors, 10, 0.8, samples, exact_cache=exact)
+        sweep.append({"nprobe": nprobe, **timed, "knn_recall_at_10": recall["recall_at_k"]})
+        print(json.dumps({"nprobe_sweep": sweep[-1]}), file=sys.stderr, flush=True)
+    structure.set_nprobe(default)
+    row["nprobe_sweep"] = sweep
+    return row
+
+
+def time_queries(searcher: Searcher, queries, truths) -> dict:
+    """p50/p95 of `searcher.search` timed in its two steps, recall@1 of the planted image."""
     initial, total, hits, initial_hits, top1 = [], [], 0, 0, []
-    for query, truth in zip(queries[:count], truths[:count], strict=True):
+    count = len(queries)
+    for query, truth in zip(queries, truths[:count], strict=True):
         # = searcher.search(query), timed in its two steps
         start = time.perf_counter()
         ranked = searcher.initial(query)
@@ -301,28 +430,15 @@ def run_row(name: str, index: Index, queries, truths, folder: Path, count: int) 
         best = results[0].image_id if results else -1
         hits += best == truth
         top1.append(best)
-    row = {
-        "ranking": name,
-        "build_seconds": round(seconds, 1),
-        "structure_bytes_per_image": round(size / index.num_images, 1),
-        "structure_bytes_per_descriptor": round(size / index.num_descriptors, 2),
-        "rss_growth_bytes_per_image": round(max(grown, 0) / index.num_images, 1),
-        "queries": count,
+    return {
         "initial_seconds_p50": round(float(np.percentile(initial, 50)), 3),
+        "initial_seconds_p95": round(float(np.percentile(initial, 95)), 3),
         "query_seconds_p50": round(float(np.percentile(total, 50)), 3),
         "query_seconds_p95": round(float(np.percentile(total, 95)), 3),
         "recall_at_1": round(hits / count, 3),
         "initial_recall_at_1": round(initial_hits / count, 3),
-        **extra,
+        "top1": top1,
     }
-    if name.startswith("votes-ivfpq"):
-        row["knn_recall_at_10_vs_exact"] = sampled_recall(
-            kwargs["neighbors"], index.descriptors, 10, 0.8
-        )
-    row["_top1"] = top1
-    del searcher, kwargs
-    gc.collect()
-    return row
 
 
 def compare(rows: list[dict]) -> None:
@@ -373,6 +489,8 @@ def main(argv: list[str]) -> None:
             generator = Generator(FLAGS.seed)
             start = time.perf_counter()
             index = make_index(size, per, generator, folder)
+            # Queries from their own stream: the same whether or not the data was reused.
+            generator.rng = np.random.default_rng(FLAGS.seed + 1)
             truths = [int(t) for t in generator.rng.choice(size, FLAGS.queries, replace=False)]
             queries = [make_query(index, t, generator) for t in truths]
             entry = {
@@ -391,7 +509,8 @@ def main(argv: list[str]) -> None:
             report["sizes"].append(entry)
             del index, queries
             gc.collect()
-            shutil.rmtree(folder, ignore_errors=True)
+            if not FLAGS.keep_data:
+                shutil.rmtree(folder, ignore_errors=True)
     finally:
         if FLAGS.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -531,6 +531,7 @@ def sampled_recall(
     max_distance: float,
     samples: int | None = None,
     seed: int = 0,
+    exact_cache: dict | None = None,
 ) -> dict[str, Any]:
     """Recall@k of `structure` against exact search, on database rows used as queries.
 
@@ -538,6 +539,8 @@ def sampled_recall(
     (the matches that would vote) are compared with what `structure` returns
     (the row itself is left out of both). `samples` defaults to 1000, fewer for
     very large indexes so that the exact search stays under ~2e9 distances.
+    `exact_cache` (a dict) keeps the exact answers between calls on the same rows,
+    for comparing several settings of one structure.
 
     Returns {"recall_at_k", "k", "max_distance", "samples", "exact_neighbors"}.
     """
@@ -548,7 +551,13 @@ def sampled_recall(
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(count, samples, replace=False))
     queries = _contiguous(descriptors[rows])
-    _, exact = FlatNeighbors(descriptors).search(queries, k + 1, max_distance)
+    key = (samples, seed, k, max_distance)
+    if exact_cache is not None and key in exact_cache:
+        exact = exact_cache[key]
+    else:
+        _, exact = FlatNeighbors(descriptors).search(queries, k + 1, max_distance)
+        if exact_cache is not None:
+            exact_cache[key] = exact
     _, approximate = structure.search(queries, k + 1, max_distance)
     found = total = 0
     for row, truth, answer in zip(rows, exact, approximate, strict=True):
