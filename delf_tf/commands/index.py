@@ -118,9 +118,9 @@ def _write(flag_values, store, output: Path, index_types) -> int:
         raise InputError(f"{output}: a folder that is not an index; refusing to replace it")
     if flag_values.append and (output / HEADER).exists():
         existing = Index.load(output)
-        index, added = existing.add_store(store, flag_values.images)
+        index, added = existing.add_store(store, flag_values.images, beside=output)
     else:
-        index = Index.from_store(store, flag_values.images)
+        index = Index.from_store(store, flag_values.images, beside=output)
         added = index.num_images
     milvus = flag_values.backend == "milvus" or any(
         header.get("backend") == "milvus" for header in index.structures.values()
