@@ -327,7 +327,11 @@ class Index:
         """`add_store`'s new index, its arrays written row by row into `scratch`."""
         writers = {
             name: RowWriter(scratch / f"{name}.npy", ARRAYS[name], shape)
-            for name, shape in (("descriptors", (self.dim,)), ("keypoints", (2,)), ("image_ids", ()))
+            for name, shape in (
+                ("descriptors", (self.dim,)),
+                ("keypoints", (2,)),
+                ("image_ids", ()),
+            )
         }
         for name, writer in writers.items():
             writer.extend(getattr(self, name))
