@@ -11,7 +11,6 @@ from delf_tf.features import FeatureStore, LocalFeatures
 from delf_tf.matching.ransac import apply_transform
 from delf_tf.retrieval import FingerprintMismatchError, Index, IndexFormatError, Searcher
 from delf_tf.retrieval import index as index_module
-from delf_tf.retrieval.structures import base as structures_base
 
 DIM = 16
 AFFINE = np.array([[0.7, -0.3, 30.0], [0.25, 0.75, 10.0], [0.0, 0.0, 1.0]])
