@@ -399,6 +399,8 @@ class Index:
         milvus_uri: str | None = None,
         milvus_prefix: str | None = None,
         stores: dict[str, str] | None = None,
+        work_dir: str | os.PathLike | None = None,
+        shard_rows: int | None = None,
     ) -> dict[str, Any]:
         """Builds, or extends without retraining, the search structures; returns a report.
 
@@ -418,6 +420,8 @@ class Index:
           e.g. an external back end) to build; those the index has are extended.
         milvus_uri, milvus_prefix, stores: backend "milvus" puts the votes and the
           global rankings into Milvus collections (`structures/milvus.py`).
+        work_dir, shard_rows: backend "ivfpq-ondisk" builds in shards of shard_rows
+          descriptors, resumably, in a folder under work_dir (`BuildOptions`).
 
         Returns {"neighbors": {...}, "asmk": {...}, "global": {...}, "notes": [...]}:
         per structure what was done ("built", "extended", "retrained", "kept") and
@@ -433,6 +437,8 @@ class Index:
             milvus_uri,
             milvus_prefix,
             stores,
+            None if work_dir is None else str(work_dir),
+            shard_rows or BuildOptions.shard_rows,
         )
         notes: list[str] = []
         report: dict[str, Any] = {"notes": notes}
@@ -583,6 +589,7 @@ class Index:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch, self._streamed_files = None, {}
         for structure in self._structures.values():
+            structure.saved()
             structure.fresh = False
             structure.value = None if structure.loaded() else structure.value
         # External structures (Milvus) drop what no header names any more.
