@@ -22,10 +22,12 @@ Layout on disk (a directory, replaced atomically on every save):
   <index>/neighbors.faiss   the trained k-NN structure of the `votes` ranking when
                             it is IVF-PQ (exact search needs none: it scans
                             descriptors.npy)
+  <index>/neighbors.ivfdata its inverted lists when it is "ivfpq-ondisk" (on disk)
   <index>/asmk/             ASMK* codebook and inverted file (`delf_tf.retrieval.asmk`)
   <index>/global.faiss      IVF structure over the global descriptors (large indexes)
 The `.npy` files load with `mmap_mode="r"` and FAISS files with IO_FLAG_MMAP, so a
-large index is paged in on demand.
+large index is paged in on demand. A new generation's arrays are streamed into files
+(`add_store`, `row_files.py`), never concatenated in memory.
 
 Readers never mix generations: `Index.load` reads index.json, the arrays and
 images.json, then checks that the directory still holds the generation it started
