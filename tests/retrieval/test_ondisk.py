@@ -163,6 +163,59 @@ def test_index_with_the_ondisk_backend_builds_appends_and_searches(tmp_path):
     again, added = loaded.add_store(second, progress=False)
     assert added == 0
     assert again.build_structures(recall=False)["neighbors"]["action"] == "kept"
+    again.save(path)  # the kept lists are linked into the next generation
+    assert len(Index.load(path).neighbors()) == 1000
+
+
+@pytest.mark.heavy
+def test_streamed_build_keeps_anonymous_memory_below_a_chunk(tmp_path):
+    """`Index.from_store` + `save` and `add_store` + `save` in a fresh process: the peak
+    of RssAnon (sampled) grows by far less than the collection's descriptors (before
+    the streaming build it grew by about twice their size)."""
+    import json
+    import subprocess
+    import sys
+
+    images, per = 400, 1000
+    make_store(tmp_path / "s1", [f"a{n}.jpg" for n in range(images // 2)], seed=0, count=per)
+    make_store(tmp_path / "s2", [f"b{n}.jpg" for n in range(images // 2)], seed=1, count=per)
+    code = """
+import json, sys, threading, time
+def anon():
+    with open("/proc/self/status") as handle:
+        return next(int(l.split()[1]) * 1024 for l in handle if l.startswith("RssAnon"))
+from delf_tf.features import FeatureStore
+from delf_tf.retrieval import Index
+start, peak, done = anon(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon()); time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+first, second, path = sys.argv[1:4]
+Index.from_store(FeatureStore.open(first), progress=False).save(path)
+index, _ = Index.load(path).add_store(FeatureStore.open(second), progress=False)
+index.save(path)
+done.set()
+print(json.dumps({"growth": peak[0] - start, "descriptors": index.num_descriptors}))
+"""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "s1"),
+            str(tmp_path / "s2"),
+            str(tmp_path / "i"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["descriptors"] == images * per
+    collection = images * per * DIM * 4  # 25.6 MB of float32 descriptors
+    assert measured["growth"] < collection / 4, measured
 
 
 def test_row_writer_streams_rows_into_a_npy_file(tmp_path):
