@@ -167,6 +167,51 @@ def test_index_with_the_ondisk_backend_builds_appends_and_searches(tmp_path):
     assert len(Index.load(path).neighbors()) == 1000
 
 
+class StoreExtractor:
+    """A query extractor that answers with the features of one stored image."""
+
+    fingerprint = "a" * 64
+
+    def __init__(self, features):
+        self.features = features
+
+    def extract(self, image):
+        return self.features
+
+
+def test_search_service_serves_the_ondisk_lists_across_a_reload(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from delf_tf.serving.search_service import SearchService
+
+    first = make_store(tmp_path / "s1", [f"a{n}.jpg" for n in range(4)], seed=0)
+    second = make_store(tmp_path / "s2", ["b0.jpg"], seed=1)
+    path = tmp_path / "index"
+    index = Index.from_store(first, progress=False, beside=path)
+    index.build_structures(backend="ivfpq-ondisk", recall=False, work_dir=tmp_path / "w")
+    index.save(path)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    extractor = StoreExtractor(second.load("b0.jpg"))
+    config = RetrievalConfig(ranking="votes")
+    service = SearchService(path, extractor, config, poll_seconds=0)
+    [answer] = service.search_batch([png.getvalue()], top_k=1)
+    assert not answer.results or answer.results[0].key != "b0.jpg"
+    old = service.snapshot
+    appended, _ = Index.load(path).add_store(second, progress=False)
+    appended.build_structures(recall=False, work_dir=tmp_path / "w")
+    appended.save(path)  # the served generation's files are gone from the directory now
+    extractor.features = first.load("a2.jpg")
+    [answer] = service.search_batch([png.getvalue()], top_k=1)
+    assert answer.snapshot is old and answer.results[0].key == "a2.jpg"  # still mapped
+    assert service.reload() == "loaded"
+    extractor.features = second.load("b0.jpg")
+    [answer] = service.search_batch([png.getvalue()], top_k=1)
+    assert answer.snapshot.index.num_images == 5 and answer.results[0].key == "b0.jpg"
+
+
 @pytest.mark.heavy
 def test_streamed_build_keeps_anonymous_memory_below_a_chunk(tmp_path):
     """`Index.from_store` + `save` and `add_store` + `save` in a fresh process: the peak
