@@ -311,6 +311,7 @@ class VotesStructure(SearchStructure):
 
     def load(self, collection: Collection, mmap: bool = True) -> NeighborIndex:
         """IVF-PQ read with IO_FLAG_MMAP | IO_FLAG_READ_ONLY (fully when mmap=False);
+        "ivfpq-ondisk" with its lists on disk whatever `mmap` says (IO_FLAG_ONDISK_SAME_DIR);
         "flat" scans the descriptors; "kdtree"/"brute" are built here."""
         header = self.header
         kind = header["backend"]
