@@ -216,11 +216,20 @@ def build_ondisk(
         sources = [read_ondisk(base)] if base is not None else []
         sources += [faiss.read_index(str(shard), faiss.IO_FLAG_MMAP) for shard in shards]
         _merge(empty, sources, data)
+        _fsync(data)  # written through a memory map: durable before merged.faiss names it
         publish(merged, empty)
         for shard in shards:  # merged holds every code now
             shard.unlink()
     structure = OnDiskIvfPqNeighbors.load(merged, descriptors, parameters)
     return structure, timings
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _writer(handle):
