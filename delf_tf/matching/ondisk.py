@@ -183,6 +183,8 @@ def build_ondisk(
         log(f"{folder / target.name} in {timings[target.stem]} s")
 
     merged, data = folder / f"{name}.faiss", folder / f"{name}.ivfdata"
+    if merged.exists() and not data.exists():  # a removal of the folder killed midway
+        merged.unlink()
     if not merged.exists():
         first = 0
         trained = folder / TRAINED

@@ -106,6 +106,16 @@ def test_build_killed_after_a_shard_resumes_without_duplicates(rows, built, tmp_
     assert len(ids) == len(rows) and np.array_equal(np.sort(ids), np.arange(len(rows)))
 
 
+def test_a_merged_file_without_its_lists_is_built_again(rows, built, tmp_path):
+    """A kill while the build folder was being removed left the .faiss without its
+    .ivfdata: the rerun builds the lists again instead of failing."""
+    _, parameters, folder = built
+    for name in ("trained.faiss", "merged.faiss"):
+        shutil.copyfile(folder / name, tmp_path / name)
+    structure, _ = build_ondisk(rows, parameters, tmp_path, shard_rows=1500)
+    assert np.array_equal(np.sort(stored_ids(structure)), np.arange(len(rows)))
+
+
 def test_extending_merges_the_new_rows_without_retraining(rows, built, tmp_path):
     structure, parameters, folder = built
     more = np.concatenate([rows, unit_rows(np.random.default_rng(2), 700)])

@@ -278,6 +278,8 @@ class VotesStructure(SearchStructure):
     def saved(self) -> None:
         folder = getattr(self, "_build", None)
         if folder is not None:  # its files are linked into the index now
+            # The merged .faiss file first: it says the folder is complete.
+            (folder / NEIGHBORS_FILE).unlink(missing_ok=True)
             shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(OSError):
                 folder.parent.rmdir()  # the work folder, when nothing else is building there
