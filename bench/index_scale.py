@@ -19,11 +19,12 @@ by RANSAC inliers exactly as `delf search` does (`Searcher.search`, top 10):
   votes-ivfpq-hnsw k-NN votes, IVF-PQ, HNSW coarse quantizer
   asmk             ASMK* (default codebook size for the data)
   global           inner product of global descriptors
-  votes-ivfpq-ondisk  k-NN votes, IVF-PQ built by streaming: trained on a sample,
-                   added in shards of `--shard_rows` (one FAISS file each, skipped
-                   when present: resumable), merged into on-disk inverted lists
-                   (`faiss.contrib.ondisk.merge_ondisk`) and searched memory-mapped,
-                   so neither the build nor the search holds the codes in RAM. The
+  votes-ivfpq-ondisk  k-NN votes, IVF-PQ built by streaming (the library's
+                   `delf_tf.matching.ondisk`, as `delf index --backend=ivfpq-ondisk`):
+                   trained on a sample, added in shards of `--shard_rows` (one FAISS
+                   file each, skipped when present: resumable), merged into on-disk
+                   inverted lists and searched from disk, so neither the build nor
+                   the search holds the codes in RAM. The
                    issue-22 10^8 run (100k x 1000) uses it; NOT YET RUN at that size
                    (estimated 1.5-3.5 h on 2 cores), only checked at small sizes.
   votes-milvus     k-NN votes, the k-NN search in a Milvus Lite collection (FLAT)
@@ -52,7 +53,6 @@ query; see the report for what was run.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import shutil
@@ -72,6 +72,8 @@ from delf_tf.matching.neighbors import (
     ivfpq_parameters,
     sampled_recall,
 )
+from delf_tf.matching.ondisk import build_ondisk as build_ondisk_lists
+from delf_tf.matching.ondisk import ondisk_parameters
 from delf_tf.matching.ransac import apply_transform
 from delf_tf.retrieval.asmk import AsmkIndex
 from delf_tf.retrieval.global_ranking import GlobalRanker
@@ -280,84 +282,27 @@ def build(name: str, index: Index, folder: Path):
 
 
 def build_ondisk(index: Index, folder: Path, shard_rows: int):
-    """IVF-PQ over the index's descriptors, built in shards and merged on disk (resumable:
-    the trained file and each shard are written under a temporary name and renamed, and
-    a rerun skips those present). Returns (searcher structure, parameters, bytes on disk,
-    seconds per build step).
-
-    FAISS's on-disk inverted lists hold plain codes, not fast-scan's blocks of 32, so
-    this row uses 8-bit PQ (IndexIVFPQ): 2-D sub-vectors, dim / 2 bytes per code plus
-    the 8-byte id (28 B at 40-D). Scanning 8-bit codes costs ~10x fast-scan's per
-    code, so the row takes twice the derived lists (at most 65536) and --ondisk_nprobe.
+    """IVF-PQ over the index's descriptors with on-disk inverted lists, built by the
+    library (`delf_tf.matching.ondisk.build_ondisk`, what `delf index
+    --backend=ivfpq-ondisk` runs) in `<size folder>/ondisk`: trained.faiss,
+    shard_NNNNN.faiss (one per --shard_rows rows, skipped when present: resumable),
+    merged.faiss + merged.ivfdata, timings.json. Returns (searcher structure,
+    parameters, bytes on disk, seconds per build step, summed over interrupted runs).
+    8-bit codes (on-disk lists hold plain codes, not fast-scan blocks) on 2-D
+    sub-vectors: 28 B per descriptor at 40-D; twice the derived lists, --ondisk_nprobe.
     """
-    import faiss
-    from faiss.contrib.ondisk import merge_ondisk
-
     count, dim = index.num_descriptors, index.dim
-    derived = ivfpq_parameters(count, dim)
-    nlist = int(min(65_536, 2 * derived.nlist, max(count // 64, 16)))
-    parameters = dataclasses.replace(
-        derived,
-        nlist=nlist,
-        subquantizers=dim // 2,
-        quantizer="hnsw" if nlist >= 16_384 else "flat",
-        nprobe=min(FLAGS.ondisk_nprobe, nlist),
-        train_size=int(min(count, 64 * nlist)),
-        bits=8,
-    )
+    parameters = ondisk_parameters(count, dim, FLAGS.ondisk_nprobe)
     work = folder / "ondisk"
-    work.mkdir(exist_ok=True)
-
-    timings_file = work / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    clock = [time.perf_counter()]
-
-    def publish(target: Path, faiss_index) -> None:
-        """Writes under a temporary name, renames, and records the step's seconds (a rerun
-        skips published steps, so the recorded seconds add up across interrupted runs)."""
-        temporary = target.with_suffix(".partial")
-        faiss.write_index(faiss_index, str(temporary))
-        temporary.rename(target)
-        now = time.perf_counter()
-        timings[target.stem] = round(now - clock[0], 1)
-        clock[0] = now
-        timings_file.write_text(json.dumps(timings, indent=1))
-        print(
-            f"index_scale: {target.name} in {timings[target.stem]} s", file=sys.stderr, flush=True
-        )
-
-    trained = work / "trained.faiss"
-    if not trained.exists():
-        publish(trained, IvfPqNeighbors.train(index.descriptors, parameters, add=False)._index)
-    shards = []
-    for number, start in enumerate(range(0, count, shard_rows)):
-        shard = work / f"shard_{number:05d}.faiss"
-        shards.append(str(shard))
-        if shard.exists():
-            continue
-        clock[0] = time.perf_counter()
-        part = faiss.read_index(str(trained))
-        if parameters.quantizer == "hnsw":
-            faiss.downcast_index(part.quantizer).hnsw.efSearch = 32
-        stop = min(count, start + shard_rows)
-        for first in range(start, stop, 1 << 20):
-            last = min(stop, first + (1 << 20))
-            rows = np.ascontiguousarray(index.descriptors[first:last], dtype=np.float32)
-            part.add_with_ids(rows, np.arange(first, last, dtype=np.int64))
-        publish(shard, part)
-        del part
-    merged, data = work / "merged.faiss", work / "merged.ivfdata"
-    if not merged.exists():
-        clock[0] = time.perf_counter()
-        empty = faiss.read_index(str(trained))
-        data.unlink(missing_ok=True)
-        merge_ondisk(empty, shards, str(data))
-        publish(merged, empty)
-        for shard in shards:  # merged holds every code now (10^8: ~28 GB of shards)
-            Path(shard).unlink()
-    loaded = faiss.read_index(str(merged), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    size = merged.stat().st_size + data.stat().st_size
-    structure = IvfPqNeighbors(loaded, index.descriptors, parameters, read_only=True)
+    structure, timings = build_ondisk_lists(
+        index.descriptors,
+        parameters,
+        work,
+        shard_rows,
+        name="merged",
+        log=lambda line: print(f"index_scale: {line}", file=sys.stderr, flush=True),
+    )
+    size = structure.disk_bytes(work / "merged.faiss")
     return structure, parameters, size, timings
 
 

@@ -472,6 +472,44 @@ def staged_directory(final: str | os.PathLike, replace: bool = True) -> Iterator
         raise
 
 
+def scratch_directory(beside: str | os.PathLike) -> Path:
+    """A new empty private folder next to `beside` (same file system, so that its files
+    can be hard-linked into a `staged_directory` of `beside`), named as a staging folder:
+    when its process dies, the next writer into that folder removes it (`clean_stale`).
+    The caller removes it when done."""
+    final = link_target(beside)
+    folder = final.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale(folder)
+    while True:
+        scratch = folder / _temporary_name(final.name + ".scratch", STAGING_SUFFIX, folder)
+        try:
+            os.mkdir(scratch, 0o777)
+            return scratch
+        except FileExistsError:
+            continue
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Publishes the complete file `source` as the new file `target` inside a
+    `staged_directory` folder: a hard link (no bytes copied) where the file system
+    allows, else a copy. Never over an existing file."""
+    try:
+        os.link(source, target)
+        return
+    except OSError as error:
+        if error.errno not in (
+            errno.EPERM,
+            errno.ENOTSUP,
+            errno.EOPNOTSUPP,
+            errno.EMLINK,
+            errno.EXDEV,
+        ):
+            raise
+    with open(source, "rb") as handle:
+        write_staged(target, lambda out: shutil.copyfileobj(handle, out, 1 << 24))
+
+
 def write_staged(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Calls `write(handle)` on a new file `path` inside a `staged_directory` folder.
 

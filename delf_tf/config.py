@@ -366,10 +366,20 @@ def _check_range(name: str, values: tuple[float, ...], upper: float | None) -> N
 TRANSFORMS = ("affine", "homography")
 RANSAC_METHODS = ("vectorized", "skimage")
 # Nearest-neighbour back ends of the `votes` ranking (delf_tf/matching/neighbors.py).
-# "auto", "flat", "ivfpq" and "ivfpq-hnsw" are FAISS structures that `delf index`
-# builds once and saves in the index; "kdtree" (the DELF reference's choice) and
-# "brute" (tests) are built in memory when an index is loaded.
-NEIGHBOR_BACKENDS = ("auto", "flat", "ivfpq", "ivfpq-hnsw", "kdtree", "brute", "milvus")
+# "auto", "flat", "ivfpq", "ivfpq-hnsw" and "ivfpq-ondisk" (inverted lists searched
+# from disk, built in shards: delf_tf/matching/ondisk.py) are FAISS structures that
+# `delf index` builds once and saves in the index; "kdtree" (the DELF reference's
+# choice) and "brute" (tests) are built in memory when an index is loaded.
+NEIGHBOR_BACKENDS = (
+    "auto",
+    "flat",
+    "ivfpq",
+    "ivfpq-hnsw",
+    "ivfpq-ondisk",
+    "kdtree",
+    "brute",
+    "milvus",
+)
 # Older name of "ivfpq", still accepted.
 _BACKEND_ALIASES = {"faiss-ivfpq": "ivfpq"}
 # How the whole collection is ranked before local verification re-ranks the top.
@@ -402,7 +412,9 @@ class RetrievalConfig(JsonConfig):
         the structure to build and save ("auto": exact FAISS search for small
         indexes, IVF-PQ beyond a size, see `delf_tf.matching.neighbors.choose_backend`).
         At search: "auto" uses the saved structure; "flat", "kdtree" and "brute"
-        (exact) can replace it; "ivfpq"/"ivfpq-hnsw" must be the saved one.
+        (exact) can replace it; "ivfpq"/"ivfpq-hnsw"/"ivfpq-ondisk" must be the
+        saved one. "ivfpq-ondisk": 8-bit IVF-PQ whose inverted lists stay on disk,
+        built in resumable shards (for collections past the machine's memory).
         "milvus" (`delf index --milvus_uri`): Milvus collections hold the votes
         ranking's descriptors and the global descriptors (both rankings).
       ranking: "votes" (k-NN votes over all local descriptors), "asmk" (ASMK*

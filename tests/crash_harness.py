@@ -529,6 +529,47 @@ class MilvusIndexScenario(IndexScenario):
         assert self._milvus_state(work, final=True) == reference[1]
 
 
+class OnDiskIndexScenario(IndexScenario):
+    """`delf index --backend=ivfpq-ondisk` in shards of 100 rows over an existing index
+    (rebuilt from a second store of 300 descriptors): after a kill the previous or the
+    new index is complete; the rerun resumes in `index.build/` and its on-disk lists
+    hold every row exactly once, and the build folder is gone."""
+
+    def __init__(self):
+        super().__init__(append=False)
+        self.name = "index --backend=ivfpq-ondisk"
+
+    def prepare(self, work: Path) -> None:
+        from delf_tf.retrieval import Index
+
+        work.mkdir(parents=True)
+        first = write_store(work / "store1", ["a.jpg", "b.jpg", "sub/c.jpg"], seed=0)
+        write_store(work / "store2", ["d.jpg", ".e.jpg"], seed=1, count=150)
+        Index.from_store(first, progress=False).save(work / "index")
+
+    def command(self, work: Path) -> list[str]:
+        extra = ["--backend=ivfpq-ondisk", "--shard_rows=100", "--norecall"]
+        return [*super().command(work), *extra]
+
+    def check_after_rerun(self, work: Path, reference) -> None:
+        import faiss
+        import numpy as np
+
+        from delf_tf.retrieval import Index
+
+        super().check_after_rerun(work, reference)
+        index = Index.load(work / "index")
+        lists = faiss.extract_index_ivf(index.neighbors()._index).invlists
+        ids = np.concatenate(
+            [
+                faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+                for number in range(lists.nlist)
+            ]
+        )
+        assert np.array_equal(np.sort(ids), np.arange(index.num_descriptors)), "rows lost or twice"
+        assert not (work / "index.build").exists(), "the build folder stayed"
+
+
 class FitPcaScenario(Scenario):
     """`delf fit-pca` replacing an existing PCA file."""
 
@@ -644,6 +685,7 @@ SCENARIOS = {
     "index": lambda: IndexScenario(append=False),
     "index-append": lambda: IndexScenario(append=True),
     "index-append-milvus": MilvusIndexScenario,
+    "index-ondisk": OnDiskIndexScenario,
     "fit-pca": FitPcaScenario,
     "export": ExportScenario,
 }

@@ -48,6 +48,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         NEIGHBOR_BACKENDS,
         "k-NN structure of the votes ranking; auto (default for a new index): exact FAISS "
         "search up to 50 000 descriptors, IVF-PQ beyond; kdtree/brute are built at load; "
+        "ivfpq-ondisk: 8-bit IVF-PQ whose inverted lists stay on disk, built in resumable "
+        "shards (collections past the machine's memory; --append merges the new rows' "
+        "lists without retraining); "
         "milvus: the votes ranking's descriptors AND the global descriptors go into "
         "Milvus collections at --milvus_uri (ASMK stays FAISS); default: the index's",
         **define,
@@ -65,6 +68,15 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         None,
         "with --backend=milvus: where search workers read --features' store (a copy at "
         "gs://BUCKET/features, read through tf.io.gfile); default: --features",
+        **define,
+    )
+    flags.DEFINE_integer(
+        "shard_rows",
+        None,
+        "with --backend=ivfpq-ondisk: descriptors added per shard of the build (each "
+        "shard a file, kept across a kill in <output_dir>.build/ so that a rerun resumes "
+        "after the last finished shard); default 10 000 000",
+        lower_bound=1,
         **define,
     )
     flags.DEFINE_integer(
@@ -118,9 +130,9 @@ def _write(flag_values, store, output: Path, index_types) -> int:
         raise InputError(f"{output}: a folder that is not an index; refusing to replace it")
     if flag_values.append and (output / HEADER).exists():
         existing = Index.load(output)
-        index, added = existing.add_store(store, flag_values.images)
+        index, added = existing.add_store(store, flag_values.images, beside=output)
     else:
-        index = Index.from_store(store, flag_values.images)
+        index = Index.from_store(store, flag_values.images, beside=output)
         added = index.num_images
     milvus = flag_values.backend == "milvus" or any(
         header.get("backend") == "milvus" for header in index.structures.values()
@@ -139,6 +151,8 @@ def _write(flag_values, store, output: Path, index_types) -> int:
         asmk=None if index_types is None else "asmk" in index_types,
         codebook_size=flag_values.codebook_size,
         recall=flag_values.recall,
+        work_dir=output.parent / f"{output.name}.build",
+        shard_rows=flag_values.shard_rows,
     )
     index.save(output)
     for note in report["notes"]:

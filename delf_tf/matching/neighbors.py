@@ -54,7 +54,7 @@ AUTO_EXACT_MAX_DESCRIPTORS = 50_000
 # from ~32768 lists on (~34 M descriptors under the derived nlist).
 HNSW_QUANTIZER_MIN_LISTS = 32_768
 # Back ends that `delf index` trains and saves; the others are built on load.
-PERSISTED_BACKENDS = ("ivfpq", "ivfpq-hnsw")
+PERSISTED_BACKENDS = ("ivfpq", "ivfpq-hnsw", "ivfpq-ondisk")
 EXACT_BACKENDS = ("flat", "kdtree", "brute")
 # Brute force works on [queries, database] blocks of at most this many distances.
 _BRUTE_BLOCK = 1 << 22
@@ -514,12 +514,10 @@ def build_neighbors(descriptors: np.ndarray, backend: str = "auto", **options) -
         if options:
             parameters = dataclasses.replace(parameters, **options)
         return IvfPqNeighbors.train(descriptors, parameters)
-    if backend == "milvus":  # a collection saved by `delf index`, not built here
-        from delf_tf.errors import InputError
-
+    if backend in ("milvus", "ivfpq-ondisk"):  # saved by `delf index`, not built here
         raise InputError(
-            "--backend=milvus names the Milvus collections of an index (`delf index "
-            "--backend=milvus --milvus_uri=...`); here use flat, kdtree, brute or ivfpq"
+            f"--backend={backend} is built by `delf index --backend={backend}` into an index "
+            "directory; here use flat, kdtree, brute or ivfpq"
         )
     raise ConfigError(f"unknown nearest-neighbour backend {backend!r}; known: {NEIGHBOR_BACKENDS}")
 

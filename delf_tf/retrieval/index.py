@@ -22,10 +22,12 @@ Layout on disk (a directory, replaced atomically on every save):
   <index>/neighbors.faiss   the trained k-NN structure of the `votes` ranking when
                             it is IVF-PQ (exact search needs none: it scans
                             descriptors.npy)
+  <index>/neighbors.ivfdata its inverted lists when it is "ivfpq-ondisk" (on disk)
   <index>/asmk/             ASMK* codebook and inverted file (`delf_tf.retrieval.asmk`)
   <index>/global.faiss      IVF structure over the global descriptors (large indexes)
 The `.npy` files load with `mmap_mode="r"` and FAISS files with IO_FLAG_MMAP, so a
-large index is paged in on demand.
+large index is paged in on demand. A new generation's arrays are streamed into files
+(`add_store`, `row_files.py`), never concatenated in memory.
 
 Readers never mix generations: `Index.load` reads index.json, the arrays and
 images.json, then checks that the directory still holds the generation it started
@@ -40,7 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +54,12 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from delf_tf.atomic import recover_staged_directory, staged_directory
+from delf_tf.atomic import (
+    link_or_copy,
+    recover_staged_directory,
+    scratch_directory,
+    staged_directory,
+)
 from delf_tf.features import fingerprint as fingerprints
 from delf_tf.features.store import FeatureStore
 from delf_tf.images import TRANSPOSED_ORIENTATIONS, exif_orientation
@@ -68,6 +78,7 @@ from delf_tf.retrieval.index_files import (
     read_json,
     read_records,
 )
+from delf_tf.retrieval.row_files import RowWriter
 from delf_tf.retrieval.structures import base, class_for, structure_type
 from delf_tf.retrieval.structures.base import (
     BuildOptions,
@@ -161,6 +172,10 @@ class Index:
         }
         # The generation of index.json this was read from or saved as (None: in memory).
         self.generation: int | None = None
+        # Arrays `add_store` streamed into files of a scratch folder: name -> (array, file),
+        # hard-linked into the directory by `save`.
+        self._scratch: Path | None = None
+        self._streamed_files: dict[str, tuple[np.ndarray, Path]] = {}
         self._validate(str(path or "index"))
 
     # --- shape ---------------------------------------------------------------------
@@ -232,22 +247,30 @@ class Index:
         store: FeatureStore,
         images_root: str | os.PathLike | None = None,
         progress: bool = True,
+        beside: str | os.PathLike | None = None,
     ) -> Index:
-        """An index of every image in `store` (see `add_store` for `images_root`)."""
+        """An index of every image in `store` (see `add_store` for `images_root`, `beside`)."""
         dim = _store_dim(store)
         index = cls.empty(store.fingerprint, dim, store.manifest.get("extractor"))
-        return index.add_store(store, images_root, progress)[0]
+        return index.add_store(store, images_root, progress, beside)[0]
 
     def add_store(
         self,
         store: FeatureStore,
         images_root: str | os.PathLike | None = None,
         progress: bool = True,
+        beside: str | os.PathLike | None = None,
     ) -> tuple[Index, int]:
         """A new index with the images of `store` that this one lacks; (index, added).
 
         images_root: the folder the store was extracted from; image paths and sizes
           are recorded from it (without it, paths are the store keys and sizes unknown).
+        beside: the index directory the result will be saved as (default: this
+          index's, else a folder in the system's temporary directory). The new arrays
+          are streamed into `.npy` files of a scratch folder next to it (this index's
+          rows, then each new image's features: memory is one chunk, not the
+          collection; `row_files`), memory-mapped, and hard-linked into the directory
+          by `save`.
         Global descriptors are kept when every image (old and new) has one.
         The search structures are carried over, covering the old images only:
         `build_structures` extends them before `save`.
@@ -265,11 +288,10 @@ class Index:
         )
         root = Path(images_root).resolve() if images_root is not None else None
         known = set().union(*(record.identities() for record in self.images))
-        records, arrays = [], {"descriptors": [], "keypoints": [], "globals": []}
-        without_global: str | None = None
+        todo: list[tuple[str, str]] = []
         skipped = 0
         identity = store.identity
-        for key in tqdm(list(store.stored_keys()), desc="index", unit="img", disable=not progress):
+        for key in store.stored_keys():
             path = str(root / key) if root is not None else key
             record_ids = {("store", identity, key), ("key", key)} | (
                 {("path", path)} if root is not None else set()
@@ -277,6 +299,48 @@ class Index:
             if record_ids & known:
                 skipped += 1
                 continue
+            todo.append((key, path))
+            known |= ImageRecord(key, path, None, None, 0, identity).identities()
+        if skipped:
+            logging.info("%d image(s) of %s are in the index already: skipped", skipped, store.root)
+        if not todo:
+            return self, 0
+        scratch = scratch_directory(beside or self._scratch_beside())
+        try:
+            return self._streamed(store, todo, root, identity, scratch, progress)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+    def _scratch_beside(self) -> Path:
+        if self.path is not None:
+            return self.path
+        return Path(tempfile.gettempdir()) / "delf-index"
+
+    def _streamed(
+        self,
+        store: FeatureStore,
+        todo: list[tuple[str, str]],
+        root: Path | None,
+        identity: str,
+        scratch: Path,
+        progress: bool,
+    ) -> tuple[Index, int]:
+        """`add_store`'s new index, its arrays written row by row into `scratch`."""
+        writers = {
+            name: RowWriter(scratch / f"{name}.npy", ARRAYS[name], shape)
+            for name, shape in (
+                ("descriptors", (self.dim,)),
+                ("keypoints", (2,)),
+                ("image_ids", ()),
+            )
+        }
+        for name, writer in writers.items():
+            writer.extend(getattr(self, name))
+        globals_ = _GlobalRows(self, store, scratch)
+        records, counts = [], []
+        next_id = self.num_images
+        for key, path in tqdm(todo, desc="index", unit="img", disable=not progress):
             features = store.load(key)
             if len(features) == 0:  # an empty .delf file does not say its descriptor size
                 features = dataclasses.replace(features, descriptors=np.zeros((0, self.dim)))
@@ -286,70 +350,36 @@ class Index:
                 )
             width, height = _image_size(path) if root is not None else (None, None)
             records.append(ImageRecord(key, path, width, height, len(features), identity))
-            arrays["descriptors"].append(features.descriptors)
-            arrays["keypoints"].append(features.keypoints)
-            known |= records[-1].identities()
-            if features.global_descriptor is None:
-                without_global = without_global or key
-            else:
-                arrays["globals"].append(features.global_descriptor)
-        if skipped:
-            logging.info("%d image(s) of %s are in the index already: skipped", skipped, store.root)
-        if not records:
-            return self, 0
-        global_descriptors = self._combined_globals(store, arrays["globals"], without_global)
-        counts = np.array([r.num_features for r in records], np.int64)
-        first_id = self.num_images
-        new_ids = np.repeat(np.arange(first_id, first_id + len(records), dtype=np.int32), counts)
+            counts.append(len(features))
+            writers["descriptors"].append(features.descriptors)
+            writers["keypoints"].append(features.keypoints)
+            writers["image_ids"].append(np.full(len(features), next_id, np.int32))
+            globals_.add(key, features.global_descriptor)
+            next_id += 1
+        arrays = {name: writer.close() for name, writer in writers.items()}
+        global_descriptors = globals_.close()
+        offsets = np.concatenate(
+            [np.asarray(self.offsets), self.offsets[-1] + np.cumsum(np.array(counts, np.int64))]
+        )
         index = Index(
-            np.concatenate([np.asarray(self.descriptors), *arrays["descriptors"]]),
-            np.concatenate([np.asarray(self.keypoints), *arrays["keypoints"]]),
-            np.concatenate([np.asarray(self.image_ids), new_ids]),
-            np.concatenate([np.asarray(self.offsets), self.offsets[-1] + np.cumsum(counts)]),
-            self.images + records,
-            self.fingerprint,
-            self.extractor,
-            self.path,
-            global_descriptors,
+            **arrays,
+            offsets=offsets,
+            images=self.images + records,
+            fingerprint=self.fingerprint,
+            extractor=self.extractor,
+            path=self.path,
+            global_descriptors=global_descriptors,
         )
         index._structures = {name: structure.copy() for name, structure in self._structures.items()}
         index.generation = self.generation
+        index._scratch = scratch
+        index._streamed_files = {
+            name: (array, scratch / f"{name}.npy")
+            for name, array in {**arrays, GLOBAL_ARRAY: global_descriptors}.items()
+            if isinstance(array, np.memmap)
+        }
+        weakref.finalize(index, shutil.rmtree, scratch, True)
         return index, len(records)
-
-    def _combined_globals(
-        self, store: FeatureStore, new: list[np.ndarray], without: str | None
-    ) -> np.ndarray | None:
-        """The global descriptors of old + new images, or None when some image lacks one."""
-        if self.num_images and self.global_descriptors is None:
-            if new:
-                logging.info(
-                    "%s: global descriptors not indexed (the index's images have none)", store.root
-                )
-            return None
-        if without is not None:
-            if self.global_descriptors is not None:
-                raise IndexFormatError(
-                    f"{store.path(without)}: no global descriptor, but the index at "
-                    f"{self.path or 'index'} ranks by global descriptors; append features "
-                    "of the same (DELG) model"
-                )
-            if new:
-                logging.warning(
-                    "%s: some images have no global descriptor (e.g. %s): global "
-                    "descriptors not indexed",
-                    store.root,
-                    without,
-                )
-            return None
-        stacked = np.stack(new).astype(np.float32)
-        if self.global_descriptors is None:
-            return stacked
-        if stacked.shape[1] != self.global_descriptors.shape[1]:
-            raise IndexFormatError(
-                f"{store.root}: {stacked.shape[1]}-D global descriptors, the index has "
-                f"{self.global_descriptors.shape[1]}-D"
-            )
-        return np.concatenate([np.asarray(self.global_descriptors), stacked])
 
     # --- search structures -------------------------------------------------------------
 
@@ -371,6 +401,8 @@ class Index:
         milvus_uri: str | None = None,
         milvus_prefix: str | None = None,
         stores: dict[str, str] | None = None,
+        work_dir: str | os.PathLike | None = None,
+        shard_rows: int | None = None,
     ) -> dict[str, Any]:
         """Builds, or extends without retraining, the search structures; returns a report.
 
@@ -390,6 +422,8 @@ class Index:
           e.g. an external back end) to build; those the index has are extended.
         milvus_uri, milvus_prefix, stores: backend "milvus" puts the votes and the
           global rankings into Milvus collections (`structures/milvus.py`).
+        work_dir, shard_rows: backend "ivfpq-ondisk" builds in shards of shard_rows
+          descriptors, resumably, in a folder under work_dir (`BuildOptions`).
 
         Returns {"neighbors": {...}, "asmk": {...}, "global": {...}, "notes": [...]}:
         per structure what was done ("built", "extended", "retrained", "kept") and
@@ -405,6 +439,8 @@ class Index:
             milvus_uri,
             milvus_prefix,
             stores,
+            None if work_dir is None else str(work_dir),
+            shard_rows or BuildOptions.shard_rows,
         )
         notes: list[str] = []
         report: dict[str, Any] = {"notes": notes}
@@ -526,7 +562,9 @@ class Index:
         directory when unchanged). A structure that covers fewer images than the
         index (after `add_store`) must be extended first by `build_structures`.
         The generation in index.json becomes one more than that of the index it
-        replaces at `path` (1 where there is none).
+        replaces at `path` (1 where there is none). Arrays that `add_store` streamed
+        into files are hard-linked into the new directory (copied across file
+        systems); others are written from memory or their memory map, streamed.
         """
         path = Path(path)
         self._check_structures_cover()
@@ -535,6 +573,10 @@ class Index:
         previous = _saved_structures(path)
         with staged_directory(path) as staging:
             for name, array in self._arrays().items():
+                streamed = self._streamed_files.get(name)
+                if streamed is not None and streamed[0] is array:
+                    link_or_copy(streamed[1], staging / f"{name}.npy")
+                    continue
                 dtype = np.float32 if name == GLOBAL_ARRAY else ARRAYS[name]
                 base.write_array(staging / f"{name}.npy", np.asarray(array, dtype))
             images = [dataclasses.asdict(record) for record in self.images]
@@ -545,7 +587,11 @@ class Index:
             base.write_json(staging / HEADER, header)
         self.path = path
         self.generation = generation
+        if self._scratch is not None:  # its files are the directory's now (mapped: still valid)
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch, self._streamed_files = None, {}
         for structure in self._structures.values():
+            structure.saved()
             structure.fresh = False
             structure.value = None if structure.loaded() else structure.value
         # External structures (Milvus) drop what no header names any more.
@@ -669,6 +715,67 @@ class Index:
             ),
         )
         return True
+
+
+class _GlobalRows:
+    """The global descriptors of `Index.add_store`'s new index, streamed into a file: the
+    old index's, then one per new image; None when some image (old or new) has none."""
+
+    def __init__(self, index: Index, store: FeatureStore, scratch: Path):
+        self.index, self.store, self.scratch = index, store, scratch
+        self.writer: RowWriter | None = None
+        self.seen = 0  # new images with a global descriptor
+        self.without: str | None = None  # the first new image without one
+        # An index of images without global descriptors stays without them.
+        self.wanted = not (index.num_images and index.global_descriptors is None)
+
+    def add(self, key: str, descriptor: np.ndarray | None) -> None:
+        old = self.index.global_descriptors
+        if descriptor is None:
+            if old is not None:
+                raise IndexFormatError(
+                    f"{self.store.path(key)}: no global descriptor, but the index at "
+                    f"{self.index.path or 'index'} ranks by global descriptors; append "
+                    "features of the same (DELG) model"
+                )
+            self.without = self.without or key
+            if self.writer is not None:
+                self.writer.abort()
+                self.writer = None
+            return
+        self.seen += 1
+        if not self.wanted or self.without is not None:
+            return
+        if self.writer is None:
+            dim = old.shape[1] if old is not None else len(descriptor)
+            self.writer = RowWriter(self.scratch / f"{GLOBAL_ARRAY}.npy", np.float32, (dim,))
+            if old is not None:
+                self.writer.extend(old)
+        if len(descriptor) != self.writer.row_shape[0]:
+            raise IndexFormatError(
+                f"{self.store.root}: {len(descriptor)}-D global descriptors, the index has "
+                f"{self.writer.row_shape[0]}-D"
+            )
+        self.writer.append(np.asarray(descriptor, np.float32)[None])
+
+    def close(self) -> np.ndarray | None:
+        if not self.wanted:
+            if self.seen:
+                logging.info(
+                    "%s: global descriptors not indexed (the index's images have none)",
+                    self.store.root,
+                )
+            return None
+        if self.without is not None:
+            if self.seen:
+                logging.warning(
+                    "%s: some images have no global descriptor (e.g. %s): global "
+                    "descriptors not indexed",
+                    self.store.root,
+                    self.without,
+                )
+            return None
+        return self.writer.close() if self.writer is not None else None
 
 
 def _saved_structures(path: Path) -> dict[str, SearchStructure]:

@@ -121,6 +121,31 @@ def test_killed_at_sampled_crash_points_then_rerun(name, tmp_path):
     assert name in MAY_MOVE or result["moved"] == 0, result["results"]
 
 
+def test_ondisk_index_killed_between_shards_and_when_publishing_then_rerun(tmp_path, monkeypatch):
+    """`delf index --backend=ivfpq-ondisk`: killed when publishing its second shard, its
+    merged lists, and the index (the swap); the rerun resumes and holds every row once."""
+    import faiss
+    from crash_harness import SCENARIOS, sweep
+
+    def points(calls):
+        renames = [call for call in calls if call.syscall.startswith("rename")]
+        published = ('shard_00001.faiss") = 0', 'neighbors.faiss") = 0')
+        return [call for call in renames if call.args.endswith(published)] + renames[-1:]
+
+    # FAISS's OpenMP k-means on 2 busy cores: ~10x slower with 2 threads than with 1.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the traced runs
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # the in-process reruns
+    try:
+        scenario = SCENARIOS["index-ondisk"]()
+        result = sweep(scenario, tmp_path, choose=points, rerun=in_process(scenario))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert result["run"] == 3 and result["killed"] == 3 and result["moved"] == 0, result
+    states = [point["state"] for point in result["results"]]
+    assert states == ["previous", "previous", "previous"], states
+
+
 @pytest.mark.parametrize("name", list(FIXED))
 def test_tensorflow_commands_killed_when_publishing_then_rerun(name, tmp_path):
     from crash_harness import SCENARIOS, sweep

@@ -135,3 +135,46 @@ def test_match_draws_a_picture(folders, capsys, fast):
     assert Image.open(output).mode == "RGB"
     assert main(["delf", "match", f"--image1={folders / 'broken.jpg'}", *args[1:]]) == 1
     assert "broken.jpg" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def one_faiss_thread():
+    """FAISS's OpenMP k-means on 2 busy cores is ~10x slower with 2 threads than with 1."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def test_index_with_the_ondisk_backend_then_search(
+    folders, extractor, capsys, fast, one_faiss_thread
+):
+    """`delf index --backend=ivfpq-ondisk` (in shards) then `delf search` through it."""
+    from delf_tf.features import FeatureStore, LocalFeatures
+
+    root = folders
+    store = root / "features1"
+    extract_to_store(extractor, root / "photos1", store, False)
+    # Unrelated images, so that the 8-bit codes have >= 256 descriptors to train on.
+    opened = FeatureStore.open(store)
+    rng = np.random.default_rng(0)
+    dim = opened.load("astronaut.png").dim
+    for number in range(6):
+        rows = rng.normal(size=(100, dim)).astype(np.float32)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        ones = np.ones(100, np.float32)
+        opened.save(
+            f"filler{number}.png", LocalFeatures(rng.uniform(0, 128, (100, 2)), ones, ones, rows)
+        )
+    index = root / "index"
+    command = ["delf", "index", f"--features={store}", f"--output_dir={index}"]
+    assert main([*command, "--backend=ivfpq-ondisk", "--shard_rows=200", "--norecall"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["structures"]["neighbors"]["backend"] == "ivfpq-ondisk"
+    assert (index / "neighbors.ivfdata").is_file() and not (root / "index.build").exists()
+    search = ["delf", "search", f"--index={index}", f"--images={root / 'query.png'}", *fast]
+    assert main([*search, "--top_k=2"]) == 0
+    payload = json.loads(capsys.readouterr().out)  # nothing of FAISS's on stdout
+    assert payload["results"][0]["key"] == "astronaut.png"

@@ -11,7 +11,6 @@ from delf_tf.features import FeatureStore, LocalFeatures
 from delf_tf.matching.ransac import apply_transform
 from delf_tf.retrieval import FingerprintMismatchError, Index, IndexFormatError, Searcher
 from delf_tf.retrieval import index as index_module
-from delf_tf.retrieval.structures import base as structures_base
 
 DIM = 16
 AFFINE = np.array([[0.7, -0.3, 30.0], [0.25, 0.75, 10.0], [0.0, 0.0, 1.0]])
@@ -89,20 +88,24 @@ def test_save_killed_midway_leaves_previous_index_loadable(tmp_path, monkeypatch
     old = Index.from_store(make_store(tmp_path / "s1", ["a", "b"], seed=0), progress=False)
     old.save(path)
     new, _ = Index.load(path).add_store(make_store(tmp_path / "s2", ["c"], seed=1), progress=False)
-    write = structures_base.write_array
+    # add_store streamed the new arrays into files of a scratch folder beside the index;
+    # save hard-links them into the staging folder: die at the third.
+    link = index_module.link_or_copy
     calls = []
 
-    def dies_on_third_array(target, array):
+    def dies_on_third_array(source, target):
         calls.append(target)
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
-        write(target, array)
+        link(source, target)
 
-    monkeypatch.setattr(structures_base, "write_array", dies_on_third_array)
+    monkeypatch.setattr(index_module, "link_or_copy", dies_on_third_array)
     with pytest.raises(KeyboardInterrupt):
         new.save(path)
     assert len(calls) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "s1", "s2"]  # no debris
+    scratch = new._scratch.name  # the new index's own arrays, removed by its save
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != scratch)
+    assert names == ["index", "s1", "s2"]  # no debris
     assert_same(old, Index.load(path))
     # A crash between the two renames of the directory swap (the writer, a process that
     # is gone now, had renamed the index to its backup name): the backup is restored.
@@ -115,9 +118,10 @@ def test_save_killed_midway_leaves_previous_index_loadable(tmp_path, monkeypatch
     backup = f".index.{atomic._HOST}-{int(dead.stdout)}-0123abcd{atomic.BACKUP_SUFFIX}"
     path.rename(tmp_path / backup)
     assert_same(old, Index.load(path))
-    monkeypatch.setattr(structures_base, "write_array", write)
+    monkeypatch.setattr(index_module, "link_or_copy", link)
     new.save(path)
     assert Index.load(path).num_images == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "s1", "s2"]
 
 
 def test_corrupt_index_errors_name_the_file(tmp_path):

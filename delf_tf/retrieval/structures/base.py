@@ -38,6 +38,7 @@ import numpy as np
 
 from delf_tf.atomic import write_staged
 from delf_tf.errors import InputError
+from delf_tf.matching.ondisk import SHARD_ROWS
 from delf_tf.retrieval.global_ranking import IVF_MIN_IMAGES
 
 if TYPE_CHECKING:
@@ -90,6 +91,10 @@ class BuildOptions:
       keeps the index's). milvus_prefix: its collections' name prefix (None: the
       index's, or a random one). stores: {store id: location} of the feature stores
       the index reads, recorded for the search workers (`structures.milvus`).
+    work_dir: a folder for the state of resumable builds (backend "ivfpq-ondisk": its
+      trained file and shards), kept across a kill so that a rerun resumes; None: a
+      folder beside the index, or the system's temporary folder.
+    shard_rows: descriptors per shard of the "ivfpq-ondisk" build.
     """
 
     backend: str | None = None
@@ -100,6 +105,8 @@ class BuildOptions:
     milvus_uri: str | None = None
     milvus_prefix: str | None = None
     stores: dict[str, str] | None = None
+    work_dir: str | None = None
+    shard_rows: int = SHARD_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +233,11 @@ class SearchStructure(abc.ABC):
     def retired(self) -> None:
         """Called after the swap for a previous generation's external structure that the
         new index no longer has: its location is dropped."""
+        return None
+
+    def saved(self) -> None:
+        """Called once the directory swap made this structure's files current: what a
+        build kept outside the index (a resumable build's folder) can go."""
         return None
 
 

@@ -4,7 +4,13 @@ Exact back ends need no file: "flat" scans the (memory-mapped) descriptors.npy,
 "kdtree"/"brute" are built on load (they cannot be saved without pickle). IVF-PQ
 ("ivfpq", "ivfpq-hnsw") is trained once, saved, read with FAISS IO_FLAG_MMAP |
 IO_FLAG_READ_ONLY, and grown without retraining until the index holds
-RETRAIN_GROWTH times the descriptors it was trained on.
+RETRAIN_GROWTH times the descriptors it was trained on. "ivfpq-ondisk" (8-bit
+IVF-PQ whose inverted lists stay on disk: `neighbors.faiss` + `neighbors.ivfdata`,
+`delf_tf.matching.ondisk`) is built in shards of `BuildOptions.shard_rows` in a
+folder under `BuildOptions.work_dir` named after a digest of the rows and parameters
+(a killed build resumes there), and linked into the index on save; `--append` keeps
+its training and merges its lists with shards of the new rows only (until
+RETRAIN_GROWTH).
 
 A query's descriptors vote: each database image gets at most one vote per query
 descriptor (its nearest descriptor within the bound), images ranked by votes.
@@ -12,11 +18,18 @@ descriptor (its nearest descriptor within the bound), images ranked by votes.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from delf_tf.atomic import link_or_copy
 from delf_tf.config import NEIGHBOR_BACKENDS
 from delf_tf.errors import InputError
 from delf_tf.matching.neighbors import (
@@ -31,6 +44,7 @@ from delf_tf.matching.neighbors import (
     ivfpq_parameters,
     sampled_recall,
 )
+from delf_tf.matching.ondisk import OnDiskIvfPqNeighbors, build_ondisk, ondisk_parameters
 from delf_tf.retrieval.structures import base
 from delf_tf.retrieval.structures.base import (
     BuildOptions,
@@ -45,6 +59,9 @@ if TYPE_CHECKING:
     from delf_tf.features.local_features import LocalFeatures
 
 NEIGHBORS_FILE = "neighbors.faiss"
+ONDISK = "ivfpq-ondisk"
+# Rows of the descriptors read for the digest that names an on-disk build's folder.
+DIGEST_ROWS = 4096
 # An IVF-PQ structure is grown without retraining until the index holds this many
 # times the descriptors it was trained on; then its cells are too coarse (the
 # derived nlist would have doubled twice) and it is retrained.
@@ -77,9 +94,18 @@ class VotesStructure(SearchStructure):
             base.count(header, "trained_on_descriptors", where)
             base.relative_name(header.get("file"), f"{where}.file")
             base.parameters(IvfPqParameters, header, where)
+        if backend == ONDISK:
+            base.relative_name(header.get("data"), f"{where}.data")
+            if Path(header["data"]).name != Path(header["file"]).with_suffix(".ivfdata").name:
+                raise IndexFormatError(f"{where}.data: expected the lists beside {header['file']}")
 
     def files(self) -> list[str]:
-        return [self.header["file"]] if "file" in self.header else []
+        return [self.header[key] for key in ("file", "data") if key in self.header]
+
+    def copy(self) -> VotesStructure:
+        copied = super().copy()
+        copied._build = getattr(self, "_build", None)
+        return copied
 
     # --- building ---------------------------------------------------------------------
 
@@ -115,6 +141,8 @@ class VotesStructure(SearchStructure):
         if kind not in PERSISTED_BACKENDS:
             # Exact back ends: flat scans descriptors.npy; kdtree/brute are built on load.
             return cls(header, None, fresh=True), "built" if current is None else "kept"
+        if kind == ONDISK:
+            return cls._built_ondisk(collection, header, options, notes, current)
         action, structure = None, None
         if current is not None and current.header.get("backend") == kind:
             trained_on = int(current.header.get("trained_on_descriptors", 0))
@@ -170,6 +198,93 @@ class VotesStructure(SearchStructure):
             )
         return cls(header, structure, fresh=True), action
 
+    @classmethod
+    def _built_ondisk(
+        cls,
+        collection: Collection,
+        header: dict[str, Any],
+        options: BuildOptions,
+        notes: list[str],
+        current: VotesStructure | None,
+    ) -> tuple[VotesStructure, str]:
+        """The on-disk IVF-PQ structure: kept, extended (the previous lists merged with
+        shards of the new rows) or built, in a resumable build folder."""
+        count = header["num_descriptors"]
+        previous, base_file = current.header if current is not None else {}, None
+        if previous.get("backend") == ONDISK:
+            trained_on = int(previous["trained_on_descriptors"])
+            if count == previous.get("num_descriptors"):
+                return current, "kept"
+            if count <= RETRAIN_GROWTH * trained_on:
+                base_file = _source(collection, previous["file"], cls.name)
+                parameters = IvfPqParameters.from_dict(previous["parameters"])
+                header["trained_on_descriptors"] = trained_on
+            else:
+                notes.append(
+                    f"retraining the {ONDISK} structure: the index grew from {trained_on} to "
+                    f"{count} descriptors (more than {RETRAIN_GROWTH:g}x)"
+                )
+        elif previous.get("backend") in PERSISTED_BACKENDS:
+            notes.append(f"retraining: the k-NN structure changes from {previous['backend']}")
+        if base_file is None:
+            if count < PQ_CENTROIDS:
+                raise InputError(
+                    f"--backend={ONDISK}: {count} descriptors, its 8-bit codes are trained on "
+                    f"at least {PQ_CENTROIDS}; use --backend=flat (exact) for so few"
+                )
+            parameters = ondisk_parameters(count, collection.dim)
+            header["trained_on_descriptors"] = count
+        folder = _build_folder(collection, header, parameters, options, base_file)
+        start = time.perf_counter()
+        try:
+            structure, timings = build_ondisk(
+                collection.descriptors,
+                parameters,
+                folder,
+                options.shard_rows,
+                name=Path(NEIGHBORS_FILE).stem,
+                base=base_file,
+            )
+        except RuntimeError as error:  # FAISS: a damaged previous structure, a full disk
+            detail = " ".join(str(error).split())[:300]
+            raise IndexFormatError(f"{folder}: the {ONDISK} build failed ({detail})") from error
+        header["file"] = NEIGHBORS_FILE
+        header["data"] = str(Path(NEIGHBORS_FILE).with_suffix(".ivfdata"))
+        header["parameters"] = parameters.to_dict()
+        header["shard_rows"] = options.shard_rows
+        header["build_seconds"] = timings
+        disk = structure.disk_bytes(folder / NEIGHBORS_FILE)
+        header["bytes_per_descriptor"] = round(disk / max(count, 1), 1)
+        action = (
+            "extended" if base_file is not None else "built" if current is None else "retrained"
+        )
+        notes.append(
+            f"{ONDISK}: {action} in {round(time.perf_counter() - start, 1)} s (nlist "
+            f"{parameters.nlist}, {parameters.subquantizers}-byte codes, nprobe "
+            f"{parameters.nprobe}, shards of {options.shard_rows} rows in {folder}); "
+            f"{header['bytes_per_descriptor']} B per descriptor on disk"
+        )
+        if options.recall:
+            measured = sampled_recall(structure, collection.descriptors, RECALL_K, RECALL_DISTANCE)
+            header["recall"] = measured
+            notes.append(
+                f"{ONDISK}: sampled recall@{RECALL_K} against exact search "
+                f"{measured['recall_at_k']:.3f} ({measured['samples']} database descriptors)"
+            )
+        built = cls(header, structure, fresh=True)
+        built._build = folder
+        return built, action
+
+    def saved(self) -> None:
+        folder = getattr(self, "_build", None)
+        if folder is not None:  # its files are linked into the index now
+            # The merged .faiss file first: it says the folder is complete.
+            (folder / NEIGHBORS_FILE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                folder.parent.rmdir()  # the work folder, when nothing else is building there
+            self._build = None
+
     def _writable(self, collection: Collection) -> IvfPqNeighbors:
         if self.fresh and self.value is not None:
             return self.value
@@ -182,13 +297,23 @@ class VotesStructure(SearchStructure):
     # --- disk -------------------------------------------------------------------------
 
     def save(self, staging, source) -> None:
-        if self.fresh and "file" in self.header:
+        if self.header.get("backend") == ONDISK:
+            # Fresh: from the build folder; else the index's own files. Hard links: the
+            # lists are as large as the codes (28 B per descriptor) and never change.
+            origin = self._build if self.fresh else source
+            for name in self.files():
+                if origin is None:
+                    raise IndexFormatError(f"the {ONDISK} structure has no files to save")
+                where = f"{origin}: structures.{self.name}"
+                link_or_copy(base.confined(origin, name, where), staging / name)
+        elif self.fresh and "file" in self.header:
             base.write_faiss(staging / self.header["file"], self.value._index)
         elif not self.fresh:
             super().save(staging, source)
 
     def load(self, collection: Collection, mmap: bool = True) -> NeighborIndex:
         """IVF-PQ read with IO_FLAG_MMAP | IO_FLAG_READ_ONLY (fully when mmap=False);
+        "ivfpq-ondisk" with its lists on disk whatever `mmap` says (IO_FLAG_ONDISK_SAME_DIR);
         "flat" scans the descriptors; "kdtree"/"brute" are built here."""
         header = self.header
         kind = header["backend"]
@@ -198,6 +323,18 @@ class VotesStructure(SearchStructure):
                 f"{header.get('num_descriptors')} descriptors, the index has "
                 f"{collection.num_descriptors}"
             )
+        if kind == ONDISK:
+            file = _source(collection, header["file"], self.name)
+            parameters = IvfPqParameters.from_dict(header["parameters"])
+            try:
+                return OnDiskIvfPqNeighbors.load(file, collection.descriptors, parameters)
+            except RuntimeError as error:
+                detail = " ".join(str(error).split())[:300] or "unreadable"
+                raise IndexFormatError(
+                    f"{file}: unreadable {ONDISK} structure ({detail})"
+                ) from error
+            except InputError as error:
+                raise IndexFormatError(str(error)) from error
         if kind in PERSISTED_BACKENDS:
             file = _source(collection, header["file"], self.name)
             index = base.read_faiss(file, writable=not mmap)
@@ -277,6 +414,47 @@ def _damaged(collection: Collection, detail: Any) -> IndexFormatError:
         f"the index ({detail}; it has {collection.num_descriptors}): {NEIGHBORS_FILE} is "
         "damaged; rebuild it with `delf index`"
     )
+
+
+def _build_folder(
+    collection: Collection,
+    header: dict[str, Any],
+    parameters: IvfPqParameters,
+    options: BuildOptions,
+    base_file: Path | None,
+) -> Path:
+    """The folder of an on-disk build, under `options.work_dir`: named after a digest
+    of what decides its files (fingerprint, shape, offsets, a sample of rows, the
+    parameters, the shard size, the structure extended), so that a rerun over the
+    same collection resumes there and any other collection starts afresh. The work
+    folder is one per index (`delf index`: `<index>.build` beside it): other build
+    folders there (of a collection that is no more) are removed; in the shared
+    default (the system's temporary folder) they are left alone."""
+    digest = hashlib.sha256()
+    count = collection.num_descriptors
+    describe = {
+        "fingerprint": collection.fingerprint,
+        "shape": [count, collection.dim],
+        "parameters": parameters.to_dict(),
+        "shard_rows": options.shard_rows,
+        "base": None if base_file is None else [str(base_file), base_file.stat().st_size],
+    }
+    digest.update(json.dumps(describe, sort_keys=True).encode("utf-8"))
+    digest.update(np.asarray(collection.offsets, np.int64).tobytes())
+    rows = np.unique(np.linspace(0, max(count - 1, 0), min(count, DIGEST_ROWS)).astype(np.int64))
+    digest.update(np.ascontiguousarray(collection.descriptors[rows], np.float32).tobytes())
+    if options.work_dir is not None:
+        work = Path(options.work_dir)
+    elif collection.path is not None:
+        work = collection.path.parent / f"{collection.path.name}.build"
+    else:
+        work = Path(tempfile.gettempdir()) / "delf-build"
+    folder = work / f"{ONDISK}-{digest.hexdigest()[:16]}"
+    if work.is_dir() and (options.work_dir is not None or collection.path is not None):
+        for other in work.glob(f"{ONDISK}-*"):
+            if other != folder:
+                shutil.rmtree(other, ignore_errors=True)
+    return folder
 
 
 def _source(collection: Collection, name: str, structure: str):
