@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -201,15 +202,32 @@ def test_generations_append_and_refusals(tmp_path, uri):
     assert ours() == set()
 
 
-def test_lite_file_is_one_process_at_a_time(uri, collection):
-    """Milvus Lite locks its file: a second process (a service beside `delf index
-    --append`) cannot open it while this one holds it (docs/scale.md)."""
-    code = (
-        "import sys\nfrom milvus_lite import MilvusLite, DataDirLockedError\n"
-        "try:\n    MilvusLite(sys.argv[1])\nexcept DataDirLockedError:\n    sys.exit(7)\n"
+def test_lite_file_is_one_process_at_a_time(tmp_path, uri):
+    """Milvus Lite locks its file: while this process holds it (as a running `delf serve
+    --index` does), `delf index --append` in another process is refused in one line naming
+    the file, and the index is left as it was (docs/scale.md)."""
+    from pathlib import Path
+
+    store = write_store(tmp_path / "s1", ["a.jpg"], seed=8)
+    write_store(tmp_path / "s2", ["b.jpg"], seed=9)
+    index = Index.from_store(store, progress=False)
+    index.build_structures(backend="milvus", milvus_uri=uri, recall=False)
+    index.save(tmp_path / "index")
+    before = (tmp_path / "index" / "index.json").read_bytes()
+    found = subprocess.run(
+        [sys.executable, "-m", "delf_tf.cli", "index", f"--features={tmp_path / 's2'}"]
+        + [f"--output_dir={tmp_path / 'index'}", "--append"],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    found = subprocess.run([sys.executable, "-c", code, milvus.location(uri)], timeout=120)
-    assert found.returncode == 7
+    assert found.returncode == 1, found.stderr
+    assert "Traceback" not in found.stderr, found.stderr
+    last = found.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"delf index: error: {milvus.location(uri)}: "), last
+    assert "in use by another process" in last
+    assert (tmp_path / "index" / "index.json").read_bytes() == before
 
 
 def test_delf_index_and_search_with_milvus(tmp_path, uri, capsys):

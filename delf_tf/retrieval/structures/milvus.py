@@ -84,6 +84,9 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
+# Why Milvus Lite failed to open a file, by absolute path: its server manager logs the
+# exception (a traceback) and pymilvus then raises a bare "Open local milvus failed".
+_lite_failures: dict[str, BaseException] = {}
 
 
 def location(uri: str) -> str:
@@ -112,18 +115,20 @@ def client(uri: str) -> Any:
             ) from error
         if _is_lite(uri):
             _quiet_lite()
+        _lite_failures.pop(os.path.abspath(uri), None)
         try:
             found = MilvusClient(uri)
         except Exception as error:  # pymilvus raises its own family, and OSError
-            hint = (
-                "; Milvus Lite serves one process at a time: is another delf command or a "
-                "search service using this file? (a Milvus server takes many)"
-                if _is_lite(uri)
-                else ""
-            )
-            raise IndexFormatError(
-                f"{uri}: cannot open Milvus ({_one_line(error)}){hint}"
-            ) from error
+            cause = _lite_failures.pop(os.path.abspath(uri), None) if _is_lite(uri) else None
+            if cause is not None and type(cause).__name__ == "DataDirLockedError":
+                raise InputError(
+                    f"{uri}: this Milvus Lite file is in use by another process (a running "
+                    "`delf serve --index`, `delf index` or `delf search`): Milvus Lite opens "
+                    "a file in one process at a time; stop that process first, or use a "
+                    "Milvus server (--milvus_uri=http://HOST:19530) to search while indexing"
+                ) from error
+            detail = _one_line(cause) if cause is not None else _one_line(error)
+            raise IndexFormatError(f"{uri}: cannot open Milvus ({detail})") from error
         _clients[uri] = found
         return found
 
@@ -147,10 +152,22 @@ def _quiet_lite() -> None:
     from delf_tf.tf_runtime import VERBOSE_ENV, quiet_library_loggers
 
     quiet_library_loggers()
+    manager = logging_module.getLogger("milvus_lite.server_manager")
+    if _start_failure not in manager.filters:
+        manager.addFilter(_start_failure)
     if os.environ.get(VERBOSE_ENV) != "1":
         server = logging_module.getLogger("grpc._server")
         if _not_unimplemented not in server.filters:
             server.addFilter(_not_unimplemented)
+
+
+def _start_failure(record) -> bool:
+    """Keeps the exception of Lite's "Failed to start MilvusLite server for PATH" record
+    for `client`'s one-line error, instead of its traceback on stderr."""
+    if record.exc_info and "Failed to start" in str(record.msg) and record.args:
+        _lite_failures[str(record.args[0])] = record.exc_info[1]
+        return False
+    return True
 
 
 def _not_unimplemented(record) -> bool:
