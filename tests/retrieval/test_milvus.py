@@ -230,6 +230,30 @@ def test_generations_append_and_refusals(tmp_path, uri, monkeypatch):
     assert ours() == set()
 
 
+def test_index_without_partitions_searches_the_collection_and_appends_by_copy(tmp_path, uri):
+    """An index.json written before partitions (no "partitions"): its searches cover the
+    whole collection, and its first append copies into new collections of one partition
+    (a partition added there would reach readers that search every partition)."""
+    store = write_store(tmp_path / "s1", ["a.jpg", "b.jpg"], seed=10)
+    more = write_store(tmp_path / "s2", ["c.jpg"], seed=11)
+    index = Index.from_store(store, progress=False)
+    index.build_structures(backend="milvus", milvus_uri=uri, recall=False)
+    index.save(tmp_path / "index")
+    header = json.loads((tmp_path / "index" / "index.json").read_text())
+    for structure in header["structures"].values():
+        del structure["partitions"]
+    (tmp_path / "index" / "index.json").write_text(json.dumps(header))
+    old = Index.load(tmp_path / "index")
+    assert old.neighbors().partitions is None
+    query = store.load("b.jpg")
+    assert Searcher(old, RetrievalConfig(ranking="global")).initial(query).ids[0] == 1
+    grown, _ = Index.load(tmp_path / "index").add_store(more, progress=False)
+    grown.build_structures(recall=False)
+    for name, structure in grown.structures.items():
+        assert structure["partitions"] == ["_default"], name
+        assert structure["collection"] != header["structures"][name]["collection"]
+
+
 def test_lite_file_is_one_process_at_a_time(tmp_path, uri):
     """Milvus Lite locks its file: while this process holds it (as a running `delf serve
     --index` does), `delf index --append` in another process is refused in one line naming
