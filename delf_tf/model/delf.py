@@ -17,6 +17,7 @@ from delf_tf.model.backbone import (
     load_backbone_weights,
     preprocess_images,
 )
+from delf_tf.model.weight_decay import apply_weight_decay
 
 
 @keras.saving.register_keras_serializable(package="delf_tf")
@@ -81,20 +82,8 @@ class DelfModel(keras.Model):
         for head in (self.descriptor_classifier, self.attention_classifier):
             if head is not None:
                 head.build((None, self.feature_depth))
-        if self.config.weight_decay > 0:
-            decay = keras.regularizers.L2(self.config.weight_decay)
-            for variable in self._decayed_kernels():
-                variable.regularizer = decay
+        apply_weight_decay(self, self.config.weight_decay)
         self.built = True
-
-    def _decayed_kernels(self):
-        """Conv and dense kernels (not biases, not batch-norm parameters)."""
-        kernels = []
-        for layer in self._flatten_layers(include_self=False):
-            kernel = getattr(layer, "kernel", None)
-            if isinstance(layer, (layers.Conv2D, layers.Dense)) and kernel is not None:
-                kernels.append(kernel)
-        return kernels
 
     def features_and_attention(self, images, training=False, attention_stop_gradient=True):
         """RGB float [B, H, W, 3] -> (features [B, h, w, D], attention [B, h, w, 1])."""

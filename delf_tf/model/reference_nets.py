@@ -30,6 +30,7 @@ import keras
 from keras import layers, ops
 
 from delf_tf.config import ModelConfig
+from delf_tf.model.weight_decay import apply_weight_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +282,7 @@ class ReferenceModel(keras.Model):
         return int(self.network.outputs[2].shape[-1]) if self.has_global else None
 
     def build(self, input_shape):
+        apply_weight_decay(self, self.config.weight_decay)
         self.built = True
 
     def block3_model(self) -> keras.Model:

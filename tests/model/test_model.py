@@ -98,6 +98,34 @@ def test_weight_decay_reaches_the_losses(backbone, backbone_convs):
     assert undecayed.losses == []
 
 
+@pytest.mark.parametrize(
+    "architecture, convs, dense",
+    [
+        # conv1, 4 units x 3 convs, 3 projection shortcuts, the attention's 2 convs.
+        ("resnet_v1_50", 1 + 12 + 3 + 2, 0),
+        # conv1, 5 blocks x 3 convs, 4 projection shortcuts, autoencoder 2, attention 2;
+        # the global head's Dense.
+        ("delg_resnet50", 1 + 15 + 4 + 2 + 2, 1),
+    ],
+)
+def test_weight_decay_reaches_the_losses_of_the_release_architectures(architecture, convs, dense):
+    """--weight_decay decays a ReferenceModel's kernels as it does a DelfModel's."""
+    from delf_tf.model.reference_nets import build_reference_model
+
+    config = ModelConfig(architecture=architecture, backbone="tiny", weight_decay=1e-3)
+    model = build_reference_model(config, seed=0)
+    layers_ = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if type(layer).__name__ in ("Conv2D", "Dense")
+    ]
+    assert len(layers_) == convs + dense
+    expected = 1e-3 * sum(float(np.sum(np.square(layer.kernel.numpy()))) for layer in layers_)
+    assert len(model.losses) == convs + dense
+    assert float(sum(model.losses)) == pytest.approx(expected, rel=1e-4)
+    assert build_reference_model(config.replace(weight_decay=0.0), seed=0).losses == []
+
+
 def test_get_config_is_complete():
     config = TINY_MODEL.replace(num_classes=4, feature_depth=24)
     model = build_delf_model(config, seed=0)

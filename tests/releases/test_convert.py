@@ -104,14 +104,26 @@ def test_converted_release_reproduces_its_graph_at_the_release_preset(
     assert parity["keypoints"] >= 0.99 and parity["descriptor_cosine"] >= 0.9999
     if kind == "delg":
         assert parity["global_cosine"] >= 0.9999 and ours.descriptors.shape[1] == 128
-        # A converted release runs in bfloat16 too (a Keras model), close to float32.
-        bf16 = build_extractor(model=path, preset=name, overrides={"precision": "bfloat16"})
-        reduced = bf16.extract(photo, scales=(1.0,))
-        full = keras_model.extract(photo, scales=(1.0,))
-        assert len(reduced) > 0 and feature_parity(reduced, full)["keypoints"] >= 0.5
     else:
         assert parity["global_cosine"] is None and ours.descriptors.shape[1] == 40  # the PCA
     assert keras_model.describe()["model_config"]["architecture"] == summary["architecture"]
+
+    # --precision=bfloat16: the converted network computes in bfloat16 (float32
+    # variables) and stays close to float32 (measured here: keypoints 0.976 / 0.998,
+    # descriptor cosine >= 0.99990, global 0.999994; full size in bench/README.md).
+    bf16 = build_extractor(model=path, preset=name, pca=pca, overrides={"precision": "bfloat16"})
+    assert bf16.config == keras_model.config.replace(precision="bfloat16")
+    network = bf16.module.network.network
+    convs = [layer for layer in network.layers if type(layer).__name__ == "Conv2D"]
+    assert {layer.compute_dtype for layer in convs} == {"bfloat16"}
+    assert {w.dtype for layer in convs for w in layer.weights} == {"float32"}
+    reduced = bf16.extract(photo)
+    close = feature_parity(reduced, ours)
+    assert close["keypoints"] >= 0.95 and close["descriptor_cosine"] >= 0.9995, close
+    if kind == "delg":
+        assert close["global_cosine"] >= 0.9999, close
+    # Not float32 under another name: the descriptors differ beyond float32 rounding.
+    assert close["descriptor_cosine"] < 1.0 - 1e-6, close
 
 
 @pytest.mark.parametrize(

@@ -404,6 +404,7 @@ def test_resnet_v1_50_trains_with_a_descriptor_classifier(image_folder, tmp_path
     result = train(config, model)
     descriptor = losses(result.history, "loss/descriptor")
     assert "loss/reconstruction" not in result.history[0]  # no autoencoder
+    assert result.history[0]["loss/regularization"] > 0  # --weight_decay reaches the loss
     assert np.all(np.isfinite(losses(result.history, "loss/attention")))
     assert descriptor[-2:].mean() < descriptor[0], descriptor
 
