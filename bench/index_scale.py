@@ -117,6 +117,8 @@ flags.DEFINE_integer(
     "shard_rows", 10_000_000, "votes-ivfpq-ondisk: descriptors per shard of the streaming build"
 )
 
+# The FAISS rows a Milvus row's top-1 is compared with (the first one present).
+FAISS_TWIN = {"votes-milvus": ("votes-exact", "votes-ivfpq"), "global-milvus": ("global",)}
 AFFINE = np.array([[0.8, -0.2, 40.0], [0.15, 0.85, -10.0], [0.0, 0.0, 1.0]])
 CHUNK = 1_000_000
 
@@ -406,6 +408,20 @@ def compare(rows: list[dict]) -> None:
             if exact["recall_at_1"]
             else None,
         }
+    for row in rows:  # a Milvus row beside the FAISS row of its ranking, same queries
+        twin = FAISS_TWIN.get(row["ranking"])
+        faiss_row = (
+            next((other for other in rows if other["ranking"] in twin), None) if twin else None
+        )
+        if faiss_row is not None:
+            shared = min(len(row["_top1"]), len(faiss_row["_top1"]))
+            row["top1_agreement_with_faiss"] = {
+                "row": faiss_row["ranking"],
+                "agreement": round(
+                    float(np.mean(np.equal(row["_top1"][:shared], faiss_row["_top1"][:shared]))), 3
+                ),
+                "queries": shared,
+            }
     for row in rows:
         row.pop("_top1")
 

@@ -452,8 +452,9 @@ class IndexScenario(Scenario):
 
 class MilvusIndexScenario(IndexScenario):
     """`delf index --append` of an index whose rankings live in Milvus Lite (a .db folder
-    beside it): after a kill, index.json names complete collections; after the rerun,
-    exactly the collections it names are left (the killed run's are dropped)."""
+    beside it): after a kill, index.json names complete collections and partitions (an
+    append adds a partition to the same collection); after the rerun, exactly the
+    collections and partitions it names are left (the killed run's are dropped)."""
 
     def __init__(self):
         super().__init__(append=True)
@@ -511,6 +512,9 @@ class MilvusIndexScenario(IndexScenario):
                     if name.startswith(prefix)
                 }
                 assert found == named, f"collections {sorted(found)}, index.json names {named}"
+                for header in index.structures.values():  # an append adds a partition
+                    there = set(milvus.client(uri).list_partitions(header["collection"]))
+                    assert there == set(header["partitions"]), (there, header["partitions"])
             return top
         finally:
             milvus.release(uri)

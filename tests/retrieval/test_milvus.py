@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -154,9 +155,12 @@ def test_shortlist_features_come_from_the_store_through_gfile(collection, tmp_pa
         served.search(query)
 
 
-def test_generations_append_and_refusals(tmp_path, uri):
-    """Each save names a new collection and drops the previous one; a collection of
-    another model's features is refused."""
+def test_generations_append_and_refusals(tmp_path, uri, monkeypatch):
+    """An append adds a partition of the new rows to the same collection (no copy); a
+    reader of the previous generation keeps its rows; a killed writer's partition and
+    collection are dropped after the next swap; past MAX_PARTITIONS the rows move to a
+    new collection and old readers must load again; another model's collection is
+    refused."""
     store = write_store(tmp_path / "store1", ["a.jpg", "b.jpg"], seed=1)
     more = write_store(tmp_path / "store2", ["c.jpg"], seed=2)
     index = Index.from_store(store, progress=False)
@@ -170,17 +174,42 @@ def test_generations_append_and_refusals(tmp_path, uri):
 
     assert ours() == first
     reader = Searcher(Index.load(tmp_path / "index"), RetrievalConfig(ranking="votes"))
+    query = more.load("c.jpg")
+    before = reader.initial(query)
     grown, added = Index.load(tmp_path / "index").add_store(more, progress=False)
     assert added == 1
     report = grown.build_structures(recall=False)  # backend kept: milvus
     assert report["neighbors"]["action"] == "extended"
-    second = {h["collection"] for h in grown.structures.values()}
-    orphan = "delf_gen_local_deadbeef"  # what a killed writer leaves
+    local = grown.structures["neighbors"]
+    assert local["collection"] in first and len(local["partitions"]) == 2
+    assert client.get_partition_stats(local["collection"], local["partitions"][1]) == {
+        "row_count": PER_IMAGE
+    }
+    orphan = "delf_gen_local_deadbeef"  # what a killed writer leaves: a collection ...
     client.create_collection(orphan, dimension=DIM)
+    client.create_partition(local["collection"], "p_killed")  # ... and a partition
+    # Not yet published: the reader of the previous generation sees only its rows.
+    assert reader.initial(query).ids.tolist() == before.ids.tolist()
     grown.save(tmp_path / "index")
-    assert ours() == second and not second & first
+    assert ours() == first
+    assert set(client.list_partitions(local["collection"])) == set(local["partitions"])
     loaded = Index.load(tmp_path / "index")
     assert len(loaded.neighbors()) == 3 * PER_IMAGE
+    assert Searcher(loaded, RetrievalConfig(ranking="votes")).initial(query).ids[0] == 2
+    assert Searcher(loaded, RetrievalConfig(ranking="global")).initial(query).ids[0] == 2
+    # After the swap too, the previous generation's reader answers from its two images.
+    assert reader.initial(query).ids.tolist() == before.ids.tolist()
+    # Past MAX_PARTITIONS an append copies into a new collection of one partition.
+    monkeypatch.setattr(milvus, "MAX_PARTITIONS", 2)
+    reader = Searcher(loaded, RetrievalConfig(ranking="votes"))
+    third = write_store(tmp_path / "store4", ["e.jpg"], seed=4)
+    grown, added = Index.load(tmp_path / "index").add_store(third, progress=False)
+    grown.build_structures(recall=False)
+    grown.save(tmp_path / "index")
+    second = {h["collection"] for h in grown.structures.values()}
+    assert ours() == second and not second & first
+    assert all(h["partitions"] == ["_default"] for h in grown.structures.values())
+    assert len(Index.load(tmp_path / "index").neighbors()) == 4 * PER_IMAGE
     # A reader of the previous generation: its collection is gone, it must load again.
     with pytest.raises(IndexChangedError, match="load it again"):
         reader.initial(store.load("a.jpg"))
@@ -201,15 +230,56 @@ def test_generations_append_and_refusals(tmp_path, uri):
     assert ours() == set()
 
 
-def test_lite_file_is_one_process_at_a_time(uri, collection):
-    """Milvus Lite locks its file: a second process (a service beside `delf index
-    --append`) cannot open it while this one holds it (docs/scale.md)."""
-    code = (
-        "import sys\nfrom milvus_lite import MilvusLite, DataDirLockedError\n"
-        "try:\n    MilvusLite(sys.argv[1])\nexcept DataDirLockedError:\n    sys.exit(7)\n"
+def test_index_without_partitions_searches_the_collection_and_appends_by_copy(tmp_path, uri):
+    """An index.json written before partitions (no "partitions"): its searches cover the
+    whole collection, and its first append copies into new collections of one partition
+    (a partition added there would reach readers that search every partition)."""
+    store = write_store(tmp_path / "s1", ["a.jpg", "b.jpg"], seed=10)
+    more = write_store(tmp_path / "s2", ["c.jpg"], seed=11)
+    index = Index.from_store(store, progress=False)
+    index.build_structures(backend="milvus", milvus_uri=uri, recall=False)
+    index.save(tmp_path / "index")
+    header = json.loads((tmp_path / "index" / "index.json").read_text())
+    for structure in header["structures"].values():
+        del structure["partitions"]
+    (tmp_path / "index" / "index.json").write_text(json.dumps(header))
+    old = Index.load(tmp_path / "index")
+    assert old.neighbors().partitions is None
+    query = store.load("b.jpg")
+    assert Searcher(old, RetrievalConfig(ranking="global")).initial(query).ids[0] == 1
+    grown, _ = Index.load(tmp_path / "index").add_store(more, progress=False)
+    grown.build_structures(recall=False)
+    for name, structure in grown.structures.items():
+        assert structure["partitions"] == ["_default"], name
+        assert structure["collection"] != header["structures"][name]["collection"]
+
+
+def test_lite_file_is_one_process_at_a_time(tmp_path, uri):
+    """Milvus Lite locks its file: while this process holds it (as a running `delf serve
+    --index` does), `delf index --append` in another process is refused in one line naming
+    the file, and the index is left as it was (docs/scale.md)."""
+    from pathlib import Path
+
+    store = write_store(tmp_path / "s1", ["a.jpg"], seed=8)
+    write_store(tmp_path / "s2", ["b.jpg"], seed=9)
+    index = Index.from_store(store, progress=False)
+    index.build_structures(backend="milvus", milvus_uri=uri, recall=False)
+    index.save(tmp_path / "index")
+    before = (tmp_path / "index" / "index.json").read_bytes()
+    found = subprocess.run(
+        [sys.executable, "-m", "delf_tf.cli", "index", f"--features={tmp_path / 's2'}"]
+        + [f"--output_dir={tmp_path / 'index'}", "--append"],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    found = subprocess.run([sys.executable, "-c", code, milvus.location(uri)], timeout=120)
-    assert found.returncode == 7
+    assert found.returncode == 1, found.stderr
+    assert "Traceback" not in found.stderr, found.stderr
+    last = found.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"delf index: error: {milvus.location(uri)}: "), last
+    assert "in use by another process" in last
+    assert (tmp_path / "index" / "index.json").read_bytes() == before
 
 
 def test_delf_index_and_search_with_milvus(tmp_path, uri, capsys):

@@ -16,15 +16,21 @@ cluster (`http://host:19530`) reached through the same `pymilvus.MilvusClient`.
   global: one row per image: "image" (INT64 primary key), "vector" [G]; metric IP.
 
 The structure is `external`: it owns no file of the index directory; its header
-records "uri", "collection", "prefix", the fingerprint and the stores it read. Every
-save that changes it writes a new collection, `<prefix>_<local|global>_<token>`, and
-names it in the new index.json; after the directory swap (`published`) every other
-collection of the prefix is dropped: the previous generation's, and any a killed
-writer left. A kill at any instant therefore leaves index.json naming a complete
-collection (it was filled and flushed before the swap), and readers of the previous
-generation see `IndexChangedError` once theirs is dropped (they load the index
-again). Appending copies the whole collection into the new one (O(collection) per
-append, as the index's own arrays are; a cluster would add a partition instead).
+records "uri", "collection", "partitions", "prefix", the fingerprint and the stores it
+read. A build fills a new collection, `<prefix>_<local|global>_<token>`, in its
+"_default" partition. An append (`delf index --append`) adds a partition
+`p_<token>` to the same collection holding only the new rows (row and image ids
+continue the old ones), and the new index.json names the old partitions plus it:
+readers search the partitions their index.json names, so a reader of the previous
+generation keeps its exact rows while the append runs and after it. After the
+directory swap (`published`) every collection of the prefix other than the named
+one, and every partition of it that index.json does not name, is dropped: the
+previous generation's collection after a rebuild, and whatever a killed writer left.
+A kill at any instant therefore leaves index.json naming complete partitions (filled
+and flushed before the swap). An append past `MAX_PARTITIONS` partitions, or to
+another URI or prefix, copies every row into a new collection of one partition (as
+a build); readers of the dropped collection see `IndexChangedError` and load the
+index again.
 
 ASMK* stays FAISS-only: its inverted file is keyed by visual word and scores an
 image by a selective kernel over aggregated binary residuals per (image, word);
@@ -78,12 +84,20 @@ MAX_LIMIT = 16_384
 # Images the global ranking asks for (as FAISS's IVF global structure: the exact FAISS
 # ranking returns every image; only the first `shortlist` are verified).
 GLOBAL_CANDIDATES = 1000
+# Partitions of one collection (one per append) before an append copies the rows into
+# a new collection of one partition. Milvus allows 1024 per collection by default; a
+# search names every partition of its generation.
+MAX_PARTITIONS = 64
+DEFAULT_PARTITION = "_default"
 # Database descriptors must be unit-norm within this (IP stands for L2).
 UNIT_TOLERANCE = 1e-3
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
+# Why Milvus Lite failed to open a file, by absolute path: its server manager logs the
+# exception (a traceback) and pymilvus then raises a bare "Open local milvus failed".
+_lite_failures: dict[str, BaseException] = {}
 
 
 def location(uri: str) -> str:
@@ -112,18 +126,20 @@ def client(uri: str) -> Any:
             ) from error
         if _is_lite(uri):
             _quiet_lite()
+        _lite_failures.pop(os.path.abspath(uri), None)
         try:
             found = MilvusClient(uri)
         except Exception as error:  # pymilvus raises its own family, and OSError
-            hint = (
-                "; Milvus Lite serves one process at a time: is another delf command or a "
-                "search service using this file? (a Milvus server takes many)"
-                if _is_lite(uri)
-                else ""
-            )
-            raise IndexFormatError(
-                f"{uri}: cannot open Milvus ({_one_line(error)}){hint}"
-            ) from error
+            cause = _lite_failures.pop(os.path.abspath(uri), None) if _is_lite(uri) else None
+            if cause is not None and type(cause).__name__ == "DataDirLockedError":
+                raise InputError(
+                    f"{uri}: this Milvus Lite file is in use by another process (a running "
+                    "`delf serve --index`, `delf index` or `delf search`): Milvus Lite opens "
+                    "a file in one process at a time; stop that process first, or use a "
+                    "Milvus server (--milvus_uri=http://HOST:19530) to search while indexing"
+                ) from error
+            detail = _one_line(cause) if cause is not None else _one_line(error)
+            raise IndexFormatError(f"{uri}: cannot open Milvus ({detail})") from error
         _clients[uri] = found
         return found
 
@@ -147,10 +163,22 @@ def _quiet_lite() -> None:
     from delf_tf.tf_runtime import VERBOSE_ENV, quiet_library_loggers
 
     quiet_library_loggers()
+    manager = logging_module.getLogger("milvus_lite.server_manager")
+    if _start_failure not in manager.filters:
+        manager.addFilter(_start_failure)
     if os.environ.get(VERBOSE_ENV) != "1":
         server = logging_module.getLogger("grpc._server")
         if _not_unimplemented not in server.filters:
             server.addFilter(_not_unimplemented)
+
+
+def _start_failure(record) -> bool:
+    """Keeps the exception of Lite's "Failed to start MilvusLite server for PATH" record
+    for `client`'s one-line error, instead of its traceback on stderr."""
+    if record.exc_info and "Failed to start" in str(record.msg) and record.args:
+        _lite_failures[str(record.args[0])] = record.exc_info[1]
+        return False
+    return True
 
 
 def _not_unimplemented(record) -> bool:
@@ -175,9 +203,16 @@ class MilvusNeighbors:
     name = BACKEND
     reads_store = True
 
-    def __init__(self, milvus: Any, collection: str, count: int, stores: dict[str, str]):
+    def __init__(
+        self,
+        milvus: Any,
+        collection: str,
+        count: int,
+        stores: dict[str, str],
+        partitions: list[str] | None = None,
+    ):
         self._client, self.collection, self._count = milvus, collection, count
-        self.stores = stores
+        self.stores, self.partitions = stores, partitions
 
     def __len__(self) -> int:
         return self._count
@@ -195,7 +230,7 @@ class MilvusNeighbors:
         norms = np.einsum("ij,ij->i", queries, queries)
         for start in range(0, len(queries), SEARCH_BATCH):
             batch = queries[start : start + SEARCH_BATCH]
-            found = _search(self._client, self.collection, batch, kk, "IP")
+            found = _search(self._client, self.collection, batch, kk, "IP", self.partitions)
             for offset, hits in enumerate(found):
                 size, row = len(hits.ids), start + offset
                 nearest[row, :size] = hits.ids
@@ -209,9 +244,9 @@ class MilvusGlobalRanker:
     kind = BACKEND
     reads_store = True
 
-    def __init__(self, milvus: Any, collection: str, count: int, dim: int, stores):
+    def __init__(self, milvus: Any, collection: str, count: int, dim: int, stores, partitions=None):
         self._client, self.collection, self._count, self.dim = milvus, collection, count, dim
-        self.stores = stores
+        self.stores, self.partitions = stores, partitions
 
     def rank(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(image ids int64 [R], inner products float32 [R]), best first; R <= 1000."""
@@ -223,17 +258,29 @@ class MilvusGlobalRanker:
         if self._count == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         limit = min(self._count, GLOBAL_CANDIDATES)
-        [hits] = _search(self._client, self.collection, query, limit, "IP")
+        [hits] = _search(self._client, self.collection, query, limit, "IP", self.partitions)
         ids = np.asarray(hits.ids, np.int64)
         scores = np.asarray(hits.distances, np.float32)
         order = np.lexsort((ids, -scores))  # ties by image id, as the exact ranking's stable sort
         return ids[order], scores[order]
 
 
-def _search(milvus: Any, collection: str, vectors: np.ndarray, limit: int, metric: str):
+def _search(
+    milvus: Any,
+    collection: str,
+    vectors: np.ndarray,
+    limit: int,
+    metric: str,
+    partitions: list[str] | None,
+):
+    """Milvus search over the partitions of one generation (None: the whole collection)."""
     try:
         return milvus.search(
-            collection, data=vectors, limit=limit, search_params={"metric_type": metric}
+            collection,
+            data=vectors,
+            limit=limit,
+            search_params={"metric_type": metric},
+            partition_names=partitions,
         )
     except Exception as error:
         detail = _one_line(error)
@@ -261,6 +308,13 @@ class _MilvusStructure(SearchStructure):
         for field in ("collection", "prefix"):
             if not (isinstance(header.get(field), str) and _NAME.fullmatch(header[field])):
                 raise IndexFormatError(f"{where}.{field}: expected a Milvus collection name")
+        partitions = header.get("partitions", [DEFAULT_PARTITION])
+        if not (
+            isinstance(partitions, list)
+            and partitions
+            and all(isinstance(name, str) and _NAME.fullmatch(name) for name in partitions)
+        ):
+            raise IndexFormatError(f"{where}.partitions: expected a list of partition names")
         stores = header.get("stores", {})
         if not isinstance(stores, dict) or not all(
             isinstance(key, str) and isinstance(value, str) for key, value in stores.items()
@@ -288,8 +342,63 @@ class _MilvusStructure(SearchStructure):
                 return self, "kept"
             return type(self)({**self.header, "stores": stores}, self.value, True), "kept"
         prefix = options.milvus_prefix or self.header["prefix"]
+        partitions = self.header.get("partitions")
+        if (
+            (uri, prefix) == (self.header["uri"], self.header["prefix"])
+            and self.header.get("fingerprint") == collection.fingerprint
+            and partitions is not None  # older headers search the whole collection
+            and len(partitions) < MAX_PARTITIONS
+            and getattr(collection, self.covers) > self.header[self.covers]
+        ):
+            return self._extended(collection, options, notes), "extended"
         made = self._filled(collection, uri, prefix, options, self.header.get("stores", {}), notes)
         return made, "extended"
+
+    def _extended(self, collection: Collection, options: BuildOptions, notes: list[str]):
+        """This generation's collection with a new partition holding the rows past the
+        previous count (the collection's rows are a prefix of it: appends add at the end)."""
+        header, uri, name = self.header, self.header["uri"], self.header["collection"]
+        milvus = client(uri)
+        partition = f"p_{uuid.uuid4().hex[:12]}"
+        vectors, ids, extra = self._rows(collection)
+        first = int(header[self.covers])
+        try:
+            milvus.create_partition(name, partition)
+            self._insert(milvus, name, vectors, ids, extra, first, partition)
+        except Exception as error:
+            raise IndexFormatError(
+                f"{uri}: writing partition {partition} of Milvus collection {name} failed "
+                f"({_one_line(error)})"
+            ) from error
+        notes.append(
+            f"milvus: {len(vectors) - first} rows into partition {partition} of {name} at {uri}"
+        )
+        made = type(self)(
+            {
+                **header,
+                self.covers: int(len(vectors)),
+                "partitions": [*header["partitions"], partition],
+                "stores": {**header.get("stores", {}), **(options.stores or {})},
+            },
+            None,
+            True,
+        )
+        made.value = made._object(milvus)
+        return made
+
+    @classmethod
+    def _insert(cls, milvus, name, vectors, ids, extra, first: int, partition: str) -> None:
+        """Inserts rows [first, len(vectors)) into `partition` and flushes them."""
+        for start in range(first, len(vectors), INSERT_BATCH):
+            stop = min(start + INSERT_BATCH, len(vectors))
+            block = np.asarray(vectors[start:stop], np.float32)
+            rows = [
+                {cls.key: int(ids[i]), VECTOR: block[i - start]}
+                | ({IMAGE: int(extra[i])} if extra is not None else {})
+                for i in range(start, stop)
+            ]
+            milvus.insert(name, rows, partition_name=partition)
+        milvus.flush(name)  # durable before index.json names it
 
     @classmethod
     def _filled(cls, collection, uri, prefix, options, stores, notes):
@@ -311,16 +420,7 @@ class _MilvusStructure(SearchStructure):
             milvus.alter_collection_properties(
                 name, properties={FINGERPRINT_PROPERTY: collection.fingerprint or ""}
             )
-            for start in range(0, len(vectors), INSERT_BATCH):
-                stop = min(start + INSERT_BATCH, len(vectors))
-                block = np.asarray(vectors[start:stop], np.float32)
-                rows = [
-                    {cls.key: int(ids[i]), VECTOR: block[i - start]}
-                    | ({IMAGE: int(extra[i])} if extra is not None else {})
-                    for i in range(start, stop)
-                ]
-                milvus.insert(name, rows)
-            milvus.flush(name)  # durable before index.json names it
+            cls._insert(milvus, name, vectors, ids, extra, 0, DEFAULT_PARTITION)
         except Exception as error:
             raise IndexFormatError(
                 f"{uri}: writing Milvus collection {name} failed ({_one_line(error)})"
@@ -331,6 +431,7 @@ class _MilvusStructure(SearchStructure):
             "kind": BACKEND,
             "uri": uri,
             "collection": name,
+            "partitions": [DEFAULT_PARTITION],
             "prefix": prefix,
             "fingerprint": collection.fingerprint,
             cls.covers: int(len(vectors)),
@@ -353,12 +454,27 @@ class _MilvusStructure(SearchStructure):
 
     def load(self, collection: Collection, mmap: bool = True):
         header, uri, name = self.header, self.header["uri"], self.header["collection"]
+        partitions = header.get("partitions")
         milvus = client(uri)
         try:
             present = milvus.has_collection(name)
             if present:
-                rows = int(milvus.get_collection_stats(name)["row_count"])
+                if partitions is None:
+                    rows = int(milvus.get_collection_stats(name)["row_count"])
+                else:
+                    there = set(milvus.list_partitions(name))
+                    missing = [p for p in partitions if p not in there]
+                    if missing:
+                        raise IndexFormatError(
+                            f"{uri}: Milvus collection {name} lacks partition(s) {missing} "
+                            "that the index names; rebuild it with `delf index`"
+                        )
+                    rows = sum(
+                        int(milvus.get_partition_stats(name, p)["row_count"]) for p in partitions
+                    )
                 properties = milvus.describe_collection(name).get("properties") or {}
+        except IndexFormatError:
+            raise
         except Exception as error:
             raise IndexFormatError(f"{uri}: Milvus unreachable ({_one_line(error)})") from error
         if not present:
@@ -392,6 +508,7 @@ class _MilvusStructure(SearchStructure):
         previous generation's, a killed writer's); a previous header of another
         location or prefix is retired."""
         self._sweep(keep=self.header["collection"])
+        self._sweep_partitions()
         if isinstance(previous, _MilvusStructure) and (
             previous.header["uri"],
             previous.header["prefix"],
@@ -401,6 +518,27 @@ class _MilvusStructure(SearchStructure):
     def retired(self) -> None:
         """No index names this prefix's collections any more: all of them are dropped."""
         self._sweep(keep=None)
+
+    def _sweep_partitions(self) -> None:
+        """Drops the partitions of this collection that index.json does not name (a
+        killed append's); readers of older generations name a subset of these."""
+        named = self.header.get("partitions")
+        if named is None:
+            return
+        name, doomed = self.header["collection"], []
+        try:
+            milvus = client(self.header["uri"])
+            doomed = [
+                p for p in milvus.list_partitions(name) if p not in named and p != DEFAULT_PARTITION
+            ]
+            for partition in doomed:
+                try:
+                    milvus.drop_partition(name, partition)
+                except Exception:  # a server drops released partitions only (Lite: any)
+                    milvus.release_partitions(name, [partition])
+                    milvus.drop_partition(name, partition)
+        except Exception as error:  # published already: a leftover is dropped next time
+            logging.warning("milvus: could not drop %s of %s (%s)", doomed, name, _one_line(error))
 
     def _sweep(self, keep: str | None) -> None:
         doomed: list[str] = []
@@ -439,7 +577,13 @@ class MilvusVotesStructure(_MilvusStructure):
 
     def _object(self, milvus: Any) -> MilvusNeighbors:
         count = self.header["num_descriptors"]
-        return MilvusNeighbors(milvus, self.header["collection"], count, self.header["stores"])
+        return MilvusNeighbors(
+            milvus,
+            self.header["collection"],
+            count,
+            self.header["stores"],
+            self.header.get("partitions"),
+        )
 
     def search(
         self, collection: Collection, query: LocalFeatures, config: RetrievalConfig
@@ -464,7 +608,12 @@ class MilvusGlobalStructure(_MilvusStructure):
     def _object(self, milvus: Any) -> MilvusGlobalRanker:
         header = self.header
         return MilvusGlobalRanker(
-            milvus, header["collection"], header["num_images"], header["dim"], header["stores"]
+            milvus,
+            header["collection"],
+            header["num_images"],
+            header["dim"],
+            header["stores"],
+            header.get("partitions"),
         )
 
     def search(
