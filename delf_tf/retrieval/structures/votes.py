@@ -189,13 +189,7 @@ class VotesStructure(SearchStructure):
         header["parameters"] = structure.parameters.to_dict()
         header["bytes_per_descriptor"] = round(structure.memory_bytes() / max(count, 1), 1)
         if options.recall:
-            measured = sampled_recall(structure, collection.descriptors, RECALL_K, RECALL_DISTANCE)
-            header["recall"] = measured
-            notes.append(
-                f"{kind}: sampled recall@{RECALL_K} against exact search "
-                f"{measured['recall_at_k']:.3f} ({measured['samples']} database descriptors "
-                f"as queries, neighbours within L2 {RECALL_DISTANCE})"
-            )
+            notes.append(_measured_recall(kind, structure, collection, header))
         return cls(header, structure, fresh=True), action
 
     @classmethod
@@ -265,12 +259,7 @@ class VotesStructure(SearchStructure):
             f"{header['bytes_per_descriptor']} B per descriptor on disk"
         )
         if options.recall:
-            measured = sampled_recall(structure, collection.descriptors, RECALL_K, RECALL_DISTANCE)
-            header["recall"] = measured
-            notes.append(
-                f"{ONDISK}: sampled recall@{RECALL_K} against exact search "
-                f"{measured['recall_at_k']:.3f} ({measured['samples']} database descriptors)"
-            )
+            notes.append(_measured_recall(ONDISK, structure, collection, header))
         built = cls(header, structure, fresh=True)
         built._build = folder
         return built, action
@@ -463,3 +452,14 @@ def _source(collection: Collection, name: str, structure: str):
             f"index has a {structure} structure but no directory to read it from"
         )
     return base.confined(collection.path, name, f"{collection.path}: structures.{structure}.file")
+
+
+def _measured_recall(kind: str, structure, collection, header: dict) -> str:
+    """Records the structure's sampled recall@k against exact search in `header`; the note."""
+    measured = sampled_recall(structure, collection.descriptors, RECALL_K, RECALL_DISTANCE)
+    header["recall"] = measured
+    return (
+        f"{kind}: sampled recall@{RECALL_K} against exact search "
+        f"{measured['recall_at_k']:.3f} ({measured['samples']} database descriptors "
+        f"as queries, neighbours within L2 {RECALL_DISTANCE})"
+    )
